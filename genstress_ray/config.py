@@ -1,0 +1,231 @@
+"""The campaign config: typed, validated models loaded from YAML.
+
+Everything is checked here, before any Ray work starts; errors name the field and the allowed values.
+``StageResources.ray_args`` is the one place resource settings turn into Ray arguments.
+
+Example:
+    >>> cfg = CampaignConfig.model_validate({"campaign": "doc", "data": {"search": {"kind": "digits"}}})
+    >>> cfg.strategy.name, cfg.resources.search.batch_size
+    ('defuse', 64)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from genstress_ray.data import SPLITS, list_sources
+from genstress_ray.models import FORMATS, list_models
+
+
+class ConfigError(ValueError):
+    """The campaign config is invalid. Each line names a field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    """One dataset split: a registered source kind, where it lives, and how to cut it."""
+
+    kind: str = "digits"
+    uri: str | None = None
+    split: str = "test"
+    limit: Annotated[int, Field(gt=0)] | None = None
+    seed: int = 0
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    resize: Annotated[int, Field(gt=0)] | None = None
+    options: dict[str, Any] = {}
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v):
+        if v not in list_sources():
+            raise ValueError(f"unknown dataset kind {v!r}; allowed: {', '.join(list_sources())}")
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _known_split(cls, v):
+        if v not in SPLITS:
+            raise ValueError(f"unknown split {v!r}; allowed: {', '.join(SPLITS)}")
+        return v
+
+    def source_params(self) -> dict[str, Any]:
+        return {"uri": self.uri, "split": self.split, "limit": self.limit, "seed": self.seed,
+                "validation_fraction": self.validation_fraction, "test_fraction": self.test_fraction,
+                "resize": self.resize, **self.options}
+
+
+class DataConfig(_Strict):
+    """The images to search around, and the splits built-in models train and validate on."""
+
+    search: DataSpec = DataSpec()
+    train: DataSpec | None = None
+    validation: DataSpec | None = None
+
+    def train_spec(self) -> DataSpec:
+        return self.train or self.search.model_copy(update={"split": "train", "limit": None})
+
+    def validation_spec(self) -> DataSpec:
+        return self.validation or self.train_spec().model_copy(update={"split": "validation", "limit": None})
+
+
+class ModelSpec(_Strict):
+    """A model: a checkpoint at ``uri`` (any fsspec URI), or, with no uri, a built-in trained once and cached.
+
+    ``architecture`` names a registered model; ``factory`` ("package.module:function") builds a user's
+    own; ``params`` go to either; ``train`` holds training settings for built-ins (epochs, lr, ...).
+    """
+
+    uri: str | None = None
+    format: str = "auto"
+    architecture: str | None = None
+    factory: str | None = None
+    params: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v):
+        if v not in FORMATS:
+            raise ValueError(f"unknown checkpoint format {v!r}; allowed: {', '.join(FORMATS)}")
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v):
+        if v is not None and v not in list_models():
+            raise ValueError(f"unknown architecture {v!r}; allowed: {', '.join(list_models())}")
+        return v
+
+
+class DefuseParams(_Strict):
+    """Defuse identification: ``draws`` Beta(a, b) noise vectors per image added to its latent mean."""
+
+    name: Literal["defuse"] = "defuse"
+    a: Annotated[float, Field(gt=0)] = 0.75
+    b: Annotated[float, Field(gt=0)] = 0.75
+    draws: Annotated[int, Field(gt=0)] = 50
+    centred: bool = False
+    keep: Literal["faults", "all"] = "faults"
+    max_faults_per_image: Annotated[int, Field(gt=0)] = 5
+
+
+# New strategies join this union (a discriminated union names the allowed values in its errors).
+StrategyConfig = Annotated[Union[DefuseParams], Field(discriminator="name")]
+
+
+class ReduceConfig(_Strict):
+    """Distillation: the DP-GMM over failure latents and the per-region samples."""
+
+    max_components: Annotated[int, Field(gt=0)] = 100
+    weight_threshold: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    max_faults: Annotated[int, Field(gt=1)] = 50_000
+    samples_per_region: Annotated[int, Field(ge=0)] = 100
+    tau: Annotated[float, Field(gt=0)] = 1.0
+    max_iter: Annotated[int, Field(gt=0)] = 500
+
+
+class StageResources(_Strict):
+    """How one Ray stage runs: actors, CPUs and GPUs per actor, batch size, torch threads per actor."""
+
+    actors: Annotated[int, Field(gt=0)] = 1
+    num_cpus: Annotated[float, Field(gt=0)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    threads: Annotated[int, Field(gt=0)] | None = None
+
+    def ray_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``Dataset.map_batches`` with a callable class."""
+        from ray.data import ActorPoolStrategy
+
+        return {"compute": ActorPoolStrategy(size=self.actors), "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus, "batch_size": self.batch_size}
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, round(self.num_cpus))
+
+
+class ResourcesConfig(_Strict):
+    # Fractional CPUs by default: on a 2-core machine a pool holding every CPU starves the read tasks.
+    search: StageResources = StageResources(num_cpus=0.5, threads=1)
+    region_samples: StageResources = StageResources(num_cpus=0.5, threads=1, batch_size=256)
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    num_cpus: Annotated[int, Field(gt=0)] | None = None
+    object_store_memory: Annotated[int, Field(gt=0)] | None = None
+
+
+def _default_cache() -> str:
+    return os.environ.get("GENSTRESS_CACHE", str(Path.home() / ".cache" / "genstress_ray"))
+
+
+class CampaignConfig(_Strict):
+    """A whole campaign: what to search, with which models and strategy, where to write, on what resources."""
+
+    campaign: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "campaign"
+    seed: int = 0
+    output: str = "genstress-runs"
+    run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    cache: str = Field(default_factory=_default_cache)
+    storage_options: dict[str, Any] = {}
+    data: DataConfig = DataConfig()
+    classifier: ModelSpec = ModelSpec(architecture="small_cnn", train={"epochs": 5})
+    generator: ModelSpec = ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0})
+    strategy: StrategyConfig = DefuseParams()
+    reduce: ReduceConfig = ReduceConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _models_are_buildable(self):
+        for role, spec in (("classifier", self.classifier), ("generator", self.generator)):
+            if spec.uri is None and spec.architecture is None:
+                raise ValueError(f"{role}: give a checkpoint 'uri' or a built-in 'architecture' to train "
+                                 f"(allowed: {', '.join(list_models())})")
+        return self
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{where}: {err['msg']}")
+    return "invalid campaign config:\n  " + "\n  ".join(lines)
+
+
+def load_config(source: str | Path | dict | CampaignConfig, **overrides: Any) -> CampaignConfig:
+    """Validate a config from a YAML path, a dict or a ``CampaignConfig``; ``overrides`` replace
+    top-level fields (``output=``, ``run_id=``) when not None.
+
+    Raises:
+        ConfigError: naming every invalid field and, where there is a list, the allowed values.
+    """
+    if isinstance(source, CampaignConfig):
+        raw = source.model_dump()
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields, got {type(raw).__name__}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return CampaignConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None

@@ -1,0 +1,38 @@
+"""Dataset sources behind one interface, and their registry.
+
+Example:
+    >>> from genstress_ray.data import get_source
+    >>> test = get_source("digits", split="test").load()
+    >>> test.images.shape[1:], len(test.class_names)
+    ((1, 8, 8), 10)
+"""
+
+from genstress_ray.data.base import SPLITS, DataError, DatasetSource, ImageSet, split_indices, to_float, to_uint8
+from genstress_ray.data.sources import (DigitsSource, FashionMnistSource, ImageFolderSource, MnistSource,
+                                        ParquetSource)
+
+_SOURCES: dict[str, type[DatasetSource]] = {}
+
+
+def register_source(cls: type[DatasetSource]) -> type[DatasetSource]:
+    """Register a ``DatasetSource`` subclass under its ``name`` (usable as a decorator)."""
+    _SOURCES[cls.name] = cls
+    return cls
+
+
+def list_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def get_source(kind: str, **params) -> DatasetSource:
+    """Build the registered source ``kind`` with ``params`` (uri, split, limit, seed, ...)."""
+    if kind not in _SOURCES:
+        raise DataError(f"data.kind: unknown dataset kind {kind!r}; allowed: {', '.join(list_sources())}")
+    return _SOURCES[kind](**params)
+
+
+for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, ParquetSource):
+    register_source(_cls)
+
+__all__ = ["SPLITS", "DataError", "DatasetSource", "ImageSet", "get_source", "list_sources", "register_source",
+           "split_indices", "to_float", "to_uint8"]

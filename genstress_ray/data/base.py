@@ -1,0 +1,133 @@
+"""The one interface every dataset source implements, and the in-memory image set it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """A dataset could not be found, read or understood. The message names the path or field."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images of one split with labels and stable ids.
+
+    Attributes:
+        images: uint8 array (N, C, H, W).
+        labels: int64 array (N,), indices into ``class_names``.
+        source_ids: N strings, stable across runs (``"<dataset>:<split>:<index>"``).
+        class_names: the class names, in label order.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    source_ids: list[str]
+    class_names: list[str]
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+        n = len(self.images)
+        if len(self.labels) != n or len(self.source_ids) != n:
+            raise DataError(f"{n} images but {len(self.labels)} labels and {len(self.source_ids)} ids")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise DataError(f"labels must lie in [0, {len(self.class_names)}), got [{self.labels.min()}, {self.labels.max()}]")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images as float NCHW in [0, 1] and labels as int64, the form models take."""
+        return to_float(self.images), torch.from_numpy(self.labels.astype(np.int64))
+
+    def take(self, n: int | None) -> "ImageSet":
+        if n is None or n >= len(self):
+            return self
+        return ImageSet(self.images[:n], self.labels[:n], self.source_ids[:n], self.class_names)
+
+
+def to_float(images_uint8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images_uint8)).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear (antialiased) resize of uint8 NCHW images to size x size."""
+    out = torch.nn.functional.interpolate(to_float(images), size=(size, size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+    return to_uint8(out)
+
+
+def split_indices(n: int, split: str, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Reproducible indices of one split carved out of a single pool of ``n`` rows.
+
+    The permutation's first ``test_fraction`` is test, the next ``validation_fraction`` validation,
+    the rest train: the same arguments always give the same disjoint, sorted index sets.
+
+    >>> split_indices(10, "test", 0.2, 0.3, seed=0).tolist()
+    [2, 4, 6]
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * validation_fraction))
+    bounds = {"test": (0, n_test), "validation": (n_test, n_test + n_val), "train": (n_test + n_val, n)}
+    lo, hi = bounds[split]
+    return np.sort(order[lo:hi])
+
+
+class DatasetSource:
+    """Base of every dataset source: construct with parameters only, ``load()`` reads.
+
+    Subclasses set ``name`` and implement ``_load_split``. ``split`` is one of ``train``,
+    ``validation``, ``test``. A source that is one pool of rows carves the splits out of it with
+    ``split_indices`` (``test_fraction``, ``validation_fraction``, ``seed``); a source with its own
+    train/test files carves only validation out of train. ``resize`` makes every image square of
+    that side (bilinear), so differently sized data fits one model.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, uri: str | None = None, split: str = "test", limit: int | None = None,
+                 validation_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+                 class_names: list[str] | None = None, resize: int | None = None):
+        if split not in SPLITS:
+            raise DataError(f"data.split: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        self.uri = uri
+        self.split = split
+        self.limit = limit
+        self.validation_fraction = validation_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.class_names = class_names
+        self.resize = resize
+
+    def load(self) -> ImageSet:
+        images, labels, default_names, keys = self._load_split()
+        names = list(self.class_names or default_names)
+        if self.limit is not None:
+            images, labels, keys = images[: self.limit], labels[: self.limit], keys[: self.limit]
+        if self.resize and images.shape[-2:] != (self.resize, self.resize):
+            images = resize_images(images, self.resize)
+        ids = [f"{self.name}:{self.split}:{k}" for k in keys]
+        return ImageSet(np.ascontiguousarray(images), labels.astype(np.int64), ids, names)
+
+    def _load_split(self) -> tuple[np.ndarray, np.ndarray, list[str], list]:
+        """Return (uint8 NCHW images, labels, default class names, a stable key per row).
+
+        The key (an original row index or a relative file path) makes the row's source id.
+        """
+        raise NotImplementedError

@@ -1,0 +1,239 @@
+"""Dataset sources: bundled digits, MNIST-format files, image folders and Parquet, on any fsspec URI."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import posixpath
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from genstress_ray.data.base import DataError, DatasetSource, split_indices
+from genstress_ray.storage import StorageError, filesystem_for, read_bytes
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _as_nchw(images: np.ndarray, where: str) -> np.ndarray:
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        return images.transpose(0, 3, 1, 2)
+    if images.ndim == 4:
+        return images
+    raise DataError(f"{where}: expected images (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {images.shape}")
+
+
+def decode_image(data: bytes, mode: str | None, where: str) -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 (C, H, W); ``mode`` "L" or "RGB" (None keeps grey as grey)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise DataError(f"{where}: not a readable image ({exc})") from exc
+    if mode is None:
+        mode = "L" if img.mode in ("1", "L", "I;16", "I") else "RGB"
+    arr = np.asarray(img.convert(mode), dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _stack(images: list[np.ndarray], names: list[str]) -> np.ndarray:
+    shape = images[0].shape
+    for img, name in zip(images, names):
+        if img.shape != shape:
+            raise DataError(f"{name}: image shape {img.shape} differs from {names[0]}'s {shape}; "
+                            "all images of a dataset must share one size")
+    return np.stack(images).astype(np.uint8)
+
+
+class DigitsSource(DatasetSource):
+    """scikit-learn's bundled 8x8 digits (1,797 images, no files needed): the embedded default."""
+
+    name = "digits"
+
+    def _load_split(self):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+        idx = split_indices(len(images), self.split, self.validation_fraction, self.test_fraction, self.seed)
+        return images[idx], digits.target[idx], [str(i) for i in range(10)], idx.tolist()
+
+
+class MnistSource(DatasetSource):
+    """MNIST-format files in one folder (local path or fsspec URI).
+
+    Reads either the original IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``,
+    ...) or NumPy archives (``x_train*.npz`` / ``y_train*.npz``, ``x_test*.npz`` / ``y_test*.npz``, first
+    array in each). ``test`` reads the test files; ``train`` and ``validation`` are carved out of the
+    train files with ``validation_fraction`` and ``seed``.
+    """
+
+    name = "mnist"
+    default_class_names = [str(i) for i in range(10)]
+
+    def _load_split(self):
+        if not self.uri:
+            raise DataError(f"data.uri: the {self.name} source needs the folder holding its files")
+        part = "test" if self.split == "test" else "train"
+        images, labels = self._read_pair(part)
+        if part == "train":
+            idx = split_indices(len(images), self.split, self.validation_fraction, 0.0, self.seed)
+        else:
+            idx = np.arange(len(images))
+        return images[idx], labels[idx], self.default_class_names, idx.tolist()
+
+    def _read_pair(self, part: str) -> tuple[np.ndarray, np.ndarray]:
+        fs, root = filesystem_for(self.uri)
+        try:
+            names = sorted(posixpath.basename(p) for p in fs.ls(root, detail=False))
+        except (FileNotFoundError, NotADirectoryError, OSError) as exc:
+            raise DataError(f"data.uri: cannot list {self.uri!r}: {exc}") from exc
+        prefixes = ("t10k", "test") if part == "test" else ("train",)
+        npz_x = [n for n in names if n.startswith(f"x_{part}") and n.endswith(".npz")]
+        npz_y = [n for n in names if n.startswith(f"y_{part}") and n.endswith(".npz")]
+        idx_x = [n for n in names if n.startswith(prefixes) and "-images-idx3-ubyte" in n]
+        idx_y = [n for n in names if n.startswith(prefixes) and "-labels-idx1-ubyte" in n]
+        if npz_x and npz_y:
+            images = self._npz(f"{self.uri.rstrip('/')}/{npz_x[0]}")
+            labels = self._npz(f"{self.uri.rstrip('/')}/{npz_y[0]}")
+        elif idx_x and idx_y:
+            images = self._idx(f"{self.uri.rstrip('/')}/{idx_x[0]}", 3)
+            labels = self._idx(f"{self.uri.rstrip('/')}/{idx_y[0]}", 1)
+        else:
+            raise DataError(f"data.uri: {self.uri!r} has no {part} image+label pair "
+                            f"(looked for x_{part}*.npz + y_{part}*.npz or {'/'.join(prefixes)}-images/labels-idx*-ubyte[.gz]); "
+                            f"it holds: {', '.join(names) or 'nothing'}")
+        if len(images) != len(labels):
+            raise DataError(f"data.uri: {self.uri!r} {part} files hold {len(images)} images but {len(labels)} labels")
+        return _as_nchw(images.astype(np.uint8), self.uri), labels.astype(np.int64)
+
+    @staticmethod
+    def _idx(uri: str, ndim: int) -> np.ndarray:
+        try:
+            raw = read_bytes(uri)
+            data = gzip.decompress(raw) if uri.endswith(".gz") else raw
+        except (StorageError, OSError, EOFError) as exc:
+            raise DataError(f"{uri}: cannot read IDX file ({exc})") from exc
+        magic = int.from_bytes(data[:4], "big")
+        if magic != 0x0800 + ndim:
+            raise DataError(f"{uri}: not an IDX uint8 file of {ndim} dimension(s) (magic {magic:#010x})")
+        dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if body.size != int(np.prod(dims)):
+            raise DataError(f"{uri}: IDX header says {dims} but the file holds {body.size} values")
+        return body.reshape(dims)
+
+    @staticmethod
+    def _npz(uri: str) -> np.ndarray:
+        try:
+            with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as archive:
+                return archive[archive.files[0]]
+        except (StorageError, OSError, ValueError) as exc:
+            raise DataError(f"{uri}: cannot read .npz ({exc})") from exc
+
+
+class FashionMnistSource(MnistSource):
+    """Fashion-MNIST in the same file formats as MNIST, with its ten class names."""
+
+    name = "fashion_mnist"
+    default_class_names = FASHION_MNIST_CLASSES
+
+
+class ImageFolderSource(DatasetSource):
+    """One sub-folder per class (``<uri>/<class>/<image>``), class names sorted; any fsspec URI.
+
+    ``mode`` "L" or "RGB" converts every image; all images must share one size.
+    """
+
+    name = "image_folder"
+
+    def __init__(self, *args, mode: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mode = mode
+
+    def _load_split(self):
+        if not self.uri:
+            raise DataError("data.uri: the image_folder source needs a folder")
+        fs, root = filesystem_for(self.uri)
+        try:
+            entries = fs.ls(root, detail=True)
+            classes = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+        except (FileNotFoundError, NotADirectoryError, OSError) as exc:
+            raise DataError(f"data.uri: cannot list {self.uri!r}: {exc}") from exc
+        if not classes:
+            raise DataError(f"data.uri: {self.uri!r} has no class sub-folders")
+        files, labels = [], []
+        for label, cls in enumerate(classes):
+            for path in sorted(fs.find(f"{root.rstrip('/')}/{cls}")):
+                if path.lower().endswith(IMAGE_SUFFIXES):
+                    files.append(path)
+                    labels.append(label)
+        if not files:
+            raise DataError(f"data.uri: {self.uri!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        idx = split_indices(len(files), self.split, self.validation_fraction, self.test_fraction, self.seed)
+        chosen = [files[i] for i in idx]
+        mode = self.mode
+        images = []
+        for path in chosen:
+            images.append(decode_image(fs.cat_file(path), mode, path))
+            mode = mode or ("L" if images[0].shape[0] == 1 else "RGB")  # first image fixes the mode
+        keys = [posixpath.relpath(p, root.rstrip("/")) for p in chosen]
+        if not images:
+            raise DataError(f"data.uri: {self.uri!r} has no images in split {self.split!r}")
+        return _stack(images, chosen), np.asarray(labels, np.int64)[idx], classes, keys
+
+
+class ParquetSource(DatasetSource):
+    """A Parquet file or folder with encoded image bytes and a label column, on any fsspec URI.
+
+    ``image_column`` holds PNG/JPEG bytes (or a struct with a ``bytes`` field, as Hugging Face datasets
+    write it); ``label_column`` holds ints or class-name strings; ``id_column`` (optional) gives stable
+    keys. When a ``split_column`` is present its values select the split; otherwise the rows are one pool.
+    """
+
+    name = "parquet"
+
+    def __init__(self, *args, image_column: str = "image", label_column: str = "label",
+                 id_column: str | None = None, split_column: str = "split", mode: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_column, self.label_column = image_column, label_column
+        self.id_column, self.split_column, self.mode = id_column, split_column, mode
+
+    def _load_split(self):
+        if not self.uri:
+            raise DataError("data.uri: the parquet source needs a file or folder")
+        fs, path = filesystem_for(self.uri)
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise DataError(f"data.uri: cannot read Parquet at {self.uri!r}: {exc}") from exc
+        for field, column in (("image_column", self.image_column), ("label_column", self.label_column)):
+            if column not in table.column_names:
+                raise DataError(f"data.{field}: column {column!r} not in {self.uri!r} (columns: {table.column_names})")
+        if self.split_column in table.column_names:
+            rows = np.flatnonzero(np.asarray(table[self.split_column].to_pylist()) == self.split)
+        else:
+            rows = split_indices(table.num_rows, self.split, self.validation_fraction, self.test_fraction, self.seed)
+        raw_labels = table[self.label_column].to_pylist()
+        if all(isinstance(v, str) for v in raw_labels):
+            names = sorted(set(raw_labels))
+            all_labels = np.asarray([names.index(v) for v in raw_labels], np.int64)
+        else:
+            all_labels = np.asarray(raw_labels, np.int64)
+            names = [str(i) for i in range(int(all_labels.max()) + 1)] if len(all_labels) else []
+        cells = table[self.image_column].to_pylist()
+        keys = table[self.id_column].to_pylist() if self.id_column else list(range(table.num_rows))
+        mode, images, where = self.mode, [], []
+        for i in rows:
+            cell = cells[i]["bytes"] if isinstance(cells[i], dict) else cells[i]
+            where.append(f"{self.uri} row {i}")
+            images.append(decode_image(cell, mode, where[-1]))
+            mode = mode or ("L" if images[0].shape[0] == 1 else "RGB")
+        if not images:
+            raise DataError(f"data.uri: {self.uri!r} has no rows for split {self.split!r}")
+        return _stack(images, where), all_labels[rows], names, [keys[i] for i in rows]

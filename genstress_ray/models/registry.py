@@ -1,0 +1,40 @@
+"""A registry of model architectures by name, in torchvision's ``register_model``/``get_model`` style."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from genstress_ray.models.protocols import ModelError
+
+_MODELS: dict[str, tuple[str, Callable[..., nn.Module]]] = {}
+KINDS = ("classifier", "latent_generator")
+
+
+def register_model(name: str, kind: str):
+    """Decorator registering an architecture factory ``fn(**params) -> nn.Module`` under ``name``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+
+    def wrap(fn):
+        _MODELS[name] = (kind, fn)
+        return fn
+
+    return wrap
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    return sorted(n for n, (k, _) in _MODELS.items() if kind is None or k == kind)
+
+
+def model_kind(name: str) -> str:
+    if name not in _MODELS:
+        raise ModelError(f"unknown architecture {name!r}; allowed: {', '.join(list_models())}")
+    return _MODELS[name][0]
+
+
+def get_model(name: str, **params) -> nn.Module:
+    """A freshly initialised ``name`` architecture built with ``params``."""
+    model_kind(name)
+    return _MODELS[name][1](**params)

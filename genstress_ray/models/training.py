@@ -1,0 +1,137 @@
+"""Training of the small built-in models, and a cache keyed by the training config's hash.
+
+A campaign that names no checkpoint trains the model once; every later campaign with the same data,
+architecture and training settings finds the cached safetensors file instead of retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genstress_ray.data import ImageSet
+from genstress_ray.models.loading import save_checkpoint
+from genstress_ray.models.registry import get_model
+from genstress_ray.storage import filesystem_for
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1  # bump when training code changes what a cached model would be
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator):
+    order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        yield torch.from_numpy(order[start: start + batch_size])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    model.eval()
+    x, y = data.tensors()
+    correct = sum(int((model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    return correct / max(len(y), 1)
+
+
+def train_classifier(train: ImageSet, validation: ImageSet | None = None, architecture: str = "small_cnn",
+                     params: dict | None = None, epochs: int = 5, batch_size: int = 64, lr: float = 1e-3,
+                     seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a classifier with Adam and cross-entropy; returns (model, metrics)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = {"in_shape": list(train.image_shape), "num_classes": len(train.class_names), **(params or {})}
+    model = get_model(architecture, **params)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = train.tensors()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        total = 0.0
+        for idx in _batches(len(y), batch_size, rng):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        val_acc = accuracy(model, validation) if validation is not None else float("nan")
+        log.info("train classifier: epoch %d/%d loss %.4f val_acc %.4f", epoch + 1, epochs, total / len(y), val_acc)
+    metrics = {"val_acc": accuracy(model, validation) if validation is not None else None,
+               "train_seconds": time.perf_counter() - start}
+    return model.eval(), {"params": params, **metrics}
+
+
+def vae_loss(model: nn.Module, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """beta-VAE loss per image: Bernoulli reconstruction + beta * KL(q(z|x) || N(0, I))."""
+    mean, log_var = model.encode(x)
+    z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
+    recon = F.binary_cross_entropy_with_logits(model.decode_logits(z), x, reduction="sum") / len(x)
+    kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1).mean()
+    return recon + beta * kl, recon, kl
+
+
+def train_vae(train: ImageSet, validation: ImageSet | None = None, architecture: str = "beta_vae",
+              params: dict | None = None, epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
+              beta: float = 4.0, anneal_fraction: float = 0.3, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a beta-VAE; the KL weight ramps linearly from 0 to ``beta`` over the first
+    ``anneal_fraction`` of the steps (KL annealing, as in the Defuse paper)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = {"in_shape": list(train.image_shape), **(params or {})}
+    model = get_model(architecture, **params)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x, _ = train.tensors()
+    steps_per_epoch = -(-len(x) // batch_size)
+    anneal_steps = max(1, int(anneal_fraction * epochs * steps_per_epoch))
+    step, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        sums = np.zeros(2)
+        for idx in _batches(len(x), batch_size, rng):
+            loss, recon, kl = vae_loss(model, x[idx], beta * min(1.0, step / anneal_steps))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sums += (recon.item() * len(idx), kl.item() * len(idx))
+            step += 1
+        log.info("train vae: epoch %d/%d recon %.2f kl %.2f", epoch + 1, epochs, *(sums / len(x)))
+    metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start}
+    if validation is not None:
+        with torch.no_grad():
+            model.eval()
+            _, recon, kl = vae_loss(model, validation.tensors()[0], beta)
+        metrics.update(val_recon=float(recon), val_kl=float(kl))
+    return model.eval(), {"params": params, **metrics}
+
+
+TRAINERS = {"classifier": train_classifier, "latent_generator": train_vae}
+
+
+def cache_key(role: str, recipe: dict) -> str:
+    """Hash of everything that determines a trained model (data, architecture, settings)."""
+    blob = json.dumps({"role": role, "recipe": recipe, "format": CACHE_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_and_save(role: str, architecture: str, train: ImageSet, validation: ImageSet | None, uri: str,
+                   params: dict | None = None, settings: dict | None = None) -> dict[str, Any]:
+    """Train a built-in model and write it as a self-describing safetensors checkpoint at ``uri``."""
+    model, metrics = TRAINERS[role](train, validation, architecture=architecture, params=params, **(settings or {}))
+    save_checkpoint(model, uri, architecture, metrics.pop("params"),
+                    extra={"role": role, "class_names": train.class_names, "metrics": metrics})
+    return metrics
+
+
+def cached_model_uri(cache: str, role: str, recipe: dict) -> tuple[str, bool]:
+    """Where the model for ``recipe`` lives in ``cache``, and whether it is already there."""
+    uri = f"{cache.rstrip('/')}/{role}-{cache_key(role, recipe)}.safetensors"
+    fs, path = filesystem_for(uri)
+    return uri, fs.exists(path)

@@ -1,0 +1,217 @@
+"""Build and run a campaign: identify (Ray Data) -> regions (DP-GMM) -> region samples (Ray Data).
+
+Every stage writes under ``<output>/<campaign>/<run_id>/<stage>/`` and finishes with a completion
+marker. Rerunning a run id skips finished stages and redoes unfinished ones from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from genstress_ray.config import CampaignConfig, ModelSpec, load_config
+from genstress_ray.data import DataError, ImageSet, get_source
+from genstress_ray.models import ModelError, cached_model_uri, model_kind, train_and_save
+from genstress_ray.regions import fit_regions, sample_regions
+from genstress_ray.stages import (SEARCH_STAGES, RegionDecode, ModelRef, StageCounters, load_classifier,
+                                  load_generator)
+from genstress_ray.storage import RunStore, library_versions
+
+log = logging.getLogger(__name__)
+STAGES = ("identify", "regions", "region_samples")
+
+
+@dataclass
+class CampaignResult:
+    """What a campaign produced: where the run lives and how many rows each stage wrote."""
+
+    run_uri: str
+    run_id: str
+    counts: dict[str, Any]
+    regions: list[dict[str, Any]]
+    class_names: list[str]
+    skipped: list[str] = field(default_factory=list)
+    message: str = ""
+
+    def summary(self) -> str:
+        c = self.counts
+        rate = c.get("faults", 0) / c["candidates"] if c.get("candidates") else 0.0
+        lines = [f"run: {self.run_uri}",
+                 f"candidates {c.get('candidates', 0)}, faults {c.get('faults', 0)} (fault rate {rate:.2%}), "
+                 f"samples rows {c.get('samples', 0)}, non-finite dropped {c.get('nonfinite_dropped', 0)}",
+                 f"regions: {len(self.regions)}" + (f" ({self.message})" if self.message else "")]
+        for r in self.regions:
+            src, prd = self.class_names[r["dominant_source_label"]], self.class_names[r["dominant_pred"]]
+            lines.append(f"  region {r['region_id']}: weight {r['weight']:.3f}, {r['n_members']} faults, "
+                         f"true {src} ({r['dominant_source_share']:.0%}) -> predicted {prd} ({r['dominant_pred_share']:.0%})")
+        if self.skipped:
+            lines.append(f"resumed: skipped finished stages {', '.join(self.skipped)}")
+        return "\n".join(lines)
+
+
+def load_split(spec) -> ImageSet:
+    return get_source(spec.kind, **spec.source_params()).load()
+
+
+def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: ImageSet) -> ModelRef:
+    """The checkpoint to use for ``role``: the configured one, or a built-in trained once and cached."""
+    expected = "classifier" if role == "classifier" else "latent_generator"
+    if spec.architecture and model_kind(spec.architecture) != expected:
+        raise ModelError(f"{role}.architecture: {spec.architecture!r} is a {model_kind(spec.architecture)}, "
+                         f"not a {expected}")
+    if spec.uri:
+        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params)
+    train_spec, val_spec = cfg.data.train_spec(), cfg.data.validation_spec()
+    recipe = {"architecture": spec.architecture, "params": spec.params, "train": spec.train,
+              "data": train_spec.model_dump(), "validation": val_spec.model_dump()}
+    uri, cached = cached_model_uri(cfg.cache, expected, recipe)
+    if cached:
+        log.info("%s: using cached %s", role, uri)
+    else:
+        log.info("%s: training built-in %s (cached at %s)", role, spec.architecture, uri)
+        train, val = load_split(train_spec), load_split(val_spec)
+        if train.image_shape != search.image_shape or train.class_names != search.class_names:
+            raise DataError(f"data.train: images {train.image_shape} / classes {train.class_names} differ from "
+                            f"data.search: {search.image_shape} / {search.class_names}")
+        metrics = train_and_save(expected, spec.architecture, train, val, uri, spec.params, spec.train)
+        log.info("%s: trained %s", role, metrics)
+    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params)
+
+
+def init_ray(cfg: CampaignConfig) -> None:
+    if ray.is_initialized():
+        return
+    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+             include_dashboard=False, log_to_driver=True)
+
+
+def _source_dataset(images: ImageSet, rows_per_block: int) -> ray.data.Dataset:
+    """Source rows as Ray blocks of exactly one batch each, so batches do not depend on the pool size."""
+    flat = images.images.reshape(len(images), -1)
+    table = pa.table({"source_id": images.source_ids, "source_label": images.labels,
+                      "image": [row.tobytes() for row in flat]})
+    blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
+    return ray.data.from_arrow(blocks)
+
+
+def _run_model_stage(store: RunStore, stage: str, ds: ray.data.Dataset, stage_cls, resources, constructor: dict) -> dict:
+    counters = StageCounters.remote()
+    ds = ds.map_batches(stage_cls, batch_format="numpy", **resources.ray_args(),
+                        fn_constructor_kwargs={**constructor, "threads": resources.torch_threads(),
+                                               "counters": counters})
+    ds.write_parquet(store.stage_path(stage), filesystem=store.arrow_filesystem())
+    totals = ray.get(counters.get.remote())
+    ray.kill(counters)
+    return totals
+
+
+def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constructor: dict) -> dict:
+    store.begin_stage("identify")
+    ds = _source_dataset(search, cfg.resources.search.batch_size)
+    stage_cls = SEARCH_STAGES[cfg.strategy.name]
+    totals = _run_model_stage(store, "identify", ds, stage_cls, cfg.resources.search,
+                              {**constructor, "params": cfg.strategy.model_dump()})
+    totals["samples"] = store.count_rows("identify")
+    return totals
+
+
+def run_regions(cfg: CampaignConfig, store: RunStore) -> dict:
+    store.begin_stage("regions")
+    faults = store.read_table("identify", columns=["latent", "source_label", "pred"], filter=pc.field("fault"))
+    latents = np.asarray(faults["latent"].to_pylist(), np.float32) if faults.num_rows else np.zeros((0, 0))
+    r = cfg.reduce
+    fit = fit_regions(latents, faults["source_label"].to_numpy() if faults.num_rows else np.zeros(0, int),
+                      faults["pred"].to_numpy() if faults.num_rows else np.zeros(0, int),
+                      max_components=r.max_components, weight_threshold=r.weight_threshold,
+                      max_points=r.max_faults, seed=cfg.seed, max_iter=r.max_iter)
+    if fit.message:
+        log.warning("regions: %s", fit.message)
+    store.write_table("regions", fit.table)
+    return {"regions": fit.table.num_rows, "faults_fitted": fit.n_fitted, "components": fit.components,
+            "converged": fit.converged, "message": fit.message}
+
+
+def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict) -> dict:
+    store.begin_stage("region_samples")
+    regions = store.read_table("regions")
+    if regions.num_rows == 0 or cfg.reduce.samples_per_region == 0:
+        return {"region_samples": 0, "candidates": 0}
+    region_ids, latents = sample_regions(regions, cfg.reduce.samples_per_region, cfg.reduce.tau, cfg.seed)
+    dominant = dict(zip(regions["region_id"].to_pylist(), regions["dominant_source_label"].to_pylist()))
+    per = cfg.reduce.samples_per_region
+    table = pa.table({"region_id": region_ids, "draw": np.tile(np.arange(per), regions.num_rows),
+                      "source_label": np.asarray([dominant[r] for r in region_ids], np.int64),
+                      "latent": list(latents)})
+    size = cfg.resources.region_samples.batch_size
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
+    totals = _run_model_stage(store, "region_samples", ds, RegionDecode, cfg.resources.region_samples, constructor)
+    return {"region_samples": store.count_rows("region_samples"), **totals}
+
+
+def run_campaign(config, output: str | None = None, run_id: str | None = None) -> CampaignResult:
+    """Run (or resume) a campaign and return where it lives and what it found.
+
+    Args:
+        config: a YAML path, a dict or a ``CampaignConfig``.
+        output: overrides ``config.output`` (local path or fsspec URI such as ``s3://bucket/prefix``).
+        run_id: overrides ``config.run_id``; rerunning an existing run id resumes it.
+
+    Example:
+        >>> result = run_campaign({"campaign": "doc"}, output="/tmp/runs")  # doctest: +SKIP
+        >>> print(result.summary())  # doctest: +SKIP
+    """
+    started = time.time()
+    cfg = load_config(config, output=output, run_id=run_id)
+    run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S")
+    store = RunStore(cfg.output, cfg.campaign, run_id, cfg.storage_options)
+    store.check_writable()
+    search = load_split(cfg.data.search)
+    if len(search) == 0:
+        raise DataError("data.search: the split holds no images")
+    refs = {role: prepare_model(role, spec, cfg, search)
+            for role, spec in (("classifier", cfg.classifier), ("generator", cfg.generator))}
+    # Load once on the driver: a shape, class-count or checkpoint mismatch fails here, before Ray work.
+    load_classifier(refs["classifier"], search.class_names, search.image_shape)
+    load_generator(refs["generator"], search.image_shape)
+    manifest = store.read_manifest()
+    if manifest.get("config") and manifest["config"] != cfg.model_dump(mode="json"):
+        log.warning("run %s exists with a different config; finished stages are kept as they are", store.uri)
+    store.update_manifest(config=cfg.model_dump(mode="json"), run_id=run_id, campaign=cfg.campaign,
+                          versions=library_versions(), seeds={"campaign": cfg.seed},
+                          models={k: v.uri for k, v in refs.items()}, status="running")
+    init_ray(cfg)
+    constructor = {"classifier": refs["classifier"], "generator": refs["generator"],
+                   "class_names": search.class_names, "image_shape": search.image_shape, "seed": cfg.seed}
+    runners = {"identify": lambda: run_identify(cfg, store, search, constructor),
+               "regions": lambda: run_regions(cfg, store),
+               "region_samples": lambda: run_region_samples(cfg, store, constructor)}
+    skipped = []
+    for stage in STAGES:
+        if store.is_complete(stage):
+            log.info("stage %s: already complete, skipped", stage)
+            skipped.append(stage)
+            continue
+        log.info("stage %s: running", stage)
+        t0 = time.time()
+        info = runners[stage]()
+        info["seconds"] = round(time.time() - t0, 3)
+        store.complete_stage(stage, info)
+        store.update_manifest(stages={stage: info}, timings={stage: info["seconds"]})
+        log.info("stage %s: done in %.1fs %s", stage, info["seconds"], info)
+    markers = {stage: store.marker(stage) for stage in STAGES}
+    counts = {"candidates": markers["identify"].get("candidates", 0), "faults": markers["identify"].get("faults", 0),
+              "samples": markers["identify"].get("samples", 0),
+              "nonfinite_dropped": markers["identify"].get("nonfinite_dropped", 0)
+              + markers["region_samples"].get("nonfinite_dropped", 0),
+              "regions": markers["regions"]["regions"], "region_samples": markers["region_samples"]["region_samples"]}
+    store.update_manifest(row_counts=counts, status="complete", timings={"total_last_invocation": round(time.time() - started, 3)})
+    regions = store.read_table("regions").to_pylist()
+    return CampaignResult(store.uri, run_id, counts, regions, search.class_names, skipped,
+                          markers["regions"].get("message", ""))

@@ -1,0 +1,114 @@
+"""Distillation: a Dirichlet-process Gaussian mixture over failure latents = misclassification regions.
+
+Follows Defuse: fit scikit-learn's ``BayesianGaussianMixture`` (DP prior, full covariances, an upper
+bound on the number of components), keep the components whose weight exceeds ``weight_threshold``,
+then sample each region N(mu, tau * Sigma) for labelling.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import BayesianGaussianMixture
+
+log = logging.getLogger(__name__)
+
+REGIONS_SCHEMA = pa.schema([
+    ("region_id", pa.int64()), ("weight", pa.float64()), ("mean", pa.list_(pa.float32())),
+    ("cov", pa.list_(pa.float32())), ("n_members", pa.int64()), ("dominant_source_label", pa.int64()),
+    ("dominant_source_share", pa.float64()), ("dominant_pred", pa.int64()), ("dominant_pred_share", pa.float64()),
+])
+
+
+@dataclass
+class RegionFit:
+    """What ``fit_regions`` found: the regions table and, when no fit was possible, why."""
+
+    table: pa.Table
+    n_faults: int
+    n_fitted: int
+    message: str = ""
+    converged: bool | None = None
+    components: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _dominant(values: np.ndarray) -> tuple[int, float]:
+    if len(values) == 0:
+        return -1, 0.0
+    counts = np.bincount(values)
+    return int(counts.argmax()), float(counts.max() / len(values))
+
+
+def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarray, max_components: int = 100,
+                weight_threshold: float = 0.01, max_points: int = 50_000, seed: int = 0,
+                max_iter: int = 500) -> RegionFit:
+    """Fit the DP-GMM on failure latents (N, d) and return the regions: components with weight >
+    ``weight_threshold`` that at least one fault belongs to.
+
+    With fewer than 2 faults there is nothing to cluster: the result is an empty table and a message.
+    More than ``max_points`` faults are subsampled (seeded) for the fit; membership counts then use all.
+
+    >>> rng = np.random.default_rng(0)
+    >>> z = np.concatenate([rng.normal(-5, .1, (50, 2)), rng.normal(5, .1, (50, 2))])
+    >>> fit = fit_regions(z, np.zeros(100, int), np.ones(100, int), max_components=5)
+    >>> sorted({round(m[0]) for m in fit.table["mean"].to_pylist()})
+    [-5, 5]
+    """
+    n, empty = len(latents), REGIONS_SCHEMA.empty_table()
+    if n < 2:
+        msg = f"{n} fault{'s' if n != 1 else ''} found: at least 2 are needed to fit regions; no regions written"
+        return RegionFit(empty, n, 0, message=msg)
+    latents = np.asarray(latents, np.float64)
+    fit_on = latents
+    if n > max_points:
+        fit_on = latents[np.random.default_rng(seed).choice(n, max_points, replace=False)]
+    k = min(max_components, len(fit_on))
+    gmm = BayesianGaussianMixture(n_components=k, covariance_type="full",
+                                  weight_concentration_prior_type="dirichlet_process",
+                                  max_iter=max_iter, random_state=seed, reg_covar=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(fit_on)
+    if not gmm.converged_:
+        log.warning("DP-GMM did not converge in %d iterations; regions are from the last iterate", max_iter)
+    members = gmm.predict(latents)
+    counts = np.bincount(members, minlength=k)
+    # A component can keep prior weight with no members at all; such a component is no region.
+    kept = [c for c in np.argsort(-gmm.weights_) if gmm.weights_[c] > weight_threshold and counts[c] > 0]
+    rows = []
+    for region_id, c in enumerate(kept):
+        in_c = members == c
+        src, src_share = _dominant(source_labels[in_c])
+        prd, prd_share = _dominant(preds[in_c])
+        rows.append({"region_id": region_id, "weight": float(gmm.weights_[c]),
+                     "mean": gmm.means_[c].astype(np.float32).tolist(),
+                     "cov": gmm.covariances_[c].astype(np.float32).ravel().tolist(),
+                     "n_members": int(in_c.sum()), "dominant_source_label": src, "dominant_source_share": src_share,
+                     "dominant_pred": prd, "dominant_pred_share": prd_share})
+    table = pa.Table.from_pylist(rows, schema=REGIONS_SCHEMA) if rows else empty
+    msg = "" if rows else f"no mixture component has weight > {weight_threshold}"
+    return RegionFit(table, n, len(fit_on), message=msg, converged=bool(gmm.converged_), components=k)
+
+
+def sample_regions(regions: pa.Table, per_region: int, tau: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``per_region`` latents from N(mean, tau * cov) of each region.
+
+    Returns (region ids (M,), latents (M, d) float32). Each region has its own seeded stream, so a
+    region's samples do not depend on which other regions exist.
+    """
+    if regions.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    ids, draws = [], []
+    for row in regions.to_pylist():
+        mean = np.asarray(row["mean"], np.float64)
+        cov = np.asarray(row["cov"], np.float64).reshape(len(mean), len(mean))
+        rng = np.random.default_rng([seed, row["region_id"]])
+        draws.append(rng.multivariate_normal(mean, tau * cov, size=per_region, method="cholesky"))
+        ids.append(np.full(per_region, row["region_id"], np.int64))
+    return np.concatenate(ids), np.concatenate(draws).astype(np.float32)

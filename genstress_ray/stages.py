@@ -1,0 +1,203 @@
+"""Ray Data callable classes: each actor loads its models from URIs and applies a strategy to batches.
+
+Actors get model references (URIs and architecture names), never weights, so a restarted actor can
+rebuild itself. Each batch comes back as an Arrow table with the ``samples`` schema of DESIGN.md, so
+the Parquet files are readable by pandas, DuckDB or Ray Data without this package.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from PIL import Image
+
+from genstress_ray.data import to_float, to_uint8
+from genstress_ray.metrics import score_logits
+from genstress_ray.models import Classifier, LatentGenerator, load_module
+from genstress_ray.strategies import beta_noise, perturb_latents, select_candidates
+
+SAMPLES_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("source_id", pa.string()), ("source_label", pa.int64()),
+    ("strategy", pa.string()), ("params", pa.string()), ("latent", pa.list_(pa.float32())),
+    ("image", pa.binary()), ("pred", pa.int64()), ("probs", pa.list_(pa.float32())), ("fault", pa.bool_()),
+    ("kldb", pa.float32()), ("entropy", pa.float32()), ("margin", pa.float32()),
+    ("draw", pa.int64()), ("seed", pa.int64()),
+])
+REGION_SAMPLES_SCHEMA = SAMPLES_SCHEMA.append(pa.field("region_id", pa.int64()))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Everything an actor needs to load a model by itself."""
+
+    uri: str
+    format: str = "auto"
+    architecture: str | None = None
+    factory: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def load(self):
+        module, _ = load_module(self.uri, self.format, self.architecture, self.factory, self.params)
+        return module
+
+
+def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Classifier:
+    return Classifier(ref.load(), class_names, image_shape).eval()
+
+
+def load_generator(ref: ModelRef, image_shape) -> LatentGenerator:
+    return LatentGenerator(ref.load(), image_shape).eval()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG bytes of one uint8 (C, H, W) image."""
+    pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=1)  # level 1: the sink is I/O-bound anyway
+    return buf.getvalue()
+
+
+@ray.remote(num_cpus=0)
+class StageCounters:
+    """Totals that are not rows of the output (candidates generated, non-finite ones dropped)."""
+
+    def __init__(self):
+        self.totals: Counter = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.totals.update(counts)
+
+    def get(self) -> dict[str, int]:
+        return dict(self.totals)
+
+
+def candidate_table(schema: pa.Schema, columns: dict[str, Any], latents: torch.Tensor, images: torch.Tensor,
+                    scores: dict[str, torch.Tensor]) -> pa.Table:
+    """Assemble kept candidates into an Arrow table of ``schema`` (PNG-encoding each image)."""
+    pixels = to_uint8(images)
+    d, k = latents.shape[1], scores["probs"].shape[1]
+    data = {
+        **columns,
+        "latent": pa.FixedSizeListArray.from_arrays(latents.float().cpu().numpy().ravel(), d).cast(pa.list_(pa.float32())),
+        "image": [png_bytes(p) for p in pixels],
+        "probs": pa.FixedSizeListArray.from_arrays(scores["probs"].float().cpu().numpy().ravel(), k).cast(pa.list_(pa.float32())),
+        **{name: scores[name].cpu().numpy() for name in ("pred", "fault", "kldb", "entropy", "margin")},
+    }
+    return pa.table({name: data[name] for name in schema.names}, schema=schema)
+
+
+class _ModelStage:
+    """Loads classifier and generator once per actor, on the GPU when it was given one."""
+
+    def __init__(self, classifier: ModelRef, generator: ModelRef, class_names: list[str], image_shape,
+                 seed: int, threads: int = 1, counters=None):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        self.image_shape = tuple(image_shape)
+        self.classifier = load_classifier(classifier, class_names, self.image_shape).to(self.device)
+        self.generator = load_generator(generator, self.image_shape).to(self.device)
+        self.seed = seed
+        self.counters = counters
+
+    def _count(self, counts: dict[str, int]) -> None:
+        if self.counters is not None:
+            # Waited for, so the totals are complete once the dataset is written.
+            ray.get(self.counters.add.remote(counts))
+
+    @torch.no_grad()
+    def _decode_and_score(self, latents: torch.Tensor, intended: torch.Tensor):
+        images = self.generator.decode(latents)
+        logits = self.classifier(images)
+        scores = score_logits(logits, intended)
+        finite = (torch.isfinite(latents).all(1) & torch.isfinite(images).flatten(1).all(1)
+                  & torch.isfinite(logits).all(1))
+        return images, scores, finite
+
+
+class DefuseSearch(_ModelStage):
+    """Defuse identification on a batch of source images (``source_id``, ``source_label``, ``image``).
+
+    Every image gets ``draws`` Beta-noise latents; the kept candidates (faults, or all) become rows.
+    """
+
+    def __init__(self, *args, params: dict[str, Any], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params = params
+        self.params_json = json.dumps({k: params[k] for k in ("a", "b", "centred")})
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        p = self.params
+        ids = [str(s) for s in batch["source_id"]]
+        labels = torch.as_tensor(np.asarray(batch["source_label"], np.int64))
+        raw = np.frombuffer(b"".join(batch["image"]), np.uint8).reshape(len(ids), *self.image_shape)
+        n, q = len(ids), p["draws"]
+        with torch.no_grad():
+            mean, _ = self.generator.encode(to_float(raw).to(self.device))
+        noise = beta_noise(ids, mean.shape[1], q, p["a"], p["b"], self.seed, p["centred"])
+        latents = perturb_latents(mean.cpu(), noise).reshape(n * q, -1)
+        intended = labels.repeat_interleave(q)
+        images, scores, finite = self._decode_and_score(latents.to(self.device), intended.to(self.device))
+        finite = finite.cpu()
+        fault = scores["fault"].cpu() & finite
+        if p["keep"] == "all":
+            keep = finite
+        else:
+            keep = select_candidates(fault.view(n, q), noise.norm(dim=2), p["max_faults_per_image"]).reshape(-1)
+        self._count({"candidates": n * q, "faults": int(fault.sum()), "nonfinite_dropped": int((~finite).sum())})
+        idx = keep.nonzero().squeeze(1)
+        rows, draws = idx // q, idx % q
+        columns = {
+            "sample_id": [f"defuse:{self.seed}:{ids[r]}:{d}" for r, d in zip(rows.tolist(), draws.tolist())],
+            "source_id": [ids[r] for r in rows.tolist()],
+            "source_label": labels[rows].numpy(),
+            "strategy": ["defuse"] * len(idx),
+            "params": [self.params_json] * len(idx),
+            "draw": draws.numpy(),
+            "seed": np.full(len(idx), self.seed, np.int64),
+        }
+        idx_dev = idx.to(self.device)
+        kept_scores = {k: v[idx_dev] for k, v in scores.items()}
+        return candidate_table(SAMPLES_SCHEMA, columns, latents[idx], images[idx_dev], kept_scores)
+
+
+class RegionDecode(_ModelStage):
+    """Decode and classify latents sampled from regions (``region_id``, ``draw``, ``latent``,
+    ``source_label`` = the region's dominant source class, which a fault is judged against)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        latents = torch.from_numpy(np.stack(batch["latent"]).astype(np.float32))
+        region = np.asarray(batch["region_id"], np.int64)
+        draw = np.asarray(batch["draw"], np.int64)
+        labels = torch.as_tensor(np.asarray(batch["source_label"], np.int64))
+        images, scores, finite = self._decode_and_score(latents.to(self.device), labels.to(self.device))
+        keep = finite.cpu()
+        self._count({"candidates": len(draw), "nonfinite_dropped": int((~keep).sum())})
+        idx = keep.nonzero().squeeze(1)
+        sel = idx.numpy()
+        columns = {
+            "sample_id": [f"region:{self.seed}:{r}:{d}" for r, d in zip(region[sel], draw[sel])],
+            "source_id": [f"region:{r}" for r in region[sel]],
+            "source_label": labels[idx].numpy(),
+            "strategy": ["defuse_region"] * len(sel),
+            "params": [json.dumps({"region_id": int(r)}) for r in region[sel]],
+            "draw": draw[sel], "seed": np.full(len(sel), self.seed, np.int64), "region_id": region[sel],
+        }
+        idx_dev = idx.to(self.device)
+        return candidate_table(REGION_SAMPLES_SCHEMA, columns, latents[idx], images[idx_dev],
+                               {k: v[idx_dev] for k, v in scores.items()})
+
+
+# Strategy name -> the Ray stage that runs it. Later strategies register here.
+SEARCH_STAGES: dict[str, type[_ModelStage]] = {"defuse": DefuseSearch}
+
+
+def model_ref_dict(ref: ModelRef) -> dict[str, Any]:
+    return asdict(ref)

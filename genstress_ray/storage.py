@@ -1,0 +1,175 @@
+"""Filesystems for any fsspec URI, and the layout of a run on object storage.
+
+A run is a folder ``<output>/<campaign>/<run_id>/`` holding one sub-folder per stage, a
+``manifest.json`` and, per finished stage, a completion marker ``<stage>/_COMPLETE``. A stage
+without its marker is unfinished: rerunning the run deletes whatever it left and redoes it, so a
+resumed run never holds duplicate or partial rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import uuid
+from importlib import metadata
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MARKER = "_COMPLETE"
+MANIFEST = "manifest.json"
+
+
+class StorageError(OSError):
+    """An output or input location could not be used. The message names the URI."""
+
+
+def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path for ``uri`` (local path, ``file://``, ``s3://``, ...).
+
+    For ``s3://`` the endpoint comes from ``storage_options["endpoint_url"]`` or, failing that, the
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` environment variables read here on the driver, so the
+    filesystem object shipped to Ray workers carries it.
+
+    >>> fs, path = filesystem_for("/tmp/genstress")
+    >>> path
+    '/tmp/genstress'
+    """
+    opts = dict(storage_options or {})
+    protocol = fsspec.utils.get_protocol(uri)
+    if protocol in ("s3", "s3a") and "endpoint_url" not in opts:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **opts)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {uri!r}: {exc}") from exc
+    return fs, path
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """All bytes of one file at any fsspec URI, with an error that names it."""
+    fs, path = filesystem_for(uri, storage_options)
+    try:
+        return fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as exc:
+        raise StorageError(f"cannot read {uri!r}: {exc}") from exc
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so readers see the old file or the new one, never a torn one."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("genstress-ray", "torch", "ray", "numpy", "pyarrow", "scikit-learn", "diffusers", "fsspec", "s3fs"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+class RunStore:
+    """One run's folder: stage tables, completion markers and the manifest.
+
+    Example:
+        >>> store = RunStore("/tmp/genstress-doc", "demo", "r1")
+        >>> store.uri
+        '/tmp/genstress-doc/demo/r1'
+    """
+
+    def __init__(self, output: str, campaign: str, run_id: str, storage_options: dict | None = None):
+        self.output = output.rstrip("/")
+        self.campaign = campaign
+        self.run_id = run_id
+        self.storage_options = storage_options or {}
+        self.uri = f"{self.output}/{campaign}/{run_id}"
+        self.fs, self.path = filesystem_for(self.uri, self.storage_options)
+
+    # ---- locations -------------------------------------------------------------------------
+    def stage_path(self, stage: str) -> str:
+        return f"{self.path}/{stage}"
+
+    def stage_uri(self, stage: str) -> str:
+        return f"{self.uri}/{stage}"
+
+    def arrow_filesystem(self) -> pafs.FileSystem:
+        """The same filesystem as a pyarrow one, for Ray Data's Parquet writer and pyarrow readers."""
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def check_writable(self) -> None:
+        """Fail early, before any work, when the output cannot be written."""
+        probe = f"{self.path}/.write-probe-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(self.path, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # every backend raises its own kinds
+            raise StorageError(f"output {self.uri!r} is not writable: {exc}") from exc
+
+    # ---- stage state -----------------------------------------------------------------------
+    def is_complete(self, stage: str) -> bool:
+        return self.fs.exists(f"{self.stage_path(stage)}/{MARKER}")
+
+    def marker(self, stage: str) -> dict:
+        return json.loads(self.fs.cat_file(f"{self.stage_path(stage)}/{MARKER}"))
+
+    def begin_stage(self, stage: str) -> str:
+        """Clear whatever an interrupted attempt left and return the stage's path."""
+        path = self.stage_path(stage)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.makedirs(path, exist_ok=True)
+        return path
+
+    def complete_stage(self, stage: str, info: dict) -> None:
+        write_bytes_atomic(self.fs, f"{self.stage_path(stage)}/{MARKER}",
+                           json.dumps({**info, "completed_at": time.time()}).encode())
+
+    # ---- tables ----------------------------------------------------------------------------
+    def write_table(self, stage: str, table: pa.Table) -> None:
+        """Write a small driver-side table as the stage's single Parquet file."""
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        write_bytes_atomic(self.fs, f"{self.stage_path(stage)}/part-00000.parquet", buf.getvalue().to_pybytes())
+
+    def read_table(self, stage: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """Read a finished stage's Parquet files (only ``*.parquet``; markers are skipped)."""
+        files = sorted(p for p in self.fs.ls(self.stage_path(stage), detail=False) if p.endswith(".parquet"))
+        if not files:
+            return pa.table({})
+        dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem())
+        return dataset.to_table(columns=columns, filter=filter)
+
+    def count_rows(self, stage: str, filter=None) -> int:
+        files = [p for p in self.fs.ls(self.stage_path(stage), detail=False) if p.endswith(".parquet")]
+        if not files:
+            return 0
+        return pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem()).count_rows(filter=filter)
+
+    # ---- manifest --------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any]:
+        path = f"{self.path}/{MANIFEST}"
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into manifest.json (dicts one level deep) and write it atomically."""
+        manifest = self.read_manifest()
+        for key, value in fields.items():
+            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                manifest[key] = {**manifest[key], **value}
+            else:
+                manifest[key] = value
+        write_bytes_atomic(self.fs, f"{self.path}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
+        return manifest
