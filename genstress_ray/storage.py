@@ -119,7 +119,15 @@ class RunStore:
             raise StorageError(f"output {self.uri!r} is not writable: {exc}") from exc
 
     # ---- stage state -----------------------------------------------------------------------
+    def _parquet_files(self, stage: str) -> list[str]:
+        # Ray workers write behind the driver's back; s3fs would otherwise answer from a stale listing.
+        self.fs.invalidate_cache(self.stage_path(stage))
+        if not self.fs.exists(self.stage_path(stage)):
+            return []
+        return sorted(p for p in self.fs.ls(self.stage_path(stage), detail=False) if p.endswith(".parquet"))
+
     def is_complete(self, stage: str) -> bool:
+        self.fs.invalidate_cache(self.stage_path(stage))
         return self.fs.exists(f"{self.stage_path(stage)}/{MARKER}")
 
     def marker(self, stage: str) -> dict:
@@ -146,14 +154,14 @@ class RunStore:
 
     def read_table(self, stage: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         """Read a finished stage's Parquet files (only ``*.parquet``; markers are skipped)."""
-        files = sorted(p for p in self.fs.ls(self.stage_path(stage), detail=False) if p.endswith(".parquet"))
+        files = self._parquet_files(stage)
         if not files:
             return pa.table({})
         dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem())
         return dataset.to_table(columns=columns, filter=filter)
 
     def count_rows(self, stage: str, filter=None) -> int:
-        files = [p for p in self.fs.ls(self.stage_path(stage), detail=False) if p.endswith(".parquet")]
+        files = self._parquet_files(stage)
         if not files:
             return 0
         return pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem()).count_rows(filter=filter)
@@ -161,6 +169,7 @@ class RunStore:
     # ---- manifest --------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
         path = f"{self.path}/{MANIFEST}"
+        self.fs.invalidate_cache(self.path)
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""Shared fixtures: one local Ray cluster, a real S3 API server on loopback, tiny random models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from genstress_ray.models import get_model, save_checkpoint
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "mnist").exists(),
+                                       reason=f"real MNIST files not found at {SHARED_DATA}")
+TINY_CNN = {"in_shape": [1, 8, 8], "num_classes": 10, "width": 4, "hidden": 16}
+TINY_VAE = {"in_shape": [1, 8, 8], "latent_dim": 4, "width": 4, "hidden": 16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto in server mode on 127.0.0.1, reached through s3fs/pyarrow like a user's bucket.
+
+    Session-scoped and started before Ray, so Ray's worker processes inherit the credentials.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                            "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket per test; returns its s3:// URI."""
+    import s3fs
+
+    name = "test-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    if not fs.exists(name):
+        fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 ** 2,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Random-weight tiny CNN and beta-VAE for 8x8 digits, saved as self-describing safetensors."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    paths = {}
+    for role, arch, params in (("classifier", "small_cnn", TINY_CNN), ("generator", "beta_vae", TINY_VAE)):
+        paths[role] = str(root / f"{role}.safetensors")
+        save_checkpoint(get_model(arch, **params), paths[role], arch, params)
+    return paths
+
+
+@pytest.fixture
+def tiny_config(tiny_models, tmp_path) -> dict:
+    """A small digits campaign on the tiny models; finishes in seconds."""
+    return {
+        "campaign": "test",
+        "output": str(tmp_path / "runs"),
+        "run_id": "r1",
+        "cache": str(tmp_path / "cache"),
+        "data": {"search": {"kind": "digits", "split": "test", "limit": 48}},
+        "classifier": {"uri": tiny_models["classifier"]},
+        "generator": {"uri": tiny_models["generator"]},
+        "strategy": {"name": "defuse", "a": 1.0, "b": 1.0, "draws": 8, "max_faults_per_image": 3},
+        "reduce": {"max_components": 10, "samples_per_region": 4, "max_iter": 100},
+        "resources": {"search": {"actors": 1, "num_cpus": 0.5, "batch_size": 16},
+                      "region_samples": {"actors": 1, "num_cpus": 0.5, "batch_size": 16}},
+    }

@@ -1,0 +1,129 @@
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_CNN, TINY_VAE
+from genstress_ray.models import (Classifier, LatentGenerator, ModelError, cache_key, get_model, list_models,
+                                  load_module, model_kind, save_checkpoint, train_classifier)
+from genstress_ray.data import get_source
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # makes tests.models.factories importable
+NAMES = [str(i) for i in range(10)]
+
+
+def _classifiers(tmp_path):
+    """Every way a classifier can enter: built-in, TorchScript file, state dict + factory."""
+    torch.manual_seed(0)
+    cnn = get_model("small_cnn", **TINY_CNN).eval()
+    script = tmp_path / "cnn.pt"
+    torch.jit.save(torch.jit.script(cnn), str(script))
+    state = tmp_path / "mlp.pth"
+    torch.manual_seed(0)
+    torch.save(get_model_from_factory().state_dict(), state)
+    return {
+        "builtin": cnn,
+        "torchscript": load_module(str(script))[0],
+        "factory": load_module(str(state), factory="tests.models.factories:tiny_mlp")[0],
+    }
+
+
+def get_model_from_factory():
+    from tests.models.factories import tiny_mlp
+
+    return tiny_mlp()
+
+
+@pytest.mark.parametrize("kind", ["builtin", "torchscript", "factory"])
+def test_classifier_contract(kind, tmp_path):
+    """Shared contract: images (N, C, H, W) in [0, 1] -> finite logits (N, classes), batch-independent."""
+    clf = Classifier(_classifiers(tmp_path)[kind], NAMES, (1, 8, 8)).eval()
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = clf(x)
+        one = clf(x[:1])
+    assert logits.shape == (5, 10) and torch.isfinite(logits).all()
+    torch.testing.assert_close(one, logits[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_classifier_with_the_wrong_class_count_or_shape_is_rejected():
+    net = get_model("small_cnn", **{**TINY_CNN, "num_classes": 3})
+    with pytest.raises(ModelError, match="3,\\) outputs per image but the dataset has 10 classes"):
+        Classifier(net, NAMES, (1, 8, 8))
+    with pytest.raises(ModelError, match="does not accept images of shape \\(3, 8, 8\\)"):
+        Classifier(get_model("small_cnn", **TINY_CNN), NAMES, (3, 8, 8))
+
+
+@pytest.mark.parametrize("arch", list_models("latent_generator"))
+def test_latent_generator_contract(arch):
+    """Shared contract: encode -> (mean, log_var) of one size, decode -> images in [0, 1] of the input shape."""
+    gen = LatentGenerator(get_model(arch, **TINY_VAE), (1, 8, 8)).eval()
+    with torch.no_grad():
+        mean, log_var = gen.encode(torch.rand(3, 1, 8, 8))
+        images = gen.decode(mean + torch.randn_like(mean))
+    assert mean.shape == log_var.shape == (3, gen.latent_dim)
+    assert images.shape == (3, 1, 8, 8) and 0 <= float(images.min()) and float(images.max()) <= 1
+
+
+def test_latent_generator_without_the_protocol_methods_is_rejected():
+    with pytest.raises(ModelError, match="has no encode\\(\\) method"):
+        LatentGenerator(nn.Linear(2, 2), (1, 8, 8))
+
+
+def test_registry_kinds():
+    assert model_kind("small_cnn") == "classifier" and model_kind("beta_vae") == "latent_generator"
+    with pytest.raises(ModelError, match="unknown architecture 'resnet'"):
+        get_model("resnet")
+
+
+def test_safetensors_round_trip_rebuilds_from_metadata(tmp_path):
+    torch.manual_seed(3)
+    vae = get_model("beta_vae", **TINY_VAE).eval()
+    uri = str(tmp_path / "sub" / "vae.safetensors")
+    save_checkpoint(vae, uri, "beta_vae", TINY_VAE, extra={"note": "x"})
+    loaded, meta = load_module(uri)
+    assert meta["architecture"] == "beta_vae" and meta["note"] == "x"
+    z = torch.randn(2, TINY_VAE["latent_dim"])
+    torch.testing.assert_close(loaded.decode(z), vae.decode(z))
+
+
+def test_a_checkpoint_for_another_architecture_fails_with_a_clear_error(tmp_path):
+    uri = str(tmp_path / "cnn.safetensors")
+    save_checkpoint(get_model("small_cnn", **TINY_CNN), uri, "small_cnn", TINY_CNN)
+    with pytest.raises(ModelError, match="does not match architecture small_cnn"):
+        load_module(uri, params={"width": 8})
+
+
+def test_state_dict_loading_never_unpickles_arbitrary_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"w": Evil()}, path)
+    with pytest.raises(ModelError, match="failed to load as state_dict"):
+        load_module(str(path), architecture="small_cnn", params=TINY_CNN)
+
+
+def test_unreadable_checkpoint_names_the_uri(tmp_path):
+    with pytest.raises(ModelError, match="missing.safetensors"):
+        load_module(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="junk.safetensors.*failed to load"):
+        load_module(str(tmp_path / "junk.safetensors"))
+
+
+def test_cache_key_depends_on_every_part_of_the_recipe():
+    recipe = {"architecture": "small_cnn", "train": {"epochs": 3}, "data": {"kind": "digits"}}
+    assert cache_key("classifier", recipe) == cache_key("classifier", dict(recipe))
+    assert cache_key("classifier", recipe) != cache_key("classifier", {**recipe, "train": {"epochs": 4}})
+
+
+def test_training_the_small_cnn_on_digits_beats_chance_by_far():
+    train = get_source("digits", split="train").load()
+    val = get_source("digits", split="validation").load()
+    _, metrics = train_classifier(train, val, epochs=12)
+    assert metrics["val_acc"] > 0.9

@@ -1,0 +1,42 @@
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from genstress_ray.cli import main
+from genstress_ray.models import load_module
+
+
+def test_run_with_an_invalid_config_exits_2_and_names_the_field(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("campaign: x\nstrategy: {name: defuse, draws: -3}\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "strategy.defuse.draws: Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_train_classifier_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "cnn.safetensors"
+    assert main(["train", "classifier", "--data", "digits", "--epochs", "1", "--output", str(out)]) == 0
+    module, meta = load_module(str(out))
+    assert meta["architecture"] == "small_cnn" and meta["role"] == "classifier"
+    assert meta["class_names"] == [str(i) for i in range(10)] and "val_acc" in meta["metrics"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_bundled_digits(tmp_path):
+    """`genstress demo` from a fresh cache: trains, searches, clusters, prints a summary and the run URI."""
+    env = {**os.environ, "GENSTRESS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "genstress_ray.cli", "demo", "--output", str(tmp_path / "runs"),
+                           "--run-id", "e2e"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    run_dir = tmp_path / "runs" / "demo" / "e2e"
+    assert f"run: {run_dir}" in out
+    candidates, faults = map(int, re.search(r"candidates (\d+), faults (\d+)", out).groups())
+    assert candidates == 359 * 100 and 0 < faults < candidates
+    n_regions = int(re.search(r"regions: (\d+)", out).group(1))
+    assert n_regions >= 1 and len(re.findall(r"region \d+: weight", out)) == n_regions
+    assert all((run_dir / s / "_COMPLETE").exists() for s in ("identify", "regions", "region_samples"))
+    assert "train classifier: epoch" in proc.stderr  # progress is visible while it runs

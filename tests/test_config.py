@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from genstress_ray.config import CampaignConfig, ConfigError, load_config
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def test_defaults_validate_and_resources_become_ray_arguments():
+    cfg = load_config({"campaign": "c"})
+    args = cfg.resources.search.ray_args()
+    assert args["num_cpus"] == 0.5 and args["batch_size"] == 64 and args["compute"].min_size == 1
+
+
+@pytest.mark.parametrize("raw, field, allowed", [
+    ({"strategy": {"name": "gan_attack"}}, "strategy", "'defuse'"),
+    ({"strategy": {"name": "defuse", "draws": -1}}, "strategy.defuse.draws", "greater than 0"),
+    ({"strategy": {"name": "defuse", "a": 0}}, "strategy.defuse.a", "greater than 0"),
+    ({"strategy": {"name": "defuse", "b": -2}}, "strategy.defuse.b", "greater than 0"),
+    ({"strategy": {"name": "defuse", "keep": "some"}}, "strategy.defuse.keep", "'faults' or 'all'"),
+    ({"data": {"search": {"kind": "cifar"}}}, "data.search.kind", "allowed: digits"),
+    ({"data": {"search": {"split": "dev"}}}, "data.search.split", "allowed: train, validation, test"),
+    ({"classifier": {"architecture": "vit"}}, "classifier.architecture", "allowed: beta_vae, small_cnn"),
+    ({"classifier": {"uri": "x.pt", "format": "onnx"}}, "classifier.format", "allowed: auto, torchscript"),
+    ({"resources": {"search": {"batch_size": 0}}}, "resources.search.batch_size", "greater than 0"),
+    ({"campaign": "has space"}, "campaign", "pattern"),
+    ({"surprise": 1}, "surprise", "Extra inputs"),
+])
+def test_each_bad_value_is_named_with_what_is_allowed(raw, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(raw)
+    line = next(l for l in str(err.value).splitlines() if l.strip().startswith(field + ":"))
+    assert allowed in line
+
+
+def test_invalid_yaml_and_missing_files_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("campaign: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_overrides_replace_output_and_run_id():
+    cfg = load_config({"output": "a"}, output="s3://b/x", run_id="nightly-01")
+    assert (cfg.output, cfg.run_id) == ("s3://b/x", "nightly-01")
+
+
+def test_the_shipped_mnist_job_validates():
+    cfg = load_config(JOBS / "mnist_defuse.yaml")
+    assert isinstance(cfg, CampaignConfig) and cfg.data.search.kind == "mnist"
+    assert cfg.data.train is not None and cfg.data.train.uri.endswith("mnist_train_first20k")
+
+
+def test_cluster_yaml_is_a_valid_ray_launcher_config_with_a_gpu_worker():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(yaml.safe_load((JOBS.parent / "cluster.yaml").read_text()))
+    validate_config(cfg)  # raises on schema errors
+    assert any(n["node_config"]["InstanceType"].startswith(("g", "p")) for n in cfg["available_node_types"].values())

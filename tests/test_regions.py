@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from genstress_ray.regions import fit_regions, sample_regions
+
+
+def _three_clusters(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.array([[-6.0, 0, 0], [6.0, 0, 0], [0, 6.0, 0]])
+    z = np.concatenate([rng.normal(c, 0.3, (n, 3)) for c in centres])
+    src = np.repeat([1, 2, 3], n)
+    pred = np.repeat([7, 8, 9], n)
+    return z, src, pred, centres
+
+
+def test_planted_clusters_become_regions_with_their_dominant_classes():
+    z, src, pred, centres = _three_clusters()
+    fit = fit_regions(z, src, pred, max_components=10, seed=0)
+    regions = fit.table.to_pylist()
+    assert len(regions) == 3
+    for r in regions:
+        nearest = int(np.argmin(np.linalg.norm(centres - np.array(r["mean"]), axis=1)))
+        assert r["dominant_source_label"] == nearest + 1 and r["dominant_pred"] == nearest + 7
+        assert r["dominant_pred_share"] == 1.0 and r["n_members"] == 120
+    assert sum(r["n_members"] for r in regions) == len(z)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_zero_or_one_fault_gives_no_regions_and_a_message(n):
+    fit = fit_regions(np.zeros((n, 3)), np.zeros(n, int), np.zeros(n, int))
+    assert fit.table.num_rows == 0 and "at least 2" in fit.message
+    assert fit.table.schema.names[0] == "region_id"
+
+
+def test_subsample_cap_limits_the_fit_but_membership_counts_every_fault():
+    z, src, pred, _ = _three_clusters(n=200)
+    fit = fit_regions(z, src, pred, max_components=10, max_points=150)
+    assert fit.n_fitted == 150 and fit.n_faults == 600
+    assert sum(fit.table["n_members"].to_pylist()) == 600
+
+
+def test_region_samples_follow_mean_and_tau_scaled_covariance():
+    z, src, pred, _ = _three_clusters()
+    regions = fit_regions(z, src, pred, max_components=10).table
+    ids, draws = sample_regions(regions, 4000, tau=0.25, seed=3)
+    assert draws.shape == (3 * 4000, 3) and sorted(set(ids.tolist())) == [0, 1, 2]
+    for r in regions.to_pylist():
+        mine = draws[ids == r["region_id"]]
+        np.testing.assert_allclose(mine.mean(0), r["mean"], atol=0.05)
+        cov = np.asarray(r["cov"]).reshape(3, 3)
+        np.testing.assert_allclose(np.cov(mine.T), 0.25 * cov, atol=0.02)
+    again_ids, again = sample_regions(regions, 4000, tau=0.25, seed=3)
+    assert np.array_equal(again, draws)
