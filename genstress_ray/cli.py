@@ -39,7 +39,7 @@ def _demo(args) -> int:
 def _run(args) -> int:
     from genstress_ray.pipeline import run_campaign
 
-    result = run_campaign(args.config, output=args.output, run_id=args.run_id)
+    result = run_campaign(args.config, output=args.output, run_id=args.run_id, stop_after=args.until)
     print(result.summary())
     return 0
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--output", help="overrides the config's output (local path or fsspec URI)")
     run.add_argument("--run-id", help="overrides the config's run id; an existing run id resumes")
+    run.add_argument("--until", choices=["identify", "regions", "region_samples"],
+                     help="stop after this stage (a later run without it resumes)")
     run.set_defaults(func=_run)
     train = sub.add_parser("train", help="train a built-in model and write it as safetensors")
     train.add_argument("model", choices=["classifier", "vae"])

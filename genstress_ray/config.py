@@ -134,13 +134,15 @@ class ReduceConfig(_Strict):
 
 
 class StageResources(_Strict):
-    """How one Ray stage runs: actors, CPUs and GPUs per actor, batch size, torch threads per actor."""
+    """How one Ray stage runs: actors, CPUs and GPUs per actor, batch size (source rows per batch),
+    torch threads per actor, and candidates per forward pass (``chunk_size``)."""
 
     actors: Annotated[int, Field(gt=0)] = 1
     num_cpus: Annotated[float, Field(gt=0)] = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
     batch_size: Annotated[int, Field(gt=0)] = 64
     threads: Annotated[int, Field(gt=0)] | None = None
+    chunk_size: Annotated[int, Field(gt=0)] = 512
 
     def ray_args(self) -> dict[str, Any]:
         """Keyword arguments for ``Dataset.map_batches`` with a callable class."""

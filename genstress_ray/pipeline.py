@@ -105,7 +105,7 @@ def _run_model_stage(store: RunStore, stage: str, ds: ray.data.Dataset, stage_cl
     counters = StageCounters.remote()
     ds = ds.map_batches(stage_cls, batch_format="numpy", **resources.ray_args(),
                         fn_constructor_kwargs={**constructor, "threads": resources.torch_threads(),
-                                               "counters": counters})
+                                               "chunk_size": resources.chunk_size, "counters": counters})
     ds.write_parquet(store.stage_path(stage), filesystem=store.arrow_filesystem())
     totals = ray.get(counters.get.remote())
     ray.kill(counters)
@@ -155,19 +155,25 @@ def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict) 
     return {"region_samples": store.count_rows("region_samples"), **totals}
 
 
-def run_campaign(config, output: str | None = None, run_id: str | None = None) -> CampaignResult:
+def run_campaign(config, output: str | None = None, run_id: str | None = None,
+                 stop_after: str | None = None) -> CampaignResult:
     """Run (or resume) a campaign and return where it lives and what it found.
 
     Args:
         config: a YAML path, a dict or a ``CampaignConfig``.
         output: overrides ``config.output`` (local path or fsspec URI such as ``s3://bucket/prefix``).
         run_id: overrides ``config.run_id``; rerunning an existing run id resumes it.
+        stop_after: run the stages up to and including this one (``identify``, ``regions``); a later
+            call without it resumes from there.
 
     Example:
         >>> result = run_campaign({"campaign": "doc"}, output="/tmp/runs")  # doctest: +SKIP
         >>> print(result.summary())  # doctest: +SKIP
     """
     started = time.time()
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after: unknown stage {stop_after!r}; allowed: {', '.join(STAGES)}")
+    stages = STAGES[: STAGES.index(stop_after) + 1] if stop_after else STAGES
     cfg = load_config(config, output=output, run_id=run_id)
     run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S")
     store = RunStore(cfg.output, cfg.campaign, run_id, cfg.storage_options)
@@ -193,7 +199,7 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None) -
                "regions": lambda: run_regions(cfg, store),
                "region_samples": lambda: run_region_samples(cfg, store, constructor)}
     skipped = []
-    for stage in STAGES:
+    for stage in stages:
         if store.is_complete(stage):
             log.info("stage %s: already complete, skipped", stage)
             skipped.append(stage)
@@ -205,13 +211,16 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None) -
         store.complete_stage(stage, info)
         store.update_manifest(stages={stage: info}, timings={stage: info["seconds"]})
         log.info("stage %s: done in %.1fs %s", stage, info["seconds"], info)
-    markers = {stage: store.marker(stage) for stage in STAGES}
-    counts = {"candidates": markers["identify"].get("candidates", 0), "faults": markers["identify"].get("faults", 0),
-              "samples": markers["identify"].get("samples", 0),
-              "nonfinite_dropped": markers["identify"].get("nonfinite_dropped", 0)
-              + markers["region_samples"].get("nonfinite_dropped", 0),
-              "regions": markers["regions"]["regions"], "region_samples": markers["region_samples"]["region_samples"]}
-    store.update_manifest(row_counts=counts, status="complete", timings={"total_last_invocation": round(time.time() - started, 3)})
-    regions = store.read_table("regions").to_pylist()
+    markers = {stage: store.marker(stage) for stage in stages}
+    identify, regions_info = markers["identify"], markers.get("regions", {})
+    counts = {"candidates": identify.get("candidates", 0), "faults": identify.get("faults", 0),
+              "samples": identify.get("samples", 0),
+              "nonfinite_dropped": sum(m.get("nonfinite_dropped", 0) for m in markers.values()),
+              "regions": regions_info.get("regions", 0),
+              "region_samples": markers.get("region_samples", {}).get("region_samples", 0)}
+    status = "complete" if stages == STAGES else f"stopped after {stop_after}"
+    store.update_manifest(row_counts=counts, status=status,
+                          timings={"total_last_invocation": round(time.time() - started, 3)})
+    regions = store.read_table("regions").to_pylist() if "regions" in stages else []
     return CampaignResult(store.uri, run_id, counts, regions, search.class_names, skipped,
-                          markers["regions"].get("message", ""))
+                          regions_info.get("message", ""))

@@ -80,10 +80,10 @@ def test_keep_all_writes_every_candidate(tiny_config):
 def test_same_config_and_seed_give_the_same_rows_whatever_the_number_of_actors(tiny_config, tmp_path):
     columns = ["sample_id", "pred", "fault", "latent"]
     rows = []
-    for actors in (1, 2):
+    for actors, chunk in ((1, 512), (2, 7)):
         cfg = copy.deepcopy(tiny_config)
         cfg["output"] = str(tmp_path / f"actors{actors}")
-        cfg["resources"]["search"]["actors"] = actors
+        cfg["resources"]["search"].update(actors=actors, chunk_size=chunk)
         result = run_campaign(cfg)
         rows.append(_sorted_rows(_store(result, cfg), "identify", columns))
     assert [r["sample_id"] for r in rows[0]] == [r["sample_id"] for r in rows[1]]
@@ -95,6 +95,17 @@ def test_rerunning_a_finished_run_skips_every_stage(tiny_config):
     first = run_campaign(tiny_config)
     again = run_campaign(tiny_config)
     assert again.skipped == list(STAGES) and again.counts == first.counts
+
+
+def test_stop_after_identify_then_a_plain_rerun_finishes_the_rest(tiny_config):
+    first = run_campaign(tiny_config, stop_after="identify")
+    store = _store(first, tiny_config)
+    assert store.is_complete("identify") and not store.is_complete("regions")
+    assert store.read_manifest()["status"] == "stopped after identify" and first.regions == []
+    rest = run_campaign(tiny_config)
+    assert rest.skipped == ["identify"] and store.is_complete("region_samples")
+    with pytest.raises(ValueError, match="stop_after: unknown stage 'train'"):
+        run_campaign(tiny_config, stop_after="train")
 
 
 def _interrupt_identify(store, extra_rows_from):
