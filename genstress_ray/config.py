@@ -26,6 +26,12 @@ class ConfigError(ValueError):
     """The campaign config is invalid. Each line names a field."""
 
 
+def _one_of(value: str, allowed, what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,16 +52,12 @@ class DataSpec(_Strict):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v):
-        if v not in list_sources():
-            raise ValueError(f"unknown dataset kind {v!r}; allowed: {', '.join(list_sources())}")
-        return v
+        return _one_of(v, list_sources(), "dataset kind")
 
     @field_validator("split")
     @classmethod
     def _known_split(cls, v):
-        if v not in SPLITS:
-            raise ValueError(f"unknown split {v!r}; allowed: {', '.join(SPLITS)}")
-        return v
+        return _one_of(v, SPLITS, "split")
 
     def source_params(self) -> dict[str, Any]:
         return {"uri": self.uri, "split": self.split, "limit": self.limit, "seed": self.seed,
@@ -94,16 +96,12 @@ class ModelSpec(_Strict):
     @field_validator("format")
     @classmethod
     def _known_format(cls, v):
-        if v not in FORMATS:
-            raise ValueError(f"unknown checkpoint format {v!r}; allowed: {', '.join(FORMATS)}")
-        return v
+        return _one_of(v, FORMATS, "checkpoint format")
 
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, v):
-        if v is not None and v not in list_models():
-            raise ValueError(f"unknown architecture {v!r}; allowed: {', '.join(list_models())}")
-        return v
+        return v if v is None else _one_of(v, list_models(), "architecture")
 
 
 class DefuseParams(_Strict):

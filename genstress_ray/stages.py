@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -95,18 +95,39 @@ def candidate_table(schema: pa.Schema, columns: dict[str, Any], latents: torch.T
 
 
 class _ModelStage:
-    """Loads classifier and generator once per actor, on the GPU when it was given one."""
+    """Holds classifier and generator, on the GPU when the actor was given one.
+
+    Models load on the first batch, on the thread that runs the batches. Ray Data constructs the
+    UDF on the actor's main thread but calls it from another one; torch work on both gives the
+    process two OpenMP thread teams on the same cores, and libgomp then throttles its spin-waiting,
+    which cost about 7% per batch on 2 cores. (The driver has already loaded and checked both
+    models before any Ray work starts, so a bad checkpoint still fails early.)
+    """
 
     def __init__(self, classifier: ModelRef, generator: ModelRef, class_names: list[str], image_shape,
                  seed: int, threads: int = 1, chunk_size: int = 512, counters=None):
-        torch.set_num_threads(threads)
+        self.refs = (classifier, generator)
+        self.class_names = class_names
+        self.threads = threads
         self.chunk_size = chunk_size
-        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         self.image_shape = tuple(image_shape)
-        self.classifier = load_classifier(classifier, class_names, self.image_shape).to(self.device)
-        self.generator = load_generator(generator, self.image_shape).to(self.device)
         self.seed = seed
         self.counters = counters
+        self.classifier = self.generator = None
+
+    def _load(self) -> None:
+        torch.set_num_threads(self.threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        self.classifier = load_classifier(self.refs[0], self.class_names, self.image_shape).to(self.device)
+        self.generator = load_generator(self.refs[1], self.image_shape).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.classifier is None:
+            self._load()
+        return self.process_batch(batch)
+
+    def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        raise NotImplementedError
 
     def _count(self, counts: dict[str, int]) -> None:
         if self.counters is not None:
@@ -137,7 +158,7 @@ class DefuseSearch(_ModelStage):
         self.params = params
         self.params_json = json.dumps({k: params[k] for k in ("a", "b", "centred")})
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         p = self.params
         ids = [str(s) for s in batch["source_id"]]
         labels = torch.tensor(np.asarray(batch["source_label"], np.int64))
@@ -176,7 +197,7 @@ class RegionDecode(_ModelStage):
     """Decode and classify latents sampled from regions (``region_id``, ``draw``, ``latent``,
     ``source_label`` = the region's dominant source class, which a fault is judged against)."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         latents = torch.from_numpy(np.stack(batch["latent"]).astype(np.float32))
         region = np.asarray(batch["region_id"], np.int64)
         draw = np.asarray(batch["draw"], np.int64)
@@ -202,6 +223,3 @@ class RegionDecode(_ModelStage):
 # Strategy name -> the Ray stage that runs it. Later strategies register here.
 SEARCH_STAGES: dict[str, type[_ModelStage]] = {"defuse": DefuseSearch}
 
-
-def model_ref_dict(ref: ModelRef) -> dict[str, Any]:
-    return asdict(ref)

@@ -41,11 +41,14 @@ def decode_image(data: bytes, mode: str | None, where: str) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _stack(images: list[np.ndarray], names: list[str]) -> np.ndarray:
-    shape = images[0].shape
-    for img, name in zip(images, names):
-        if img.shape != shape:
-            raise DataError(f"{name}: image shape {img.shape} differs from {names[0]}'s {shape}; "
+def decode_images(blobs, names: list[str], mode: str | None) -> np.ndarray:
+    """Decode encoded images into one uint8 NCHW array; the first image fixes the mode and size."""
+    images = []
+    for data, name in zip(blobs, names):
+        images.append(decode_image(data, mode, name))
+        mode = mode or ("L" if images[0].shape[0] == 1 else "RGB")
+        if images[-1].shape != images[0].shape:
+            raise DataError(f"{name}: image shape {images[-1].shape} differs from {names[0]}'s {images[0].shape}; "
                             "all images of a dataset must share one size")
     return np.stack(images).astype(np.uint8)
 
@@ -177,15 +180,11 @@ class ImageFolderSource(DatasetSource):
             raise DataError(f"data.uri: {self.uri!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         idx = split_indices(len(files), self.split, self.validation_fraction, self.test_fraction, self.seed)
         chosen = [files[i] for i in idx]
-        mode = self.mode
-        images = []
-        for path in chosen:
-            images.append(decode_image(fs.cat_file(path), mode, path))
-            mode = mode or ("L" if images[0].shape[0] == 1 else "RGB")  # first image fixes the mode
-        keys = [posixpath.relpath(p, root.rstrip("/")) for p in chosen]
-        if not images:
+        if not chosen:
             raise DataError(f"data.uri: {self.uri!r} has no images in split {self.split!r}")
-        return _stack(images, chosen), np.asarray(labels, np.int64)[idx], classes, keys
+        images = decode_images((fs.cat_file(p) for p in chosen), chosen, self.mode)
+        keys = [posixpath.relpath(p, root.rstrip("/")) for p in chosen]
+        return images, np.asarray(labels, np.int64)[idx], classes, keys
 
 
 class ParquetSource(DatasetSource):
@@ -226,14 +225,10 @@ class ParquetSource(DatasetSource):
         else:
             all_labels = np.asarray(raw_labels, np.int64)
             names = [str(i) for i in range(int(all_labels.max()) + 1)] if len(all_labels) else []
+        if len(rows) == 0:
+            raise DataError(f"data.uri: {self.uri!r} has no rows for split {self.split!r}")
         cells = table[self.image_column].to_pylist()
         keys = table[self.id_column].to_pylist() if self.id_column else list(range(table.num_rows))
-        mode, images, where = self.mode, [], []
-        for i in rows:
-            cell = cells[i]["bytes"] if isinstance(cells[i], dict) else cells[i]
-            where.append(f"{self.uri} row {i}")
-            images.append(decode_image(cell, mode, where[-1]))
-            mode = mode or ("L" if images[0].shape[0] == 1 else "RGB")
-        if not images:
-            raise DataError(f"data.uri: {self.uri!r} has no rows for split {self.split!r}")
-        return _stack(images, where), all_labels[rows], names, [keys[i] for i in rows]
+        data = (cells[i]["bytes"] if isinstance(cells[i], dict) else cells[i] for i in rows)
+        images = decode_images(data, [f"{self.uri} row {i}" for i in rows], self.mode)
+        return images, all_labels[rows], names, [keys[i] for i in rows]
