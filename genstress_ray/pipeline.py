@@ -97,7 +97,7 @@ def _source_dataset(images: ImageSet, rows_per_block: int) -> ray.data.Dataset:
     flat = images.images.reshape(len(images), -1)
     table = pa.table({"source_id": images.source_ids, "source_label": images.labels,
                       "image": [row.tobytes() for row in flat]})
-    blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
     return ray.data.from_arrow(blocks)
 
 
@@ -125,12 +125,16 @@ def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constru
 def run_regions(cfg: CampaignConfig, store: RunStore) -> dict:
     store.begin_stage("regions")
     faults = store.read_table("identify", columns=["latent", "source_label", "pred"], filter=pc.field("fault"))
-    latents = np.asarray(faults["latent"].to_pylist(), np.float32) if faults.num_rows else np.zeros((0, 0))
+    n = faults.num_rows
+    if n:
+        latents = faults["latent"].combine_chunks().flatten().to_numpy().reshape(n, -1)
+        source_labels, preds = faults["source_label"].to_numpy(), faults["pred"].to_numpy()
+    else:  # no fault files at all: nothing to read, fit_regions explains
+        latents, source_labels, preds = np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     r = cfg.reduce
-    fit = fit_regions(latents, faults["source_label"].to_numpy() if faults.num_rows else np.zeros(0, int),
-                      faults["pred"].to_numpy() if faults.num_rows else np.zeros(0, int),
-                      max_components=r.max_components, weight_threshold=r.weight_threshold,
-                      max_points=r.max_faults, seed=cfg.seed, max_iter=r.max_iter)
+    fit = fit_regions(latents, source_labels, preds, max_components=r.max_components,
+                      weight_threshold=r.weight_threshold, max_points=r.max_faults, seed=cfg.seed,
+                      max_iter=r.max_iter)
     if fit.message:
         log.warning("regions: %s", fit.message)
     store.write_table("regions", fit.table)

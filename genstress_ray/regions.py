@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,6 @@ class RegionFit:
     message: str = ""
     converged: bool | None = None
     components: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _dominant(values: np.ndarray) -> tuple[int, float]:

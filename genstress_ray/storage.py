@@ -101,9 +101,6 @@ class RunStore:
     def stage_path(self, stage: str) -> str:
         return f"{self.path}/{stage}"
 
-    def stage_uri(self, stage: str) -> str:
-        return f"{self.uri}/{stage}"
-
     def arrow_filesystem(self) -> pafs.FileSystem:
         """The same filesystem as a pyarrow one, for Ray Data's Parquet writer and pyarrow readers."""
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))

@@ -51,11 +51,6 @@ class ImageSet:
         """Images as float NCHW in [0, 1] and labels as int64, the form models take."""
         return to_float(self.images), torch.from_numpy(self.labels.astype(np.int64))
 
-    def take(self, n: int | None) -> "ImageSet":
-        if n is None or n >= len(self):
-            return self
-        return ImageSet(self.images[:n], self.labels[:n], self.source_ids[:n], self.class_names)
-
 
 def to_float(images_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images_uint8)).float().div_(255.0)

@@ -1,4 +1,3 @@
-import io
 import sys
 from pathlib import Path
 
