@@ -1,0 +1,68 @@
+"""Oracle labelling: a reference classifier labels each region's samples, as the benchmarks and the
+nightly scan do instead of a person.
+
+A region is a failure region when more than ``rho`` of its reviewed samples get a different label
+from the reference than the prediction of the classifier under test; the region's label is the
+reference's majority label.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from genstress_ray.data import to_float
+from genstress_ray.labeling.table import NOT_A_FAILURE, labels_table
+from genstress_ray.models import Classifier
+
+
+def decode_png_batch(blobs: list[bytes]) -> np.ndarray:
+    """PNG bytes (the ``image`` column) back to uint8 (N, C, H, W)."""
+    arrays = [np.asarray(Image.open(io.BytesIO(b))) for b in blobs]
+    return np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
+
+
+def reviewed_samples(region_samples: pa.Table, per_region: int) -> pa.Table:
+    """The first ``per_region`` samples (by draw) of every region: what a reviewer would look at."""
+    ordered = region_samples.sort_by([("region_id", "ascending"), ("draw", "ascending")])
+    keep = np.zeros(ordered.num_rows, bool)
+    counts: Counter = Counter()
+    for i, rid in enumerate(ordered["region_id"].to_pylist()):
+        if counts[rid] < per_region:
+            keep[i] = True
+            counts[rid] += 1
+    return ordered.filter(pa.array(keep))
+
+
+@torch.no_grad()
+def oracle_labels(region_samples: pa.Table, reference: Classifier, rho: float = 0.5,
+                  per_region: int = 10, annotator: str = "oracle") -> pa.Table:
+    """The ``labels`` table the reference classifier gives, one row per region.
+
+    >>> # see tests/labeling/test_oracle.py for a planted rule
+    """
+    if not 0 <= rho < 1:
+        raise ValueError(f"rho must lie in [0, 1), got {rho}")
+    reviewed = reviewed_samples(region_samples, per_region)
+    if reviewed.num_rows == 0:
+        return labels_table([])
+    images = to_float(decode_png_batch(reviewed["image"].to_pylist()))
+    oracle = reference(images).argmax(1).numpy()
+    rows = []
+    for rid in sorted(set(reviewed["region_id"].to_pylist())):
+        mask = pc.equal(reviewed["region_id"], rid).to_numpy(zero_copy_only=False)
+        preds = reviewed["pred"].to_numpy()[mask]
+        truth = oracle[mask]
+        disagreement = float((truth != preds).mean())
+        majority = Counter(truth.tolist()).most_common(1)[0][0]
+        is_failure = disagreement > rho
+        rows.append({"region_id": rid, "label": reference.class_names[majority] if is_failure else NOT_A_FAILURE,
+                     "is_failure": is_failure, "source": "oracle", "annotator": annotator,
+                     "agreement": float((truth == majority).mean())})
+    return labels_table(rows)

@@ -1,0 +1,85 @@
+"""The ``labels`` table of a run: one row per labelled region (or sample), written atomically.
+
+Every way of labelling (oracle, file, Label Studio, review page) produces these same columns, so
+correction and the report read one table whatever the labels came from.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from genstress_ray.storage import RunStore
+
+STAGE = "labels"
+NOT_A_FAILURE = "not a failure"
+SOURCES = ("oracle", "file", "label_studio", "human")
+LABELS_SCHEMA = pa.schema([
+    ("region_id", pa.int64()), ("sample_id", pa.string()), ("label", pa.string()), ("is_failure", pa.bool_()),
+    ("source", pa.string()), ("annotator", pa.string()), ("time", pa.float64()), ("agreement", pa.float64()),
+])
+
+
+class LabelError(ValueError):
+    """Labels that cannot be accepted. Nothing is written when this is raised."""
+
+
+def region_ids(store: RunStore) -> list[int]:
+    """The run's region ids; a run without finished regions cannot be labelled."""
+    if not store.is_complete("regions"):
+        raise LabelError(f"run {store.uri} has no finished regions stage: run the campaign first")
+    ids = store.read_table("regions", columns=["region_id"])["region_id"].to_pylist() \
+        if store.count_rows("regions") else []
+    if not ids:
+        raise LabelError(f"run {store.uri} has no regions to label (its regions table is empty)")
+    return ids
+
+
+def labels_table(rows: list[dict]) -> pa.Table:
+    """Rows (dicts with any subset of the columns) as a ``labels`` table; missing values are null."""
+    now = time.time()
+    filled = [{**{name: None for name in LABELS_SCHEMA.names}, "time": now, **row} for row in rows]
+    return pa.Table.from_pylist(filled, schema=LABELS_SCHEMA)
+
+
+def validate_labels(table: pa.Table, known_regions: list[int], class_names: list[str]) -> None:
+    """Refuse unknown region ids, labels outside the class list, duplicates and unknown sources."""
+    problems = []
+    known = set(known_regions)
+    allowed = set(class_names) | {NOT_A_FAILURE}
+    seen = set()
+    for i, row in enumerate(table.to_pylist()):
+        where = f"row {i + 1}"
+        rid = row["region_id"]
+        if rid is None and row["sample_id"] is None:
+            problems.append(f"{where}: needs a region_id or a sample_id")
+        if rid is not None and rid not in known:
+            problems.append(f"{where}: unknown region_id {rid} (the run has {sorted(known)})")
+        if row["label"] is not None and row["label"] not in allowed:
+            problems.append(f"{where}: label {row['label']!r} is not a class (allowed: {', '.join(class_names)}, "
+                            f"{NOT_A_FAILURE!r})")
+        if row["source"] not in SOURCES:
+            problems.append(f"{where}: source {row['source']!r} is not one of {', '.join(SOURCES)}")
+        key = (rid, row["sample_id"])
+        if key in seen:
+            problems.append(f"{where}: duplicate label for {'region ' + str(rid) if rid is not None else row['sample_id']}")
+        seen.add(key)
+    if problems:
+        raise LabelError("labels rejected, nothing written:\n  " + "\n  ".join(problems))
+
+
+def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> None:
+    """Validate, then replace the run's ``labels`` table in one atomic step: earlier labels stay
+    readable until the new file is in place, and bad labels touch nothing."""
+    validate_labels(table, region_ids(store), class_names)
+    store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
+    store.write_table(STAGE, table)
+    store.complete_stage(STAGE, {"labels": table.num_rows,
+                                 "failure_regions": int(sum(table["is_failure"].to_pylist()))})
+
+
+def read_labels(store: RunStore) -> pa.Table:
+    if not store.is_complete(STAGE):
+        raise LabelError(f"run {store.uri} has no labels yet")
+    return store.read_table(STAGE)

@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from genstress_ray.labeling import (NOT_A_FAILURE, LabelError, oracle_labels, read_label_file, read_labels,
+                                    write_labels)
+from genstress_ray.models import Classifier
+from genstress_ray.regions import REGIONS_SCHEMA
+from genstress_ray.stages import png_bytes
+from genstress_ray.storage import RunStore
+
+CLASSES = ["dark", "bright"]
+
+
+class Brightness(torch.nn.Module):
+    """A reference that calls an image bright when its mean exceeds 0.5: the planted rule."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([0.5 - m, m - 0.5], 1) * 10
+
+
+def _image(value: int) -> bytes:
+    return png_bytes(np.full((1, 4, 4), value, np.uint8))
+
+
+def _region_samples(spec):
+    """spec: {region_id: [(pixel value, prediction of the classifier under test), ...]}"""
+    rows = []
+    for rid, samples in spec.items():
+        for draw, (value, pred) in enumerate(samples):
+            rows.append({"region_id": rid, "draw": draw, "image": _image(value), "pred": pred})
+    return pa.Table.from_pylist(rows)
+
+
+def test_oracle_follows_the_planted_rule_with_rho_and_review_budget():
+    table = _region_samples({
+        0: [(20, 1)] * 10,                                  # dark images predicted bright: a failure region
+        1: [(230, 1)] * 10,                                 # bright predicted bright: fine
+        2: [(20, 1)] * 4 + [(230, 1)] * 6 + [(20, 1)] * 5,  # 40% of the first 10 disagree
+    })
+    reference = Classifier(Brightness(), CLASSES, (1, 4, 4))
+    labels = {r["region_id"]: r for r in oracle_labels(table, reference, rho=0.5, per_region=10).to_pylist()}
+    assert labels[0]["is_failure"] and labels[0]["label"] == "dark" and labels[0]["agreement"] == 1.0
+    assert not labels[1]["is_failure"] and labels[1]["label"] == NOT_A_FAILURE
+    assert not labels[2]["is_failure"]  # 0.4 <= rho: the 5 extra dark samples are beyond the review budget
+    stricter = {r["region_id"]: r for r in oracle_labels(table, reference, rho=0.3).to_pylist()}
+    assert stricter[2]["is_failure"] and stricter[2]["label"] == "bright"
+    assert all(r["source"] == "oracle" for r in stricter.values())
+
+
+@pytest.fixture
+def run_with_regions(tmp_path):
+    store = RunStore(str(tmp_path), "c", "r")
+    store.begin_stage("regions")
+    rows = [{"region_id": i, "weight": 0.5, "mean": [0.0], "cov": [1.0], "n_members": 3, "dominant_source_label": 0,
+             "dominant_source_share": 1.0, "dominant_pred": 1, "dominant_pred_share": 1.0} for i in (0, 1)]
+    store.write_table("regions", pa.Table.from_pylist(rows, schema=REGIONS_SCHEMA))
+    store.complete_stage("regions", {"regions": 2})
+    return store
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_label_file_round_trip(run_with_regions, tmp_path, fmt):
+    path = tmp_path / f"labels.{fmt}"
+    if fmt == "csv":
+        path.write_text("region_id,label\n0,dark\n1,not a failure\n")
+    else:
+        path.write_text(json.dumps([{"region_id": 0, "label": "dark"}, {"region_id": 1, "label": "not a failure"}]))
+    write_labels(run_with_regions, read_label_file(str(path)), CLASSES)
+    labels = read_labels(run_with_regions).to_pylist()
+    assert [(r["region_id"], r["label"], r["is_failure"], r["source"]) for r in labels] == \
+        [(0, "dark", True, "file"), (1, NOT_A_FAILURE, False, "file")]
+    assert run_with_regions.marker("labels")["failure_regions"] == 1
+
+
+def test_bad_label_files_are_reported_whole_and_write_nothing(run_with_regions, tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("region_id,label\n0,dark\n")
+    write_labels(run_with_regions, read_label_file(str(good)), CLASSES)
+    before = read_labels(run_with_regions)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("region_id,label\n0,dark\n0,bright\n7,dark\n1,cat\n")
+    with pytest.raises(LabelError) as err:
+        write_labels(run_with_regions, read_label_file(str(bad)), CLASSES)
+    message = str(err.value)
+    assert "duplicate label for region 0" in message and "unknown region_id 7" in message
+    assert "label 'cat' is not a class" in message and "nothing written" in message
+    assert read_labels(run_with_regions).equals(before)
+
+
+def test_labels_for_a_run_without_regions_are_refused(tmp_path):
+    store = RunStore(str(tmp_path), "c", "empty")
+    store.begin_stage("regions")
+    store.write_table("regions", REGIONS_SCHEMA.empty_table())
+    store.complete_stage("regions", {"regions": 0})
+    path = tmp_path / "l.csv"
+    path.write_text("region_id,label\n0,dark\n")
+    with pytest.raises(LabelError, match="has no regions to label"):
+        write_labels(store, read_label_file(str(path)), CLASSES)
+    assert not store.is_complete("labels")
+
+
+def test_unreadable_or_malformed_label_files_name_the_file(tmp_path):
+    with pytest.raises(LabelError, match="missing.csv"):
+        read_label_file(str(tmp_path / "missing.csv"))
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(LabelError, match="x.json.*not valid JSON"):
+        read_label_file(str(tmp_path / "x.json"))
+    (tmp_path / "y.csv").write_text("region,class\n0,dark\n")
+    with pytest.raises(LabelError, match="needs 'region_id' and 'label'"):
+        read_label_file(str(tmp_path / "y.csv"))
