@@ -10,6 +10,7 @@ import time
 from genstress_ray.config import ConfigError, DataSpec
 from genstress_ray.data import DataError, get_source
 from genstress_ray.models import ModelError, train_and_save
+from genstress_ray.labeling import LabelError
 from genstress_ray.storage import StorageError
 
 DEMO_CONFIG = {
@@ -23,7 +24,7 @@ DEMO_CONFIG = {
     "strategy": {"name": "defuse", "a": 0.75, "b": 0.75, "draws": 100, "max_faults_per_image": 5},
     "reduce": {"samples_per_region": 50},
 }
-USER_ERRORS = (ConfigError, DataError, ModelError, StorageError)
+USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError)
 
 
 def _demo(args) -> int:
@@ -58,6 +59,43 @@ def _train(args) -> int:
     return 0
 
 
+def _label(args) -> int:
+    import json
+
+    from genstress_ray import labeling
+    from genstress_ray.stages import ModelRef, load_classifier
+    from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
+
+    store = RunStore.from_uri(args.run)
+    manifest = store.read_manifest()
+    if "class_names" not in manifest:
+        raise LabelError(f"run {store.uri} was made by an older genstress_ray (no class_names in its manifest); "
+                         "rerun it with the same run id to record them")
+    class_names = manifest["class_names"]
+    if (args.export_label_studio or args.oracle) and not store.is_complete("region_samples"):
+        raise LabelError(f"run {store.uri} has no finished region_samples stage to label")
+    if args.export_label_studio:
+        tasks = labeling.export_tasks(store.read_table("region_samples"), class_names, store.uri, args.per_region)
+        fs, path = filesystem_for(args.export_label_studio)
+        write_bytes_atomic(fs, path, json.dumps(tasks).encode())
+        config_path = path.rsplit(".", 1)[0] + ".xml"
+        write_bytes_atomic(fs, config_path, labeling.labeling_config(class_names).encode())
+        print(f"wrote {len(tasks)} Label Studio tasks to {args.export_label_studio} "
+              f"and the labeling config to {config_path}")
+        return 0
+    if args.oracle:
+        reference = load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
+        table = labeling.oracle_labels(store.read_table("region_samples"), reference, args.rho, args.per_region)
+    elif args.file:
+        table = labeling.read_label_file(args.file)
+    else:
+        table = labeling.import_export(args.import_label_studio, store.uri)
+    labeling.write_labels(store, table, class_names)
+    failures = sum(table["is_failure"].to_pylist())
+    print(f"labels: {table.num_rows} regions labelled, {failures} failure regions -> {store.uri}/labels")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genstress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=["identify", "regions", "region_samples"],
                      help="stop after this stage (a later run without it resumes)")
     run.set_defaults(func=_run)
+    label = sub.add_parser("label", help="label a run's regions, one label per region")
+    label.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    how = label.add_mutually_exclusive_group(required=True)
+    how.add_argument("--oracle", metavar="CHECKPOINT", help="a reference classifier labels the region samples")
+    how.add_argument("--file", help="import region labels from a CSV/JSON file (region_id,label[,is_failure])")
+    how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
+    how.add_argument("--import-label-studio", metavar="EXPORT_JSON", help="import Label Studio's JSON export")
+    label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
+    label.add_argument("--per-region", type=int, default=10, help="samples reviewed per region")
+    label.set_defaults(func=_label)
     train = sub.add_parser("train", help="train a built-in model and write it as safetensors")
     train.add_argument("model", choices=["classifier", "vae"])
     train.add_argument("--data", default="digits", help="dataset kind (digits, mnist, fashion_mnist, ...)")

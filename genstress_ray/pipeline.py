@@ -195,7 +195,8 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
         log.warning("run %s exists with a different config; finished stages are kept as they are", store.uri)
     store.update_manifest(config=cfg.model_dump(mode="json"), run_id=run_id, campaign=cfg.campaign,
                           versions=library_versions(), seeds={"campaign": cfg.seed},
-                          models={k: v.uri for k, v in refs.items()}, status="running")
+                          models={k: v.uri for k, v in refs.items()}, class_names=search.class_names,
+                          image_shape=list(search.image_shape), status="running")
     init_ray(cfg)
     constructor = {"classifier": refs["classifier"], "generator": refs["generator"],
                    "class_names": search.class_names, "image_shape": search.image_shape, "seed": cfg.seed}

@@ -97,6 +97,17 @@ class RunStore:
         self.uri = f"{self.output}/{campaign}/{run_id}"
         self.fs, self.path = filesystem_for(self.uri, self.storage_options)
 
+    @classmethod
+    def from_uri(cls, run_uri: str, storage_options: dict | None = None) -> "RunStore":
+        """The store of an existing run, from its URI ``<output>/<campaign>/<run_id>``."""
+        parts = run_uri.rstrip("/").rsplit("/", 2)
+        if len(parts) != 3 or not all(parts):
+            raise StorageError(f"{run_uri!r} is not a run URI (<output>/<campaign>/<run_id>)")
+        store = cls(parts[0], parts[1], parts[2], storage_options)
+        if not store.fs.exists(f"{store.path}/{MANIFEST}"):
+            raise StorageError(f"{run_uri!r} holds no run (no {MANIFEST})")
+        return store
+
     # ---- locations -------------------------------------------------------------------------
     def stage_path(self, stage: str) -> str:
         return f"{self.path}/{stage}"

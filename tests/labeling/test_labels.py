@@ -113,3 +113,37 @@ def test_unreadable_or_malformed_label_files_name_the_file(tmp_path):
     (tmp_path / "y.csv").write_text("region,class\n0,dark\n")
     with pytest.raises(LabelError, match="needs 'region_id' and 'label'"):
         read_label_file(str(tmp_path / "y.csv"))
+
+
+def test_label_studio_round_trip_takes_the_majority_and_records_agreement(run_with_regions, tmp_path):
+    from genstress_ray.labeling import export_tasks, import_export, labeling_config
+
+    samples = _region_samples({0: [(20, 1)] * 3, 1: [(230, 1)] * 2})
+    samples = samples.append_column("sample_id", pa.array([f"s{i}" for i in range(samples.num_rows)]))
+    tasks = export_tasks(samples, CLASSES, run_with_regions.uri, per_region=10)
+    assert len(tasks) == 5 and tasks[0]["data"]["image"].startswith("data:image/png;base64,")
+    assert '<Choice value="not a failure"/>' in labeling_config(CLASSES)
+    votes = {0: ["dark", "dark", "bright"], 1: ["not a failure", "not a failure"]}
+    for task in tasks:  # what Label Studio's JSON export adds: one annotation per annotator
+        rid = task["data"]["region_id"]
+        choice = votes[rid].pop()
+        task["annotations"] = [{"completed_by": 7, "result": [{"from_name": "label", "to_name": "image",
+                                                               "type": "choices", "value": {"choices": [choice]}}]}]
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks))
+    table = import_export(str(export), run_with_regions.uri)
+    write_labels(run_with_regions, table, CLASSES)
+    rows = {r["region_id"]: r for r in read_labels(run_with_regions).to_pylist()}
+    assert rows[0]["label"] == "dark" and rows[0]["is_failure"] and abs(rows[0]["agreement"] - 2 / 3) < 1e-9
+    assert rows[1]["label"] == NOT_A_FAILURE and not rows[1]["is_failure"] and rows[1]["agreement"] == 1.0
+    assert rows[0]["source"] == "label_studio" and rows[0]["annotator"] == "7"
+
+
+def test_a_label_studio_export_from_another_project_is_refused(run_with_regions, tmp_path):
+    from genstress_ray.labeling import import_export
+
+    export = tmp_path / "other.json"
+    export.write_text(json.dumps([{"data": {"region_id": 0, "genstress_run": "s3://other/c/r"}, "annotations": []}]))
+    with pytest.raises(LabelError, match="from another project or run.*nothing imported"):
+        import_export(str(export), run_with_regions.uri)
+    assert not run_with_regions.is_complete("labels")
