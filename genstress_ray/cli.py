@@ -1,4 +1,4 @@
-"""The ``genstress`` command: demo, run, train."""
+"""The ``genstress`` command: demo, run, label, train."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import logging
 import sys
 import time
 
-from genstress_ray.config import ConfigError, DataSpec
+from genstress_ray.config import ConfigError
 from genstress_ray.data import DataError, get_source
-from genstress_ray.models import ModelError, train_and_save
 from genstress_ray.labeling import LabelError
+from genstress_ray.models import ModelError, train_and_save
 from genstress_ray.storage import StorageError
 
 DEMO_CONFIG = {
@@ -48,9 +48,9 @@ def _run(args) -> int:
 def _train(args) -> int:
     role = {"classifier": "classifier", "vae": "latent_generator"}[args.model]
     architecture = args.architecture or {"classifier": "small_cnn", "vae": "beta_vae"}[args.model]
-    spec = DataSpec(kind=args.data, uri=args.data_uri, split="train", resize=args.resize, seed=args.seed)
-    train = get_source(spec.kind, **spec.source_params()).load()
-    val = get_source(spec.kind, **{**spec.source_params(), "split": "validation"}).load()
+    data = {"uri": args.data_uri, "resize": args.resize, "seed": args.seed}
+    train = get_source(args.data, split="train", **data).load()
+    val = get_source(args.data, split="validation", **data).load()
     settings = {"epochs": args.epochs, "seed": args.seed}
     if args.model == "vae":
         settings["beta"] = args.beta

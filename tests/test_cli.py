@@ -40,3 +40,8 @@ def test_demo_end_to_end_on_bundled_digits(tmp_path):
     assert n_regions >= 1 and len(re.findall(r"region \d+: weight", out)) == n_regions
     assert all((run_dir / s / "_COMPLETE").exists() for s in ("identify", "regions", "region_samples"))
     assert "train classifier: epoch" in proc.stderr  # progress is visible while it runs
+
+
+def test_train_with_an_unknown_dataset_kind_exits_2_and_lists_the_kinds(tmp_path, capsys):
+    assert main(["train", "classifier", "--data", "cifar", "--output", str(tmp_path / "m.safetensors")]) == 2
+    assert "unknown dataset kind 'cifar'; allowed: digits" in capsys.readouterr().err
