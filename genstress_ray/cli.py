@@ -1,4 +1,4 @@
-"""The ``genstress`` command: demo, run, label, train."""
+"""The ``genstress`` command: demo, run, label, report, train."""
 
 from __future__ import annotations
 
@@ -96,6 +96,17 @@ def _label(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from genstress_ray.report import write_report
+    from genstress_ray.storage import RunStore
+
+    store = RunStore.from_uri(args.run)
+    if not store.is_complete("region_samples"):
+        raise StorageError(f"run {store.uri} has unfinished stages: run the campaign to the end first")
+    print(f"report: {write_report(store, args.per_region)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genstress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
     label.add_argument("--per-region", type=int, default=10, help="samples reviewed per region")
     label.set_defaults(func=_label)
+    report = sub.add_parser("report", help="write the run's self-contained HTML report into the run")
+    report.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    report.add_argument("--per-region", type=int, default=16, help="images shown per region")
+    report.set_defaults(func=_report)
     train = sub.add_parser("train", help="train a built-in model and write it as safetensors")
     train.add_argument("model", choices=["classifier", "vae"])
     train.add_argument("--data", default="digits", help="dataset kind (digits, mnist, fashion_mnist, ...)")

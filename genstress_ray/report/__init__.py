@@ -1,0 +1,5 @@
+"""The run report: one self-contained HTML file (scan-to-scan diff to come)."""
+
+from genstress_ray.report.html import build_report, write_report
+
+__all__ = ["build_report", "write_report"]

@@ -1,0 +1,118 @@
+"""One self-contained HTML report per run: every image and plot is inlined, so it opens offline.
+
+Sections: the campaign summary, the fault and region-size plots, and one section per region with a
+grid of its samples (the classifier's prediction and, once labelled, the region's label on each).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on batch machines
+import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+from genstress_ray.labeling.table import STAGE as LABELS_STAGE  # noqa: E402
+from genstress_ray.storage import RunStore, write_bytes_atomic  # noqa: E402
+
+REPORT_STAGE = "report"
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
+.grid{display:flex;flex-wrap:wrap;gap:.5rem}.cell{text-align:center;font-size:.8rem}
+.cell img{width:84px;height:84px;image-rendering:pixelated;border:1px solid #999;display:block}
+.failure{color:#b00020;font-weight:600}.plots img{max-width:34rem}
+"""
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _bar_plot(labels: list[str], values: list[float], title: str, xlabel: str, ylabel: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ax.bar(range(len(values)), values, color="#4c72b0")
+    ax.set_xticks(range(len(values)), labels, rotation=90 if len(labels) > 12 else 0, fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return _png_uri(buf.getvalue())
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def build_report(store: RunStore, per_region: int = 16) -> str:
+    """The report's HTML for the run in ``store`` (its stages must have finished)."""
+    manifest = store.read_manifest()
+    names = manifest.get("class_names") or []
+    name = (lambda i: names[i] if 0 <= i < len(names) else str(i))
+    counts = manifest.get("row_counts", {})
+    rate = counts.get("faults", 0) / counts["candidates"] if counts.get("candidates") else 0.0
+    strategy = manifest.get("config", {}).get("strategy", {})
+    summary = _table([("campaign", manifest.get("campaign")), ("run", store.uri),
+                      ("strategy", ", ".join(f"{k}={v}" for k, v in strategy.items())),
+                      ("candidates", counts.get("candidates", 0)), ("faults", f"{counts.get('faults', 0)} ({rate:.1%})"),
+                      ("rows kept", counts.get("samples", 0)), ("non-finite dropped", counts.get("nonfinite_dropped", 0)),
+                      ("regions", counts.get("regions", 0)),
+                      ("stage seconds", ", ".join(f"{k} {v}" for k, v in manifest.get("timings", {}).items()))])
+
+    faults = store.read_table("identify", columns=["source_label", "fault"])
+    by_class = Counter(faults.filter(pc.field("fault"))["source_label"].to_pylist()) if faults.num_rows else Counter()
+    regions = store.read_table("regions").to_pylist()
+    plots = [_bar_plot([name(c) for c in range(len(names))], [by_class.get(c, 0) for c in range(len(names))],
+                       "kept faults by true class", "true class", "faults")]
+    if regions:
+        plots.append(_bar_plot([str(r["region_id"]) for r in regions], [r["n_members"] for r in regions],
+                               "region sizes", "region", "faults in region"))
+
+    labels = {}
+    if store.is_complete(LABELS_STAGE):
+        labels = {r["region_id"]: r for r in store.read_table(LABELS_STAGE).to_pylist() if r["region_id"] is not None}
+    samples = store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"]) \
+        if store.count_rows("region_samples") else pa.table({"region_id": pa.array([], pa.int64())})
+    sections = []
+    for r in regions:
+        rid = r["region_id"]
+        label = labels.get(rid)
+        verdict = "not labelled yet" if label is None else (
+            f"<span class='failure'>failure region, label {html.escape(label['label'])}</span>" if label["is_failure"]
+            else "labelled: not a failure")
+        mine = samples.filter(pc.equal(samples["region_id"], rid)).sort_by("draw").slice(0, per_region).to_pylist() \
+            if samples.num_rows else []
+        cells = "".join(
+            f"<div class='cell'><img src='{_png_uri(s['image'])}' alt='region {rid} sample {s['draw']}'>"
+            f"pred {html.escape(name(s['pred']))}"
+            + (f"<br>label {html.escape(label['label'])}" if label else "") + "</div>" for s in mine)
+        sections.append(
+            f"<section id='region-{rid}'><h3>Region {rid}</h3>"
+            f"<p>weight {r['weight']:.3f}, {r['n_members']} faults; true {html.escape(name(r['dominant_source_label']))} "
+            f"({r['dominant_source_share']:.0%}) predicted as {html.escape(name(r['dominant_pred']))} "
+            f"({r['dominant_pred_share']:.0%}); {verdict}</p><div class='grid'>{cells}</div></section>")
+    if not regions:
+        sections.append("<p>No regions: too few faults to cluster.</p>")
+    plot_html = "".join(f"<img src='{p}' alt='plot'>" for p in plots)
+    title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{title}</h1><h2>Summary</h2>{summary}"
+            f"<h2>Plots</h2><div class='plots'>{plot_html}</div><h2>Regions</h2>{''.join(sections)}"
+            f"<p><em>Correction results (before/after accuracy, the lambda trade-off) appear here once the "
+            f"correction stage exists.</em></p></body></html>")
+
+
+def write_report(store: RunStore, per_region: int = 16) -> str:
+    """Write ``<run>/report/index.html`` atomically and return its URI."""
+    page = build_report(store, per_region)
+    store.fs.makedirs(store.stage_path(REPORT_STAGE), exist_ok=True)
+    write_bytes_atomic(store.fs, f"{store.stage_path(REPORT_STAGE)}/index.html", page.encode())
+    return f"{store.uri}/{REPORT_STAGE}/index.html"
