@@ -11,7 +11,7 @@ from genstress_ray.config import ConfigError
 from genstress_ray.data import DataError, get_source
 from genstress_ray.labeling import LabelError
 from genstress_ray.models import ModelError, train_and_save
-from genstress_ray.storage import StorageError
+from genstress_ray.storage import STAGES, StorageError
 
 DEMO_CONFIG = {
     "campaign": "demo",
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--output", help="overrides the config's output (local path or fsspec URI)")
     run.add_argument("--run-id", help="overrides the config's run id; an existing run id resumes")
-    run.add_argument("--until", choices=["identify", "regions", "region_samples"],
+    run.add_argument("--until", choices=STAGES,
                      help="stop after this stage (a later run without it resumes)")
     run.set_defaults(func=_run)
     label = sub.add_parser("label", help="label a run's regions, one label per region")

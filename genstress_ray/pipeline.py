@@ -22,10 +22,9 @@ from genstress_ray.models import ModelError, cached_model_uri, model_kind, train
 from genstress_ray.regions import fit_regions, sample_regions
 from genstress_ray.stages import (SEARCH_STAGES, RegionDecode, ModelRef, StageCounters, load_classifier,
                                   load_generator)
-from genstress_ray.storage import RunStore, library_versions
+from genstress_ray.storage import STAGES, RunStore, library_versions
 
 log = logging.getLogger(__name__)
-STAGES = ("identify", "regions", "region_samples")
 
 
 @dataclass
@@ -126,13 +125,10 @@ def run_regions(cfg: CampaignConfig, store: RunStore) -> dict:
     store.begin_stage("regions")
     faults = store.read_table("identify", columns=["latent", "source_label", "pred"], filter=pc.field("fault"))
     n = faults.num_rows
-    if n:
-        latents = faults["latent"].combine_chunks().flatten().to_numpy().reshape(n, -1)
-        source_labels, preds = faults["source_label"].to_numpy(), faults["pred"].to_numpy()
-    else:  # no fault files at all: nothing to read, fit_regions explains
-        latents, source_labels, preds = np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    latents = faults["latent"].combine_chunks().flatten().to_numpy().reshape(n, -1) if n else np.zeros((0, 0))
     r = cfg.reduce
-    fit = fit_regions(latents, source_labels, preds, max_components=r.max_components,
+    fit = fit_regions(latents, faults["source_label"].to_numpy(), faults["pred"].to_numpy(),
+                      max_components=r.max_components,
                       weight_threshold=r.weight_threshold, max_points=r.max_faults, seed=cfg.seed,
                       max_iter=r.max_iter)
     if fit.message:

@@ -16,13 +16,10 @@ import pyarrow as pa
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import BayesianGaussianMixture
 
+from genstress_ray.storage import REGIONS_SCHEMA
+
 log = logging.getLogger(__name__)
 
-REGIONS_SCHEMA = pa.schema([
-    ("region_id", pa.int64()), ("weight", pa.float64()), ("mean", pa.list_(pa.float32())),
-    ("cov", pa.list_(pa.float32())), ("n_members", pa.int64()), ("dominant_source_label", pa.int64()),
-    ("dominant_source_share", pa.float64()), ("dominant_pred", pa.int64()), ("dominant_pred_share", pa.float64()),
-])
 
 
 @dataclass

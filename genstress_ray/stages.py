@@ -22,16 +22,9 @@ from PIL import Image
 from genstress_ray.data import to_float, to_uint8
 from genstress_ray.metrics import score_logits
 from genstress_ray.models import Classifier, LatentGenerator, load_module
+from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA
 from genstress_ray.strategies import beta_noise, perturb_latents, select_candidates
 
-SAMPLES_SCHEMA = pa.schema([
-    ("sample_id", pa.string()), ("source_id", pa.string()), ("source_label", pa.int64()),
-    ("strategy", pa.string()), ("params", pa.string()), ("latent", pa.list_(pa.float32())),
-    ("image", pa.binary()), ("pred", pa.int64()), ("probs", pa.list_(pa.float32())), ("fault", pa.bool_()),
-    ("kldb", pa.float32()), ("entropy", pa.float32()), ("margin", pa.float32()),
-    ("draw", pa.int64()), ("seed", pa.int64()),
-])
-REGION_SAMPLES_SCHEMA = SAMPLES_SCHEMA.append(pa.field("region_id", pa.int64()))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Filesystems for any fsspec URI, and the layout of a run on object storage.
+"""Filesystems for any fsspec URI, and the layout of a run on object storage: stages, Parquet schemas,
+markers and the manifest.
 
 A run is a folder ``<output>/<campaign>/<run_id>/`` holding one sub-folder per stage, a
 ``manifest.json`` and, per finished stage, a completion marker ``<stage>/_COMPLETE``. A stage
@@ -24,6 +25,24 @@ import pyarrow.parquet as pq
 
 MARKER = "_COMPLETE"
 MANIFEST = "manifest.json"
+STAGES = ("identify", "regions", "region_samples")
+
+# The tables of DESIGN.md. A stage that produced no rows writes no file; reading it still gives
+# these columns, so no reader has to special-case an empty stage.
+SAMPLES_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("source_id", pa.string()), ("source_label", pa.int64()),
+    ("strategy", pa.string()), ("params", pa.string()), ("latent", pa.list_(pa.float32())),
+    ("image", pa.binary()), ("pred", pa.int64()), ("probs", pa.list_(pa.float32())), ("fault", pa.bool_()),
+    ("kldb", pa.float32()), ("entropy", pa.float32()), ("margin", pa.float32()),
+    ("draw", pa.int64()), ("seed", pa.int64()),
+])
+REGION_SAMPLES_SCHEMA = SAMPLES_SCHEMA.append(pa.field("region_id", pa.int64()))
+REGIONS_SCHEMA = pa.schema([
+    ("region_id", pa.int64()), ("weight", pa.float64()), ("mean", pa.list_(pa.float32())),
+    ("cov", pa.list_(pa.float32())), ("n_members", pa.int64()), ("dominant_source_label", pa.int64()),
+    ("dominant_source_share", pa.float64()), ("dominant_pred", pa.int64()), ("dominant_pred_share", pa.float64()),
+])
+STAGE_SCHEMAS = {"identify": SAMPLES_SCHEMA, "regions": REGIONS_SCHEMA, "region_samples": REGION_SAMPLES_SCHEMA}
 
 
 class StorageError(OSError):
@@ -161,10 +180,14 @@ class RunStore:
         write_bytes_atomic(self.fs, f"{self.stage_path(stage)}/part-00000.parquet", buf.getvalue().to_pybytes())
 
     def read_table(self, stage: str, columns: list[str] | None = None, filter=None) -> pa.Table:
-        """Read a finished stage's Parquet files (only ``*.parquet``; markers are skipped)."""
+        """Read a finished stage's Parquet files (only ``*.parquet``; markers are skipped).
+
+        A stage that wrote no rows reads as an empty table with its schema's columns.
+        """
         files = self._parquet_files(stage)
         if not files:
-            return pa.table({})
+            empty = STAGE_SCHEMAS[stage].empty_table() if stage in STAGE_SCHEMAS else pa.table({})
+            return empty.select(columns) if columns else empty
         dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem())
         return dataset.to_table(columns=columns, filter=filter)
 

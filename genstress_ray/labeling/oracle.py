@@ -8,24 +8,15 @@ reference's majority label.
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-from PIL import Image
 
-from genstress_ray.data import to_float
+from genstress_ray.data import decode_images, to_float
 from genstress_ray.labeling.table import NOT_A_FAILURE, labels_table
 from genstress_ray.models import Classifier
-
-
-def decode_png_batch(blobs: list[bytes]) -> np.ndarray:
-    """PNG bytes (the ``image`` column) back to uint8 (N, C, H, W)."""
-    arrays = [np.asarray(Image.open(io.BytesIO(b))) for b in blobs]
-    return np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
 
 
 def reviewed_samples(region_samples: pa.Table, per_region: int) -> pa.Table:
@@ -43,22 +34,20 @@ def reviewed_samples(region_samples: pa.Table, per_region: int) -> pa.Table:
 @torch.no_grad()
 def oracle_labels(region_samples: pa.Table, reference: Classifier, rho: float = 0.5,
                   per_region: int = 10, annotator: str = "oracle") -> pa.Table:
-    """The ``labels`` table the reference classifier gives, one row per region.
-
-    >>> # see tests/labeling/test_oracle.py for a planted rule
-    """
+    """The ``labels`` table the reference classifier gives, one row per region."""
     if not 0 <= rho < 1:
         raise ValueError(f"rho must lie in [0, 1), got {rho}")
     reviewed = reviewed_samples(region_samples, per_region)
     if reviewed.num_rows == 0:
         return labels_table([])
-    images = to_float(decode_png_batch(reviewed["image"].to_pylist()))
-    oracle = reference(images).argmax(1).numpy()
+    region, draw = reviewed["region_id"].to_numpy(), reviewed["draw"].to_numpy()
+    images = decode_images(reviewed["image"].to_pylist(), [f"region {r} draw {d}" for r, d in zip(region, draw)], None)
+    oracle = reference(to_float(images)).argmax(1).numpy()
+    tested = reviewed["pred"].to_numpy()
     rows = []
-    for rid in sorted(set(reviewed["region_id"].to_pylist())):
-        mask = pc.equal(reviewed["region_id"], rid).to_numpy(zero_copy_only=False)
-        preds = reviewed["pred"].to_numpy()[mask]
-        truth = oracle[mask]
+    for rid in np.unique(region).tolist():
+        mask = region == rid
+        preds, truth = tested[mask], oracle[mask]
         disagreement = float((truth != preds).mean())
         majority = Counter(truth.tolist()).most_common(1)[0][0]
         is_failure = disagreement > rho

@@ -29,8 +29,7 @@ def region_ids(store: RunStore) -> list[int]:
     """The run's region ids; a run without finished regions cannot be labelled."""
     if not store.is_complete("regions"):
         raise LabelError(f"run {store.uri} has no finished regions stage: run the campaign first")
-    ids = store.read_table("regions", columns=["region_id"])["region_id"].to_pylist() \
-        if store.count_rows("regions") else []
+    ids = store.read_table("regions", columns=["region_id"])["region_id"].to_pylist()
     if not ids:
         raise LabelError(f"run {store.uri} has no regions to label (its regions table is empty)")
     return ids

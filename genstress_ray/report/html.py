@@ -15,9 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on batch machines
 import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
+from genstress_ray.labeling.oracle import reviewed_samples  # noqa: E402
 from genstress_ray.labeling.table import STAGE as LABELS_STAGE  # noqa: E402
 from genstress_ray.storage import RunStore, write_bytes_atomic  # noqa: E402
 
@@ -67,8 +67,8 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
                       ("regions", counts.get("regions", 0)),
                       ("stage seconds", ", ".join(f"{k} {v}" for k, v in manifest.get("timings", {}).items()))])
 
-    faults = store.read_table("identify", columns=["source_label", "fault"])
-    by_class = Counter(faults.filter(pc.field("fault"))["source_label"].to_pylist()) if faults.num_rows else Counter()
+    faults = store.read_table("identify", columns=["source_label"], filter=pc.field("fault"))
+    by_class = Counter(faults["source_label"].to_pylist())
     regions = store.read_table("regions").to_pylist()
     plots = [_bar_plot([name(c) for c in range(len(names))], [by_class.get(c, 0) for c in range(len(names))],
                        "kept faults by true class", "true class", "faults")]
@@ -79,8 +79,10 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     labels = {}
     if store.is_complete(LABELS_STAGE):
         labels = {r["region_id"]: r for r in store.read_table(LABELS_STAGE).to_pylist() if r["region_id"] is not None}
-    samples = store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"]) \
-        if store.count_rows("region_samples") else pa.table({"region_id": pa.array([], pa.int64())})
+    shown: dict[int, list[dict]] = {}
+    samples = store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"])
+    for s in reviewed_samples(samples, per_region).to_pylist():
+        shown.setdefault(s["region_id"], []).append(s)
     sections = []
     for r in regions:
         rid = r["region_id"]
@@ -88,12 +90,10 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
         verdict = "not labelled yet" if label is None else (
             f"<span class='failure'>failure region, label {html.escape(label['label'])}</span>" if label["is_failure"]
             else "labelled: not a failure")
-        mine = samples.filter(pc.equal(samples["region_id"], rid)).sort_by("draw").slice(0, per_region).to_pylist() \
-            if samples.num_rows else []
         cells = "".join(
             f"<div class='cell'><img src='{_png_uri(s['image'])}' alt='region {rid} sample {s['draw']}'>"
             f"pred {html.escape(name(s['pred']))}"
-            + (f"<br>label {html.escape(label['label'])}" if label else "") + "</div>" for s in mine)
+            + (f"<br>label {html.escape(label['label'])}" if label else "") + "</div>" for s in shown.get(rid, []))
         sections.append(
             f"<section id='region-{rid}'><h3>Region {rid}</h3>"
             f"<p>weight {r['weight']:.3f}, {r['n_members']} faults; true {html.escape(name(r['dominant_source_label']))} "
