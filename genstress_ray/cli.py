@@ -62,6 +62,9 @@ def _train(args) -> int:
 def _label(args) -> int:
     import json
 
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from genstress_ray import labeling
     from genstress_ray.stages import ModelRef, load_classifier
     from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
@@ -86,13 +89,18 @@ def _label(args) -> int:
     if args.oracle:
         reference = load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
         table = labeling.oracle_labels(store.read_table("region_samples"), reference, args.rho, args.per_region)
+        if args.fault_labels:
+            faults = store.read_table("identify", columns=["sample_id", "image", "pred"], filter=pc.field("fault"))
+            table = pa.concat_tables([table, labeling.oracle_fault_labels(faults, reference, args.fault_labels)])
     elif args.file:
         table = labeling.read_label_file(args.file)
     else:
         table = labeling.import_export(args.import_label_studio, store.uri)
     labeling.write_labels(store, table, class_names)
-    failures = sum(table["is_failure"].to_pylist())
-    print(f"labels: {table.num_rows} regions labelled, {failures} failure regions -> {store.uri}/labels")
+    info = store.marker("labels")
+    faults = info["labels"] - info["regions"]
+    print(f"labels: {info['regions']} regions labelled, {info['failure_regions']} failure regions"
+          + (f", {faults} faults labelled one by one" if faults else "") + f" -> {store.uri}/labels")
     return 0
 
 
@@ -130,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--import-label-studio", metavar="EXPORT_JSON", help="import Label Studio's JSON export")
     label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
     label.add_argument("--per-region", type=int, default=10, help="samples reviewed per region")
+    label.add_argument("--fault-labels", type=int, default=5000, metavar="N",
+                       help="oracle: also label N random faults one by one, for the correction baseline (0: none)")
     label.set_defaults(func=_label)
     report = sub.add_parser("report", help="write the run's self-contained HTML report into the run")
     report.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")

@@ -159,6 +159,44 @@ class ResourcesConfig(_Strict):
     region_samples: StageResources = StageResources(num_cpus=0.5, threads=1, batch_size=256)
 
 
+# The Defuse paper's lambda grid, 1e-10 up to 1000.
+PAPER_LAMBDAS = [1e-10, 1e-5, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0]
+
+
+class CorrectionConfig(_Strict):
+    """Fine-tuning that fixes failure regions: L(D) + lambda * L(Df) with Ray Train, over a lambda sweep.
+
+    Each failure region gets ``finetune_per_region`` fresh samples for Df (of which
+    ``region_validation_fraction`` are held back to choose lambda) and ``test_per_region`` more for the
+    region test set. The trial with the best ``select_by`` score wins: ``combined`` is the mean of
+    validation accuracy on D and on the regions' validation samples, ``validation`` uses D alone.
+    """
+
+    lambdas: list[Annotated[float, Field(ge=0)]] = PAPER_LAMBDAS
+    epochs: Annotated[int, Field(gt=0)] = 2
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    batch_size: Annotated[int, Field(gt=0)] = 128
+    finetune_per_region: Annotated[int, Field(gt=1)] = 256
+    test_per_region: Annotated[int, Field(gt=0)] = 256
+    region_validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    select_by: Literal["combined", "validation"] = "combined"
+    baseline: bool = True
+    test: DataSpec | None = None
+    workers: Annotated[int, Field(ge=0)] = 1
+    num_cpus_per_worker: Annotated[float, Field(gt=0)] = 0.5
+    use_gpu: bool = False
+    max_concurrent_trials: Annotated[int, Field(gt=0)] | None = None
+    threads: Annotated[int, Field(gt=0)] = 1
+
+    @field_validator("lambdas")
+    @classmethod
+    def _some_lambdas(cls, v):
+        if not v:
+            raise ValueError("the lambda list is empty: give at least one value (the paper's: "
+                             f"{', '.join(str(x) for x in PAPER_LAMBDAS)})")
+        return v
+
+
 class RayConfig(_Strict):
     address: str | None = None
     num_cpus: Annotated[int, Field(gt=0)] | None = None
@@ -183,8 +221,13 @@ class CampaignConfig(_Strict):
     generator: ModelSpec = ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0})
     strategy: StrategyConfig = DefuseParams()
     reduce: ReduceConfig = ReduceConfig()
+    correction: CorrectionConfig = CorrectionConfig()
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()
+
+    def test_spec(self) -> DataSpec:
+        """Where test accuracy is measured: ``correction.test``, else the whole search split."""
+        return self.correction.test or self.data.search.model_copy(update={"limit": None})
 
     @model_validator(mode="after")
     def _models_are_buildable(self):

@@ -66,7 +66,7 @@ def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: Image
         raise ModelError(f"{role}.architecture: {spec.architecture!r} is a {model_kind(spec.architecture)}, "
                          f"not a {expected}")
     if spec.uri:
-        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params)
+        return model_ref(spec, spec.uri)
     train_spec, val_spec = cfg.data.train_spec(), cfg.data.validation_spec()
     recipe = {"architecture": spec.architecture, "params": spec.params, "train": spec.train,
               "data": train_spec.model_dump(), "validation": val_spec.model_dump()}
@@ -81,7 +81,7 @@ def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: Image
                             f"data.search: {search.image_shape} / {search.class_names}")
         metrics = train_and_save(expected, spec.architecture, train, val, uri, spec.params, spec.train)
         log.info("%s: trained %s", role, metrics)
-    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params)
+    return model_ref(spec, uri)
 
 
 def init_ray(cfg: CampaignConfig) -> None:
@@ -138,21 +138,38 @@ def run_regions(cfg: CampaignConfig, store: RunStore) -> dict:
             "converged": fit.converged, "message": fit.message}
 
 
+def decode_region_samples(cfg: CampaignConfig, store: RunStore, stage: str, regions: pa.Table, per_region: int,
+                          labels: dict[int, int], constructor: dict) -> dict:
+    """Draw ``per_region`` latents from each region, decode and classify them on Ray into ``stage``.
+
+    ``labels`` maps a region id to the class its samples are judged against (a fault is a prediction
+    other than it); ``constructor["seed"]`` seeds the draws.
+    """
+    region_ids, latents = sample_regions(regions, per_region, cfg.reduce.tau, constructor["seed"])
+    table = pa.table({"region_id": region_ids, "draw": np.tile(np.arange(per_region), regions.num_rows),
+                      "source_label": np.asarray([labels[r] for r in region_ids], np.int64),
+                      "latent": list(latents)})
+    size = cfg.resources.region_samples.batch_size
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
+    totals = _run_model_stage(store, stage, ds, RegionDecode, cfg.resources.region_samples, constructor)
+    return {stage: store.count_rows(stage), **totals}
+
+
 def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict) -> dict:
     store.begin_stage("region_samples")
     regions = store.read_table("regions")
     if regions.num_rows == 0 or cfg.reduce.samples_per_region == 0:
         return {"region_samples": 0, "candidates": 0}
-    region_ids, latents = sample_regions(regions, cfg.reduce.samples_per_region, cfg.reduce.tau, cfg.seed)
     dominant = dict(zip(regions["region_id"].to_pylist(), regions["dominant_source_label"].to_pylist()))
-    per = cfg.reduce.samples_per_region
-    table = pa.table({"region_id": region_ids, "draw": np.tile(np.arange(per), regions.num_rows),
-                      "source_label": np.asarray([dominant[r] for r in region_ids], np.int64),
-                      "latent": list(latents)})
-    size = cfg.resources.region_samples.batch_size
-    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
-    totals = _run_model_stage(store, "region_samples", ds, RegionDecode, cfg.resources.region_samples, constructor)
-    return {"region_samples": store.count_rows("region_samples"), **totals}
+    return decode_region_samples(cfg, store, "region_samples", regions, cfg.reduce.samples_per_region, dominant,
+                                 constructor)
+
+
+def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
+    """The reference a run uses for a model: the configured checkpoint, or the cached built-in at ``uri``."""
+    if spec.uri:
+        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params)
+    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params)
 
 
 def run_campaign(config, output: str | None = None, run_id: str | None = None,

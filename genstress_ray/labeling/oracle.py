@@ -32,6 +32,26 @@ def reviewed_samples(region_samples: pa.Table, per_region: int) -> pa.Table:
 
 
 @torch.no_grad()
+def oracle_fault_labels(faults: pa.Table, reference: Classifier, limit: int, seed: int = 0,
+                        annotator: str = "oracle") -> pa.Table:
+    """Sample rows of the ``labels`` table: the reference's label for up to ``limit`` faults chosen at
+    random (``faults`` has ``sample_id``, ``image``, ``pred``). The paper's baseline fine-tunes on
+    individually labelled faults; these are its labels."""
+    order = np.sort(np.random.default_rng(seed).permutation(faults.num_rows)[:limit])
+    chosen = faults.take(order)
+    ids = chosen["sample_id"].to_pylist()
+    if not ids:
+        return labels_table([])
+    images = decode_images(chosen["image"].to_pylist(), ids, None)
+    truth = np.concatenate([reference(to_float(images[i: i + 1024])).argmax(1).numpy()
+                            for i in range(0, len(ids), 1024)])
+    tested = chosen["pred"].to_numpy()
+    return labels_table([{"sample_id": sid, "label": reference.class_names[t], "is_failure": bool(t != p),
+                          "source": "oracle", "annotator": annotator, "agreement": 1.0}
+                         for sid, t, p in zip(ids, truth.tolist(), tested.tolist())])
+
+
+@torch.no_grad()
 def oracle_labels(region_samples: pa.Table, reference: Classifier, rho: float = 0.5,
                   per_region: int = 10, annotator: str = "oracle") -> pa.Table:
     """The ``labels`` table the reference classifier gives, one row per region."""

@@ -74,8 +74,9 @@ def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> No
     validate_labels(table, region_ids(store), class_names)
     store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
     store.write_table(STAGE, table)
-    store.complete_stage(STAGE, {"labels": table.num_rows,
-                                 "failure_regions": int(sum(table["is_failure"].to_pylist()))})
+    regions = [r for r in table.to_pylist() if r["region_id"] is not None]
+    store.complete_stage(STAGE, {"labels": table.num_rows, "regions": len(regions),
+                                 "failure_regions": sum(bool(r["is_failure"]) for r in regions)})
 
 
 def read_labels(store: RunStore) -> pa.Table:

@@ -1,0 +1,106 @@
+"""Fine-tuning that fixes failure regions, in pure torch: the loop each Ray Train worker runs.
+
+Defuse's objective is L(D) + lambda * L(Df): D is the classifier's training data, Df the labelled
+samples of the failure regions (or, for the paper's baseline, the individually labelled faults).
+Every step takes one batch of D and one of Df and runs them through the model in a single forward
+pass, so DistributedDataParallel sees exactly one forward per backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genstress_ray.data import to_float
+
+# Arrays the loop reads (uint8 images N x C x H x W, int64 labels): D's train / validation / test
+# splits, the fine-tune set ("finetune" for Defuse, "baseline" for the baseline), and the regions'
+# validation and test samples.
+EVAL_SETS = {"val_acc": "val", "region_val_acc": "region_val", "test_acc": "test", "region_test_acc": "region_test"}
+
+
+@dataclass
+class FinetuneSettings:
+    lam: float
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 128
+    seed: int = 0
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 1024,
+             device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy on uint8 images; ``nan`` for an empty set."""
+    if len(labels) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = to_float(images[i: i + batch_size]).to(device)
+        correct += int((model(x).argmax(1).cpu() == torch.from_numpy(labels[i: i + batch_size])).sum())
+    model.train(was_training)
+    return correct / len(labels)
+
+
+def evaluate(model: nn.Module, data: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy on every evaluation set present in ``data``."""
+    return {metric: accuracy(model, data[f"{name}_x"], data[f"{name}_y"], device=device)
+            for metric, name in EVAL_SETS.items() if f"{name}_x" in data}
+
+
+def selection_score(metrics: dict[str, float], select_by: str) -> float:
+    """What chooses lambda: ``combined`` = mean of D's and the regions' validation accuracy."""
+    if select_by == "validation" or np.isnan(metrics.get("region_val_acc", float("nan"))):
+        return metrics["val_acc"]
+    return (metrics["val_acc"] + metrics["region_val_acc"]) / 2
+
+
+def _shard(order: np.ndarray, step: int, rank: int, world: int, batch: int) -> np.ndarray:
+    start = (step * world + rank) * batch
+    return order[np.arange(start, start + batch) % len(order)]
+
+
+def finetune(model: nn.Module, data: dict[str, np.ndarray], fine: str, settings: FinetuneSettings,
+             rank: int = 0, world: int = 1, device: torch.device | str = "cpu", on_epoch=None) -> nn.Module:
+    """Minimise L(D) + lam * L(Df) with Adam; ``fine`` names the Df arrays (``finetune`` or ``baseline``).
+
+    Every rank draws the same permutations and takes its own slice, so all ranks run the same number
+    of steps (DDP needs that) and together see each D image once per epoch. Df is small and cycled.
+
+    Example:
+        >>> finetune(model, data, "finetune", FinetuneSettings(lam=1.0))  # doctest: +SKIP
+    """
+    rng = np.random.default_rng(settings.seed)
+    torch.manual_seed(settings.seed + rank)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    dx, dy = data["train_x"], data["train_y"]
+    fx, fy = data[f"{fine}_x"], data[f"{fine}_y"]
+    if len(fy) == 0:
+        raise ValueError(f"the {fine} set is empty: nothing to fine-tune on")
+    steps = max(1, len(dy) // (settings.batch_size * world))
+    model.train()
+    for epoch in range(settings.epochs):
+        d_order, f_order = rng.permutation(len(dy)), rng.permutation(len(fy))
+        total = 0.0
+        for step in range(steps):
+            di = _shard(d_order, step, rank, world, settings.batch_size)
+            fi = _shard(f_order, step, rank, world, settings.batch_size)
+            x = to_float(np.concatenate([dx[di], fx[fi]])).to(device)
+            logits = model(x)
+            n = len(di)
+            loss = F.cross_entropy(logits[:n], torch.from_numpy(dy[di]).to(device)) \
+                + settings.lam * F.cross_entropy(logits[n:], torch.from_numpy(fy[fi]).to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        if on_epoch is not None:
+            on_epoch(epoch, total / steps)
+    return model.eval()
+

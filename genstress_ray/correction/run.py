@@ -1,0 +1,214 @@
+"""Correct a labelled run: region sets -> lambda sweep (Defuse and baseline) -> selection -> results.
+
+Two stages are added to the run:
+
+- ``region_sets``: fresh samples of every failure region, decoded and classified on Ray: draws
+  ``0 .. finetune_per_region - 1`` are the fine-tune set (its last ``region_validation_fraction``
+  choose lambda), the following ``test_per_region`` draws the held-out region test set. Every sample
+  carries its region's label.
+- ``correction``: ``trials`` (one row per method and lambda), ``results.json`` (the before / baseline /
+  Defuse table) and the selected checkpoints under ``correction/<method>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from genstress_ray.config import CampaignConfig, load_config
+from genstress_ray.correction.finetune import FinetuneSettings, evaluate, selection_score
+from genstress_ray.correction.trials import TrialResources, run_trials
+from genstress_ray.data import decode_images
+from genstress_ray.labeling.table import read_labels
+from genstress_ray.pipeline import decode_region_samples, init_ray, load_split, model_ref
+from genstress_ray.stages import ModelRef, load_classifier
+from genstress_ray.storage import RunStore, read_bytes, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+METHODS = {"defuse": "finetune", "baseline": "baseline"}
+RESULT_KEYS = ("test_acc", "region_test_acc", "val_acc", "region_val_acc")
+
+
+@dataclass
+class CorrectionResult:
+    run_uri: str
+    results: dict[str, Any]
+
+    def summary(self) -> str:
+        r = self.results
+        lines = [f"correction of {self.run_uri}: {r['n_failure_regions']} failure regions of {r['n_regions']}"]
+        if r.get("message"):
+            lines.append(r["message"])
+        lines.append(f"{'':>10} {'test acc':>9} {'region acc':>11} {'lambda':>8}")
+        for name in ("before", "baseline", "defuse"):
+            row = r.get(name)
+            if row:
+                lam = "" if row.get("lam") is None else f"{row['lam']:g}"
+                region = row.get("region_test_acc", float("nan"))
+                lines.append(f"{name:>10} {row['test_acc']:>9.4f} {region:>11.4f} {lam:>8}")
+        return "\n".join(lines)
+
+
+def _images(table: pa.Table, what: str) -> np.ndarray:
+    ids = table["sample_id"].to_pylist()
+    return decode_images(table["image"].to_pylist(), [f"{what} {i}" for i in ids], None) if ids else None
+
+
+def _region_labels(store: RunStore, class_names: list[str]) -> tuple[dict[int, int], int]:
+    """Label index of every failure region, and the number of labelled regions."""
+    labels = read_labels(store).filter(pc.invert(pc.is_null(pc.field("region_id"))))
+    failures = labels.filter(pc.field("is_failure"))
+    return ({r: class_names.index(lab) for r, lab in zip(failures["region_id"].to_pylist(),
+                                                          failures["label"].to_pylist())}, labels.num_rows)
+
+
+def _fault_labels(store: RunStore, class_names: list[str], limit: int, seed: int):
+    """Individually labelled faults (sample rows of the labels table) for the baseline, at most ``limit``."""
+    labels = read_labels(store).filter(pc.invert(pc.is_null(pc.field("sample_id"))))
+    if labels.num_rows == 0:
+        return None, None
+    label_of = dict(zip(labels["sample_id"].to_pylist(), labels["label"].to_pylist()))
+    faults = store.read_table("identify", columns=["sample_id", "image"],
+                              filter=pc.field("sample_id").isin(list(label_of)))
+    order = np.random.default_rng(seed).permutation(faults.num_rows)[:limit]
+    faults = faults.take(order)
+    y = np.asarray([class_names.index(label_of[s]) for s in faults["sample_id"].to_pylist()], np.int64)
+    return _images(faults, "fault"), y
+
+
+def build_region_sets(cfg: CampaignConfig, store: RunStore, failure_labels: dict[int, int], constructor: dict) -> dict:
+    """The ``region_sets`` stage: fine-tune + test samples of each failure region."""
+    store.begin_stage("region_sets")
+    regions = store.read_table("regions")
+    regions = regions.filter(pc.field("region_id").isin(list(failure_labels)))
+    c = cfg.correction
+    # A different seed from region_samples: the sets must not repeat the samples that were labelled.
+    return decode_region_samples(cfg, store, "region_sets", regions, c.finetune_per_region + c.test_per_region,
+                                 failure_labels, {**constructor, "seed": cfg.seed + 1})
+
+
+def dataset_splits(cfg: CampaignConfig) -> dict[str, np.ndarray]:
+    """D's train, validation and test splits as arrays."""
+    data = {}
+    for name, spec in (("train", cfg.data.train_spec()), ("val", cfg.data.validation_spec()), ("test", cfg.test_spec())):
+        split = load_split(spec)
+        data[f"{name}_x"], data[f"{name}_y"] = split.images, split.labels.astype(np.int64)
+    return data
+
+
+def correction_data(cfg: CampaignConfig, store: RunStore, class_names: list[str]) -> dict[str, np.ndarray]:
+    """Every array the trials need: D's splits, the region sets and the baseline's labelled faults."""
+    c = cfg.correction
+    data = dataset_splits(cfg)
+    sets = store.read_table("region_sets", columns=["sample_id", "image", "draw", "source_label"])
+    draw = sets["draw"].to_numpy()
+    n_val = max(1, int(round(c.finetune_per_region * c.region_validation_fraction)))
+    parts = {"finetune": draw < c.finetune_per_region - n_val,
+             "region_val": (draw >= c.finetune_per_region - n_val) & (draw < c.finetune_per_region),
+             "region_test": draw >= c.finetune_per_region}
+    for name, mask in parts.items():
+        part = sets.filter(pa.array(mask))
+        data[f"{name}_x"] = _images(part, "region sample")
+        data[f"{name}_y"] = part["source_label"].to_numpy().astype(np.int64)
+    if c.baseline:
+        x, y = _fault_labels(store, class_names, len(data["finetune_y"]), cfg.seed)
+        if x is not None:
+            data["baseline_x"], data["baseline_y"] = x, y
+    return data
+
+
+def _publish(store: RunStore, trial: dict, method: str) -> str:
+    """Copy the selected trial's checkpoint to ``correction/<method>/`` and return its URI."""
+    name = trial["checkpoint"].rsplit("/", 1)[1]
+    dest = f"{store.stage_path('correction')}/{method}/{name}"
+    store.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+    write_bytes_atomic(store.fs, dest, read_bytes(trial["checkpoint"], store.storage_options))
+    return f"{store.uri}/correction/{method}/{name}"
+
+
+def run_correction(run_uri: str, overrides: dict | None = None, storage_options: dict | None = None) -> CorrectionResult:
+    """Fine-tune a labelled run's classifier to fix its failure regions and write the results into the run.
+
+    Args:
+        run_uri: ``<output>/<campaign>/<run_id>`` of a run with regions and labels.
+        overrides: fields of the ``correction`` config section to replace (``{"lambdas": [1, 10]}``).
+
+    Example:
+        >>> print(run_correction("genstress-runs/demo/r1").summary())  # doctest: +SKIP
+    """
+    started = time.time()
+    store = RunStore.from_uri(run_uri, storage_options)
+    manifest = store.read_manifest()
+    raw = dict(manifest["config"])
+    raw["correction"] = {**raw.get("correction", {}), **(overrides or {})}
+    cfg = load_config(raw)  # validates the overrides before anything is touched
+    class_names, image_shape = manifest["class_names"], manifest["image_shape"]
+    failure_labels, n_labelled = _region_labels(store, class_names)
+    refs = {"classifier": model_ref(cfg.classifier, manifest["models"]["classifier"]),
+            "generator": model_ref(cfg.generator, manifest["models"]["generator"])}
+    classifier = load_classifier(refs["classifier"], class_names, image_shape)
+    init_ray(cfg)
+    constructor = {"classifier": refs["classifier"], "generator": refs["generator"], "class_names": class_names,
+                   "image_shape": image_shape, "seed": cfg.seed}
+    results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
+                               "n_failure_regions": len(failure_labels), "select_by": cfg.correction.select_by}
+    if failure_labels and not store.is_complete("region_sets"):
+        info = build_region_sets(cfg, store, failure_labels, constructor)
+        store.complete_stage("region_sets", info)
+    store.begin_stage("correction")
+    if not failure_labels:
+        results["message"] = "no failure regions were labelled: nothing to fine-tune"
+        results["before"] = evaluate(classifier.net, dataset_splits(cfg))
+        trials = []
+    else:
+        data = correction_data(cfg, store, class_names)
+        results["before"] = evaluate(classifier.net, data)
+        methods = {m: key for m, key in METHODS.items() if f"{key}_x" in data}
+        if cfg.correction.baseline and "baseline" not in methods:
+            results["message"] = "baseline skipped: the labels hold no individually labelled faults"
+        trials = _sweep(cfg, store, data, refs["classifier"], methods)
+        for method in methods:
+            mine = [t for t in trials if t["method"] == method]
+            best = max(mine, key=lambda t: selection_score(t, cfg.correction.select_by))
+            for t in mine:
+                t["selected"] = t is best
+            results[method] = {**{k: best[k] for k in RESULT_KEYS}, "lam": best["lam"],
+                               "checkpoint": _publish(store, best, method)}
+        _drop_trial_checkpoints(store)
+    table = pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"} for t in trials]) \
+        if trials else pa.table({})
+    if trials:
+        store.write_table("correction", table)
+    results["seconds"] = round(time.time() - started, 3)
+    write_bytes_atomic(store.fs, f"{store.stage_path('correction')}/results.json",
+                       json.dumps(results, indent=2, default=float).encode())
+    store.complete_stage("correction", {"trials": len(trials), "n_failure_regions": len(failure_labels)})
+    store.update_manifest(correction=results, timings={"correction": results["seconds"]})
+    return CorrectionResult(store.uri, results)
+
+
+def _sweep(cfg: CampaignConfig, store: RunStore, data: dict, ref: ModelRef, methods: dict[str, str]) -> list[dict]:
+    c = cfg.correction
+    resources = TrialResources(c.workers, c.num_cpus_per_worker, c.use_gpu, c.threads, c.max_concurrent_trials)
+    settings = FinetuneSettings(lam=0.0, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, seed=cfg.seed)
+    log.info("correction: %d trials (%s x %d lambdas)", len(methods) * len(c.lambdas), "/".join(methods),
+             len(c.lambdas))
+    trials = run_trials(data, ref, methods, c.lambdas, settings, resources, f"{store.uri}/correction/trials")
+    for t in trials:
+        log.info("correction: %-8s lambda %-8g val %.4f region val %.4f test %.4f region test %.4f", t["method"],
+                 t["lam"], t["val_acc"], t["region_val_acc"], t["test_acc"], t["region_test_acc"])
+    return trials
+
+
+def _drop_trial_checkpoints(store: RunStore) -> None:
+    """Every trial's metrics stay in the ``correction`` table; only the selected weights are kept."""
+    path = f"{store.stage_path('correction')}/trials"
+    if store.fs.exists(path):
+        store.fs.rm(path, recursive=True)

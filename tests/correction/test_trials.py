@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from genstress_ray.correction import FinetuneSettings, TrialResources, run_trials, save_finetuned
+from genstress_ray.correction.finetune import accuracy
+from genstress_ray.models import load_module
+from genstress_ray.stages import ModelRef
+
+from tests.conftest import TINY_CNN
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _check_trials(trials, methods, lambdas, planted_data):
+    assert sorted((t["method"], t["lam"]) for t in trials) == sorted((m, lam) for m in methods for lam in lambdas)
+    for t in trials:
+        for key in ("val_acc", "region_val_acc", "test_acc", "region_test_acc"):
+            assert 0.0 <= t[key] <= 1.0
+        # The checkpoint on storage is the model the metrics were measured on.
+        model, _ = load_module(t["checkpoint"])
+        assert accuracy(model, planted_data["region_test_x"], planted_data["region_test_y"]) == \
+            pytest.approx(t["region_test_acc"])
+
+
+def test_sweep_in_ray_train_local_mode(planted_data, planted_classifier, tmp_path):
+    ref = ModelRef(planted_classifier)
+    trials = run_trials(planted_data, ref, {"defuse": "finetune"}, [1e-10, 1.0],
+                        FinetuneSettings(lam=0, epochs=4, lr=1e-3, batch_size=64),
+                        TrialResources(workers=0, num_cpus_per_worker=0.5), str(tmp_path / "trials"))
+    _check_trials(trials, ["defuse"], [1e-10, 1.0], planted_data)
+    by_lam = {t["lam"]: t for t in trials}
+    assert by_lam[1e-10]["region_test_acc"] < 0.3 < 0.9 < by_lam[1.0]["region_test_acc"]
+
+
+def test_sweep_with_two_gloo_workers_per_trial(planted_data, planted_classifier, tmp_path):
+    ref = ModelRef(planted_classifier)
+    data = {**planted_data, "baseline_x": planted_data["finetune_x"][:50], "baseline_y": planted_data["finetune_y"][:50]}
+    trials = run_trials(data, ref, {"defuse": "finetune", "baseline": "baseline"}, [1.0],
+                        FinetuneSettings(lam=0, epochs=4, lr=1e-3, batch_size=32),
+                        TrialResources(workers=2, num_cpus_per_worker=0.5), str(tmp_path / "trials"))
+    _check_trials(trials, ["defuse", "baseline"], [1.0], planted_data)
+    assert {t["method"]: t for t in trials}["defuse"]["region_test_acc"] > 0.9
+
+
+def test_save_finetuned_keeps_torchscript_as_torchscript(tmp_path, untrained_model):
+    scripted = torch.jit.script(untrained_model.eval())
+    ref = save_finetuned(scripted, ModelRef("unused"), str(tmp_path / "m.pt"))
+    assert ref.format == "torchscript"
+    loaded, _ = load_module(ref.uri, ref.format)
+    x = torch.rand(3, *TINY_CNN["in_shape"])
+    assert torch.allclose(loaded(x), scripted(x))
