@@ -75,7 +75,7 @@ def _label(args) -> int:
         raise LabelError(f"run {store.uri} was made by an older genstress_ray (no class_names in its manifest); "
                          "rerun it with the same run id to record them")
     class_names = manifest["class_names"]
-    if (args.export_label_studio or args.oracle) and not store.is_complete("region_samples"):
+    if not (args.file or args.import_label_studio) and not store.is_complete("region_samples"):
         raise LabelError(f"run {store.uri} has no finished region_samples stage to label")
     if args.export_label_studio:
         tasks = labeling.export_tasks(store.read_table("region_samples"), class_names, store.uri, args.per_region)
@@ -85,6 +85,17 @@ def _label(args) -> int:
         write_bytes_atomic(fs, config_path, labeling.labeling_config(class_names).encode())
         print(f"wrote {len(tasks)} Label Studio tasks to {args.export_label_studio} "
               f"and the labeling config to {config_path}")
+        return 0
+    if not (args.oracle or args.file or args.import_label_studio):
+        from genstress_ray.labeling.review import ReviewServer
+
+        server = ReviewServer(store, args.port, per_region=args.per_region)
+        print(f"review page for {store.uri} (labels are saved as you click; Ctrl-C stops):\n  {server.url}",
+              flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
         return 0
     if args.oracle:
         reference = load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
@@ -129,15 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES,
                      help="stop after this stage (a later run without it resumes)")
     run.set_defaults(func=_run)
-    label = sub.add_parser("label", help="label a run's regions, one label per region")
+    label = sub.add_parser("label", help="label a run's regions, one label per region: with no option, serve the "
+                                         "review page on 127.0.0.1")
     label.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
-    how = label.add_mutually_exclusive_group(required=True)
+    how = label.add_mutually_exclusive_group()
     how.add_argument("--oracle", metavar="CHECKPOINT", help="a reference classifier labels the region samples")
     how.add_argument("--file", help="import region labels from a CSV/JSON file (region_id,label[,is_failure])")
     how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
     how.add_argument("--import-label-studio", metavar="EXPORT_JSON", help="import Label Studio's JSON export")
     label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
-    label.add_argument("--per-region", type=int, default=10, help="samples reviewed per region")
+    label.add_argument("--per-region", type=int, default=10, help="samples reviewed (or shown) per region")
+    label.add_argument("--port", type=int, default=0, help="review page: port on 127.0.0.1 (default: any free one)")
     label.add_argument("--fault-labels", type=int, default=5000, metavar="N",
                        help="oracle: also label N random faults one by one, for the correction baseline (0: none)")
     label.set_defaults(func=_label)

@@ -1,4 +1,4 @@
-"""Labelling, one label per region: oracle, file import, Label Studio round trip (review page to come)."""
+"""Labelling, one label per region: oracle, file import, Label Studio round trip, review page."""
 
 from genstress_ray.labeling.files import read_label_file
 from genstress_ray.labeling.label_studio import export_tasks, import_export, labeling_config

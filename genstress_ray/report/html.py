@@ -31,7 +31,7 @@ table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;paddin
 """
 
 
-def _png_uri(data: bytes) -> str:
+def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
@@ -44,7 +44,7 @@ def _bar_plot(labels: list[str], values: list[float], title: str, xlabel: str, y
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return _png_uri(buf.getvalue())
+    return png_uri(buf.getvalue())
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -91,7 +91,7 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
             f"<span class='failure'>failure region, label {html.escape(label['label'])}</span>" if label["is_failure"]
             else "labelled: not a failure")
         cells = "".join(
-            f"<div class='cell'><img src='{_png_uri(s['image'])}' alt='region {rid} sample {s['draw']}'>"
+            f"<div class='cell'><img src='{png_uri(s['image'])}' alt='region {rid} sample {s['draw']}'>"
             f"pred {html.escape(name(s['pred']))}"
             + (f"<br>label {html.escape(label['label'])}" if label else "") + "</div>" for s in shown.get(rid, []))
         sections.append(

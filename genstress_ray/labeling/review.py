@@ -1,0 +1,205 @@
+"""The review page: ``genstress label RUN_URI`` serves each region as a grid of its samples, with a
+button per class and "not a failure"; every click is saved into the run's ``labels`` table at once.
+
+Only this machine can reach it: the server listens on 127.0.0.1, answers only requests whose Host
+header names the loopback (so a web page elsewhere cannot reach it through DNS rebinding), and
+every request must carry the random access token printed with the URL. Labels live in the run, so
+they survive a restart of the server.
+"""
+
+from __future__ import annotations
+
+import getpass
+import html
+import json
+import secrets
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pyarrow as pa
+
+from genstress_ray.labeling.oracle import reviewed_samples
+from genstress_ray.labeling.table import (NOT_A_FAILURE, STAGE, labels_table, region_ids, validate_labels,
+                                          write_labels)
+from genstress_ray.report.html import png_uri
+from genstress_ray.storage import RunStore
+
+LOOPBACK = "127.0.0.1"
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:72rem;color:#222}
+section{border-top:1px solid #ccc;padding:.5rem 0}.grid{display:flex;flex-wrap:wrap;gap:.4rem}
+.cell{text-align:center;font-size:.75rem}.cell img{width:72px;height:72px;image-rendering:pixelated;border:1px solid #999;display:block}
+button{margin:.15rem;padding:.3rem .6rem}button.chosen{background:#1b5e20;color:#fff}
+.status{font-weight:600;margin-left:.5rem}
+"""
+SCRIPT = """
+async function label(region, value) {
+  const status = document.getElementById('status-' + region);
+  status.textContent = 'saving...';
+  const response = await fetch('/api/label?token=' + encodeURIComponent(TOKEN), {
+    method: 'POST', headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({region_id: region, label: value})});
+  const answer = await response.json();
+  if (!response.ok) { status.textContent = 'not saved: ' + answer.error; return; }
+  status.textContent = 'saved: ' + answer.label;
+  document.querySelectorAll('#region-' + region + ' button').forEach(
+    b => b.classList.toggle('chosen', b.dataset.label === answer.label));
+}
+"""
+
+
+class ReviewStore:
+    """Reads what the page shows and writes one region's label at a time (whole-table atomic writes)."""
+
+    def __init__(self, store: RunStore, per_region: int = 16, annotator: str | None = None):
+        self.store = store
+        manifest = store.read_manifest()
+        self.class_names: list[str] = manifest["class_names"]
+        self.region_ids = region_ids(store)
+        self.per_region = per_region
+        self.annotator = annotator or getpass.getuser()
+        self._lock = threading.Lock()
+
+    def labels(self) -> pa.Table:
+        return self.store.read_table(STAGE) if self.store.is_complete(STAGE) else labels_table([])
+
+    def current(self) -> dict[int, str]:
+        return {r["region_id"]: r["label"] for r in self.labels().to_pylist() if r["region_id"] is not None}
+
+    def save(self, region_id: int, label: str) -> None:
+        """Replace the region's label (whatever labelled it before) with this reviewer's."""
+        row = labels_table([{"region_id": region_id, "label": label, "is_failure": label != NOT_A_FAILURE,
+                             "source": "human", "annotator": self.annotator}])
+        validate_labels(row, self.region_ids, self.class_names)
+        with self._lock:
+            kept = [r for r in self.labels().to_pylist() if r["region_id"] != region_id]
+            write_labels(self.store, pa.concat_tables([labels_table(kept), row]), self.class_names)
+
+    def page(self, token: str) -> str:
+        regions = {r["region_id"]: r for r in self.store.read_table("regions").to_pylist()}
+        samples: dict[int, list[dict]] = {}
+        table = self.store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"])
+        for s in reviewed_samples(table, self.per_region).to_pylist():
+            samples.setdefault(s["region_id"], []).append(s)
+        current = self.current()
+        names = self.class_names
+        sections = []
+        for rid in self.region_ids:
+            r = regions[rid]
+            cells = "".join(f"<div class='cell'><img src='{png_uri(s['image'])}' alt='region {rid} sample {s['draw']}'>"
+                            f"pred {html.escape(names[s['pred']])}</div>" for s in samples.get(rid, []))
+            buttons = "".join(
+                f"<button type='button' data-label='{html.escape(c, quote=True)}'"
+                f"{' class=chosen' if current.get(rid) == c else ''} onclick='label({rid}, this.dataset.label)'>"
+                f"{html.escape(c)}</button>" for c in [*names, NOT_A_FAILURE])
+            status = f"saved: {html.escape(current[rid])}" if rid in current else "not labelled"
+            sections.append(
+                f"<section id='region-{rid}'><h3>Region {rid}</h3><p>{r['n_members']} faults: true "
+                f"{html.escape(names[r['dominant_source_label']])} predicted as {html.escape(names[r['dominant_pred']])}."
+                f" What are these images?</p><div class='grid'>{cells}</div><div>{buttons}"
+                f"<span class='status' id='status-{rid}'>{status}</span></div></section>")
+        title = html.escape(f"label regions: {self.store.campaign} / {self.store.run_id}")
+        # The empty icon keeps the browser from asking for /favicon.ico, which has no token.
+        return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
+                f"<link rel='icon' href='data:,'><style>{STYLE}</style></head><body><h1>{title}</h1><p>One label per region: the class these "
+                f"images show, or &quot;{NOT_A_FAILURE}&quot; when the classifier's predictions are right. "
+                f"Each click is saved.</p>{''.join(sections)}"
+                f"<script>const TOKEN = {json.dumps(token)};{SCRIPT}</script></body></html>")
+
+
+class ReviewServer:
+    """The review page on 127.0.0.1.
+
+    Example:
+        >>> server = ReviewServer(RunStore.from_uri("genstress-runs/demo/r1"))  # doctest: +SKIP
+        >>> print(server.url); server.serve_forever()  # doctest: +SKIP
+    """
+
+    def __init__(self, store: RunStore, port: int = 0, token: str | None = None, per_region: int = 16):
+        self.review = ReviewStore(store, per_region)
+        self.token = token or secrets.token_urlsafe(24)
+        self.httpd = ThreadingHTTPServer((LOOPBACK, port), _handler(self))
+        self.port = self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/?token={self.token}"
+
+    def allowed(self, handler: BaseHTTPRequestHandler, query: dict) -> str | None:
+        """Why a request is refused, or None."""
+        host = (handler.headers.get("Host") or "").rsplit(":", 1)[0]
+        if handler.client_address[0] != LOOPBACK or host not in (LOOPBACK, "localhost"):
+            return "only this machine may use the review page"
+        if not secrets.compare_digest(query.get("token", [""])[0], self.token):
+            return "missing or wrong access token: use the URL genstress printed"
+        return None
+
+    def serve_forever(self) -> None:
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.httpd.server_close()
+
+    def start(self) -> threading.Thread:
+        """Serve from a background thread (tests, notebooks); ``shutdown()`` stops it."""
+        thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _handler(server: ReviewServer):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, fmt, *args):  # keep the terminal for the URL and errors
+            pass
+
+        def _send(self, status: int, body: str, content_type: str) -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _json(self, status: int, payload: dict) -> None:
+            self._send(status, json.dumps(payload), "application/json")
+
+        def _check(self) -> tuple[str, bool]:
+            url = urlsplit(self.path)
+            why = server.allowed(self, parse_qs(url.query))
+            if why:
+                self._json(HTTPStatus.FORBIDDEN, {"error": why})
+            return url.path, why is None
+
+        def do_GET(self):
+            path, ok = self._check()
+            if not ok:
+                return
+            if path == "/":
+                self._send(HTTPStatus.OK, server.review.page(server.token), "text/html; charset=utf-8")
+            elif path == "/api/labels":
+                self._json(HTTPStatus.OK, {str(k): v for k, v in server.review.current().items()})
+            else:
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {path}"})
+
+        def do_POST(self):
+            path, ok = self._check()
+            if not ok:
+                return
+            if path != "/api/label":
+                return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                region, label = int(body["region_id"]), str(body["label"])
+                server.review.save(region, label)
+            except (ValueError, KeyError, TypeError) as exc:  # LabelError is a ValueError
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            self._json(HTTPStatus.OK, {"region_id": region, "label": label})
+
+    return Handler

@@ -1,0 +1,93 @@
+"""The review page in a real headless chromium: click labels, check the table, restart, check again."""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from genstress_ray.labeling import NOT_A_FAILURE, read_labels
+from genstress_ray.labeling.review import ReviewServer
+from genstress_ray.pipeline import run_campaign
+from genstress_ray.storage import RunStore
+
+from tests.browser import browser, needs_browser, page  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture
+def served_run(tiny_config):
+    result = run_campaign(tiny_config)
+    assert result.counts["regions"] >= 2
+    server = ReviewServer(RunStore.from_uri(result.run_uri), per_region=3)
+    server.start()
+    yield server
+    server.shutdown()
+
+
+def _labels(server) -> dict:
+    table = read_labels(server.review.store)
+    return {r["region_id"]: r for r in table.to_pylist()}
+
+
+@needs_browser
+def test_clicks_are_saved_and_survive_a_restart(served_run, page):  # noqa: F811
+    server = served_run
+    page.goto(server.url)
+    sections = page.locator("section")
+    n = sections.count()
+    assert n == len(server.review.region_ids)
+    assert page.locator("#region-0 img").count() == 3
+    page.locator("#region-0 button[data-label='7']").click()
+    page.wait_for_selector("#status-0:text('saved: 7')")
+    page.locator("#region-1 button[data-label='not a failure']").click()
+    page.wait_for_selector("#status-1:text('saved: not a failure')")
+    # Changing one's mind replaces the region's row.
+    page.locator("#region-0 button[data-label='3']").click()
+    page.wait_for_selector("#status-0:text('saved: 3')")
+    labels = _labels(server)
+    assert set(labels) == {0, 1}
+    assert labels[0]["label"] == "3" and labels[0]["is_failure"] and labels[0]["source"] == "human"
+    assert labels[1]["label"] == NOT_A_FAILURE and not labels[1]["is_failure"]
+    assert page.console_errors == []
+
+    store = server.review.store
+    server.shutdown()
+    again = ReviewServer(store, per_region=3)
+    again.start()
+    try:
+        page.goto(again.url)
+        assert page.locator("#status-0").inner_text() == "saved: 3"
+        assert page.locator("#region-0 button.chosen").inner_text() == "3"
+        assert page.locator("#status-1").inner_text() == "saved: not a failure"
+    finally:
+        again.shutdown()
+
+
+def _request(url, data=None, host=None):
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if host:
+        req.add_header("Host", host)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read()) if "json" in r.headers["Content-Type"] else None
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_page_refuses_a_missing_token_another_host_and_bad_labels(served_run):
+    server = served_run
+    base = f"http://127.0.0.1:{server.port}"
+    status, body = _request(base + "/")
+    assert status == 403 and "token" in body["error"]
+    status, body = _request(server.url, host="evil.example:80")
+    assert status == 403 and "only this machine" in body["error"]
+    post = f"{base}/api/label?token={server.token}"
+    status, body = _request(post, json.dumps({"region_id": 0, "label": "banana"}).encode())
+    assert status == 400 and "banana" in body["error"]
+    status, body = _request(post, json.dumps({"region_id": 999, "label": "3"}).encode())
+    assert status == 400 and "999" in body["error"]
+    assert not server.review.store.is_complete("labels")  # nothing half-written
+    status, body = _request(post, json.dumps({"region_id": 0, "label": "3"}).encode())
+    assert status == 200 and _labels(server)[0]["label"] == "3"
