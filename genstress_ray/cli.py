@@ -1,4 +1,4 @@
-"""The ``genstress`` command: demo, run, label, report, train."""
+"""The ``genstress`` command: demo, run, label, correct, report, train."""
 
 from __future__ import annotations
 
@@ -23,17 +23,47 @@ DEMO_CONFIG = {
     "generator": {"architecture": "beta_vae", "train": {"epochs": 60, "beta": 4.0}},
     "strategy": {"name": "defuse", "a": 0.75, "b": 0.75, "draws": 100, "max_faults_per_image": 5},
     "reduce": {"samples_per_region": 50},
+    "oracle": {"architecture": "small_cnn", "train": {"epochs": 25, "seed": 1}},
+    "correction": {"lambdas": [1e-10, 1.0, 100.0]},
 }
+CONFIG_ORACLE = "<config>"
 USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError)
 
 
 def _demo(args) -> int:
-    from genstress_ray.pipeline import run_campaign
+    """The whole loop on the bundled digits: identify -> regions -> oracle labels -> correction -> report."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from genstress_ray import labeling
+    from genstress_ray.correction import run_correction
+    from genstress_ray.pipeline import config_oracle, run_campaign
+    from genstress_ray.report import write_report
+    from genstress_ray.storage import RunStore
 
     t0 = time.time()
     result = run_campaign(DEMO_CONFIG, output=args.output, run_id=args.run_id)
-    print(result.summary())
+    print(result.summary(), flush=True)
+    store = RunStore.from_uri(result.run_uri)
+    if result.regions:
+        reference = config_oracle(store)  # a second CNN: another seed, more epochs
+        table = labeling.oracle_labels(store.read_table("region_samples"), reference)
+        faults = store.read_table("identify", columns=["sample_id", "image", "pred"], filter=pc.field("fault"))
+        table = pa.concat_tables([table, labeling.oracle_fault_labels(faults, reference, 5000)])
+        labeling.write_labels(store, table, result.class_names)
+        print(run_correction(result.run_uri).summary(), flush=True)
+    print(f"report: {write_report(store)}")
     print(f"wall time {time.time() - t0:.1f}s")
+    return 0
+
+
+def _correct(args) -> int:
+    from genstress_ray.correction import run_correction
+
+    overrides = {k: v for k, v in {"lambdas": args.lambdas, "workers": args.workers, "epochs": args.epochs,
+                                   "max_concurrent_trials": args.max_concurrent_trials,
+                                   "baseline": False if args.no_baseline else None}.items() if v is not None}
+    print(run_correction(args.run, overrides).summary())
     return 0
 
 
@@ -66,7 +96,6 @@ def _label(args) -> int:
     import pyarrow.compute as pc
 
     from genstress_ray import labeling
-    from genstress_ray.stages import ModelRef, load_classifier
     from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
 
     store = RunStore.from_uri(args.run)
@@ -98,7 +127,11 @@ def _label(args) -> int:
             pass
         return 0
     if args.oracle:
-        reference = load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
+        from genstress_ray.pipeline import config_oracle
+        from genstress_ray.stages import ModelRef, load_classifier
+
+        reference = config_oracle(store) if args.oracle == CONFIG_ORACLE else \
+            load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
         table = labeling.oracle_labels(store.read_table("region_samples"), reference, args.rho, args.per_region)
         if args.fault_labels:
             faults = store.read_table("identify", columns=["sample_id", "image", "pred"], filter=pc.field("fault"))
@@ -129,7 +162,8 @@ def _report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genstress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the Defuse search on scikit-learn's bundled digits (no data needed)")
+    demo = sub.add_parser("demo", help="the whole Defuse loop on scikit-learn's bundled digits (no data needed): "
+                                       "identify, regions, oracle labels, correction, report")
     demo.add_argument("--output", help="output folder or URI (default: ./genstress-runs)")
     demo.add_argument("--run-id")
     demo.set_defaults(func=_demo)
@@ -144,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "review page on 127.0.0.1")
     label.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
     how = label.add_mutually_exclusive_group()
-    how.add_argument("--oracle", metavar="CHECKPOINT", help="a reference classifier labels the region samples")
+    how.add_argument("--oracle", metavar="CHECKPOINT", nargs="?", const=CONFIG_ORACLE,
+                     help="a reference classifier labels the region samples (no CHECKPOINT: the config's oracle)")
     how.add_argument("--file", help="import region labels from a CSV/JSON file (region_id,label[,is_failure])")
     how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
     how.add_argument("--import-label-studio", metavar="EXPORT_JSON", help="import Label Studio's JSON export")
@@ -154,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--fault-labels", type=int, default=5000, metavar="N",
                        help="oracle: also label N random faults one by one, for the correction baseline (0: none)")
     label.set_defaults(func=_label)
+    correct = sub.add_parser("correct", help="fine-tune the classifier on the labelled failure regions "
+                                             "(Ray Train, lambda sweep, Defuse and baseline)")
+    correct.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    correct.add_argument("--lambdas", type=float, nargs="*", help="overrides correction.lambdas")
+    correct.add_argument("--workers", type=int, help="Ray Train workers per trial (0: local mode)")
+    correct.add_argument("--epochs", type=int, help="passes over the training data per trial")
+    correct.add_argument("--max-concurrent-trials", type=int)
+    correct.add_argument("--no-baseline", action="store_true", help="skip the individually-labelled-faults baseline")
+    correct.set_defaults(func=_correct)
     report = sub.add_parser("report", help="write the run's self-contained HTML report into the run")
     report.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
     report.add_argument("--per-region", type=int, default=16, help="images shown per region")

@@ -114,6 +114,9 @@ class DefuseParams(_Strict):
     centred: bool = False
     keep: Literal["faults", "all"] = "faults"
     max_faults_per_image: Annotated[int, Field(gt=0)] = 5
+    # Count no faults around an image whose own reconstruction the classifier already gets wrong:
+    # those are the generator's failures, not the classifier's.
+    only_correct_reconstructions: bool = False
 
 
 # New strategies join this union (a discriminated union names the allowed values in its errors).
@@ -219,6 +222,9 @@ class CampaignConfig(_Strict):
     data: DataConfig = DataConfig()
     classifier: ModelSpec = ModelSpec(architecture="small_cnn", train={"epochs": 5})
     generator: ModelSpec = ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0})
+    # The reference classifier that labels regions in benchmarks and nightly scans (``genstress label
+    # RUN --oracle``); a built-in is trained once and cached like the other models.
+    oracle: ModelSpec | None = None
     strategy: StrategyConfig = DefuseParams()
     reduce: ReduceConfig = ReduceConfig()
     correction: CorrectionConfig = CorrectionConfig()
@@ -231,8 +237,8 @@ class CampaignConfig(_Strict):
 
     @model_validator(mode="after")
     def _models_are_buildable(self):
-        for role, spec in (("classifier", self.classifier), ("generator", self.generator)):
-            if spec.uri is None and spec.architecture is None:
+        for role, spec in (("classifier", self.classifier), ("generator", self.generator), ("oracle", self.oracle)):
+            if spec is not None and spec.uri is None and spec.architecture is None:
                 raise ValueError(f"{role}: give a checkpoint 'uri' or a built-in 'architecture' to train "
                                  f"(allowed: {', '.join(list_models())})")
         return self

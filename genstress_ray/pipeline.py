@@ -61,7 +61,7 @@ def load_split(spec) -> ImageSet:
 
 def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: ImageSet) -> ModelRef:
     """The checkpoint to use for ``role``: the configured one, or a built-in trained once and cached."""
-    expected = "classifier" if role == "classifier" else "latent_generator"
+    expected = "latent_generator" if role == "generator" else "classifier"
     if spec.architecture and model_kind(spec.architecture) != expected:
         raise ModelError(f"{role}.architecture: {spec.architecture!r} is a {model_kind(spec.architecture)}, "
                          f"not a {expected}")
@@ -82,6 +82,17 @@ def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: Image
         metrics = train_and_save(expected, spec.architecture, train, val, uri, spec.params, spec.train)
         log.info("%s: trained %s", role, metrics)
     return model_ref(spec, uri)
+
+
+def config_oracle(store: RunStore):
+    """The run config's ``oracle`` classifier (trained and cached on first use), ready to label."""
+    manifest = store.read_manifest()
+    cfg = load_config(manifest["config"])
+    if cfg.oracle is None:
+        raise ModelError(f"run {store.uri}: its config has no 'oracle' section; give a checkpoint to --oracle")
+    search = load_split(cfg.data.search)
+    ref = prepare_model("oracle", cfg.oracle, cfg, search)
+    return load_classifier(ref, manifest["class_names"], manifest["image_shape"])
 
 
 def init_ray(cfg: CampaignConfig) -> None:

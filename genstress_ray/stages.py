@@ -150,7 +150,7 @@ class DefuseSearch(_ModelStage):
     def __init__(self, *args, params: dict[str, Any], **kwargs):
         super().__init__(*args, **kwargs)
         self.params = params
-        self.params_json = json.dumps({k: params[k] for k in ("a", "b", "centred")})
+        self.params_json = json.dumps({k: params[k] for k in ("a", "b", "centred", "only_correct_reconstructions")})
 
     def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         p = self.params
@@ -160,17 +160,23 @@ class DefuseSearch(_ModelStage):
         n, q = len(ids), p["draws"]
         with torch.no_grad():
             mean, _ = self.generator.encode(to_float(raw).to(self.device))
+            if p.get("only_correct_reconstructions"):
+                seed_ok = (self.classifier(self.generator.decode(mean)).argmax(1).cpu() == labels)
+            else:
+                seed_ok = torch.ones(n, dtype=torch.bool)
         noise = beta_noise(ids, mean.shape[1], q, p["a"], p["b"], self.seed, p["centred"])
         latents = perturb_latents(mean.cpu(), noise).reshape(n * q, -1)
         intended = labels.repeat_interleave(q)
         images, scores, finite = self._decode_and_score(latents.to(self.device), intended.to(self.device))
         finite = finite.cpu()
-        fault = scores["fault"].cpu() & finite
+        fault = scores["fault"].cpu() & finite & seed_ok.repeat_interleave(q)
+        scores["fault"] = fault.to(scores["fault"].device)
         if p["keep"] == "all":
             keep = finite
         else:
             keep = select_candidates(fault.view(n, q), noise.norm(dim=2), p["max_faults_per_image"]).reshape(-1)
-        self._count({"candidates": n * q, "faults": int(fault.sum()), "nonfinite_dropped": int((~finite).sum())})
+        self._count({"candidates": n * q, "faults": int(fault.sum()), "nonfinite_dropped": int((~finite).sum()),
+                     "seeds_skipped": int((~seed_ok).sum())})
         idx = keep.nonzero().squeeze(1)
         rows, draws = idx // q, idx % q
         columns = {

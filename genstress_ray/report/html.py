@@ -1,7 +1,8 @@
 """One self-contained HTML report per run: every image and plot is inlined, so it opens offline.
 
-Sections: the campaign summary, the fault and region-size plots, and one section per region with a
-grid of its samples (the classifier's prediction and, once labelled, the region's label on each).
+Sections: the campaign summary, the fault and region-size plots, the correction (before / baseline /
+Defuse table and the lambda trade-off plot), and one section per region with a grid of its samples
+(the classifier's prediction and, once labelled, the region's label on each).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections import Counter
 
 import matplotlib
@@ -22,6 +24,7 @@ from genstress_ray.labeling.table import STAGE as LABELS_STAGE  # noqa: E402
 from genstress_ray.storage import RunStore, write_bytes_atomic  # noqa: E402
 
 REPORT_STAGE = "report"
+CORRECTION_STAGE = "correction"
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
@@ -40,11 +43,57 @@ def _bar_plot(labels: list[str], values: list[float], title: str, xlabel: str, y
     ax.bar(range(len(values)), values, color="#4c72b0")
     ax.set_xticks(range(len(values)), labels, rotation=90 if len(labels) > 12 else 0, fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return _figure_uri(fig)
+
+
+def _figure_uri(fig) -> str:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return png_uri(buf.getvalue())
+
+
+def _tradeoff_plot(trials: list[dict], before: dict) -> str:
+    """Test accuracy against region accuracy, one point per lambda (the Defuse paper's figure 5)."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for method, color in (("defuse", "#c44e52"), ("baseline", "#4c72b0")):
+        mine = sorted((t for t in trials if t["method"] == method), key=lambda t: t["lam"])
+        if not mine:
+            continue
+        ax.plot([t["region_test_acc"] for t in mine], [t["test_acc"] for t in mine], "o-", color=color, label=method)
+        for t in mine:
+            ax.annotate(f"{t['lam']:g}", (t["region_test_acc"], t["test_acc"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.plot([before["region_test_acc"]], [before["test_acc"]], "k*", markersize=12, label="before")
+    ax.set(title="lambda trade-off (labels: lambda)", xlabel="region test accuracy", ylabel="test accuracy")
+    ax.legend(fontsize=8)
+    return _figure_uri(fig)
+
+
+def _correction_section(store: RunStore) -> str:
+    if not store.is_complete(CORRECTION_STAGE):
+        return ("<p>Not corrected yet: label the regions (<code>genstress label</code>), then run "
+                "<code>genstress correct</code>.</p>")
+    results = json.loads(store.fs.cat_file(f"{store.stage_path(CORRECTION_STAGE)}/results.json"))
+    head = (f"<p>{results['n_failure_regions']} failure regions of {results['n_regions']} regions "
+            f"({results['n_labelled_regions']} labelled); lambda chosen by {html.escape(results['select_by'])} "
+            f"validation accuracy.</p>")
+    if results.get("message"):
+        head += f"<p>{html.escape(results['message'])}</p>"
+    rows = []
+    for name in ("before", "baseline", "defuse"):
+        r = results.get(name)
+        if r:
+            lam = "" if r.get("lam") is None else f"{r['lam']:g}"
+            rows.append(f"<tr><th>{name}</th><td>{r['test_acc']:.4f}</td>"
+                        f"<td>{r.get('region_test_acc', float('nan')):.4f}</td><td>{lam}</td></tr>")
+    table = ("<table id='before-after'><tr><th></th><th>test accuracy</th><th>region test accuracy</th>"
+             f"<th>lambda</th></tr>{''.join(rows)}</table>")
+    trials = store.read_table(CORRECTION_STAGE).to_pylist()
+    plot = f"<div class='plots'><img src='{_tradeoff_plot(trials, results['before'])}' alt='lambda trade-off'></div>" \
+        if trials else ""
+    return head + table + plot
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -105,9 +154,8 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style></head><body><h1>{title}</h1><h2>Summary</h2>{summary}"
-            f"<h2>Plots</h2><div class='plots'>{plot_html}</div><h2>Regions</h2>{''.join(sections)}"
-            f"<p><em>Correction results (before/after accuracy, the lambda trade-off) appear here once the "
-            f"correction stage exists.</em></p></body></html>")
+            f"<h2>Plots</h2><div class='plots'>{plot_html}</div>"
+            f"<h2>Correction</h2>{_correction_section(store)}<h2>Regions</h2>{''.join(sections)}</body></html>")
 
 
 def write_report(store: RunStore, per_region: int = 16) -> str:

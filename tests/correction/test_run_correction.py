@@ -1,0 +1,96 @@
+"""Correction of a real tiny run end to end, and the bad inputs that must leave the run untouched."""
+
+import json
+
+import pytest
+
+from genstress_ray.cli import main
+from genstress_ray.config import ConfigError
+from genstress_ray.correction import run_correction
+from genstress_ray.labeling import LabelError, labels_table, write_labels
+from genstress_ray.models import ModelError, get_model, save_checkpoint
+from genstress_ray.pipeline import run_campaign
+from genstress_ray.storage import RunStore
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+CLASSES = [str(i) for i in range(10)]
+
+
+@pytest.fixture
+def labelled_run(tiny_config):
+    tiny_config["correction"] = {"lambdas": [1e-10, 10.0], "finetune_per_region": 20, "test_per_region": 10,
+                                 "epochs": 1, "batch_size": 32, "workers": 1, "max_concurrent_trials": 2}
+    result = run_campaign(tiny_config)
+    store = RunStore.from_uri(result.run_uri)
+    assert result.counts["regions"] >= 2
+    faults = store.read_table("identify", columns=["sample_id"]).to_pylist()[:6]
+    write_labels(store, labels_table(
+        [{"region_id": 0, "label": "3", "is_failure": True, "source": "human"},
+         {"region_id": 1, "label": "not a failure", "is_failure": False, "source": "human"}]
+        + [{"sample_id": f["sample_id"], "label": "5", "is_failure": True, "source": "oracle"} for f in faults]),
+        CLASSES)
+    return store
+
+
+def _snapshot(store: RunStore) -> dict:
+    """Every file of the run with its bytes: what 'untouched' means."""
+    return {p: store.fs.cat_file(p) for p in store.fs.find(store.path)}
+
+
+def test_correction_writes_trials_selection_checkpoints_and_results(labelled_run, capsys):
+    store = labelled_run
+    assert main(["correct", store.uri]) == 0
+    out = capsys.readouterr().out
+    assert "1 failure regions of" in out and "defuse" in out and "baseline" in out
+    sets = store.read_table("region_sets")
+    assert set(sets["region_id"].to_pylist()) == {0}  # only the failure region
+    assert sets.num_rows == 30 and set(sets["source_label"].to_pylist()) == {3}
+    trials = store.read_table("correction").to_pylist()
+    assert sorted((t["method"], t["lam"]) for t in trials) == [("baseline", 1e-10), ("baseline", 10.0),
+                                                                ("defuse", 1e-10), ("defuse", 10.0)]
+    assert sum(t["selected"] for t in trials) == 2
+    results = json.loads(store.fs.cat_file(f"{store.path}/correction/results.json"))
+    assert results["n_failure_regions"] == 1 and results["n_labelled_regions"] == 2
+    for method in ("defuse", "baseline"):
+        chosen = [t for t in trials if t["method"] == method and t["selected"]][0]
+        assert results[method]["lam"] == chosen["lam"]
+        assert store.fs.exists(results[method]["checkpoint"])
+    assert not store.fs.exists(f"{store.path}/correction/trials")  # only the selected weights are kept
+    assert store.read_manifest()["correction"]["n_failure_regions"] == 1
+    # The report now has the before/after table and the trade-off plot.
+    assert main(["report", store.uri]) == 0
+    page = store.fs.cat_file(f"{store.path}/report/index.html").decode()
+    assert "id='before-after'" in page and "alt='lambda trade-off'" in page
+
+
+def test_an_empty_lambda_list_is_refused_before_anything_is_written(labelled_run, capsys):
+    before = _snapshot(labelled_run)
+    with pytest.raises(ConfigError, match="correction.lambdas: .*lambda list is empty"):
+        run_correction(labelled_run.uri, {"lambdas": []})
+    assert main(["correct", labelled_run.uri, "--lambdas"]) == 2
+    assert "lambda list is empty" in capsys.readouterr().err
+    assert _snapshot(labelled_run) == before
+
+
+def test_a_classifier_checkpoint_that_does_not_match_is_named_and_nothing_changes(labelled_run, tiny_config):
+    store = labelled_run
+    uri = tiny_config["classifier"]["uri"]
+    with open(uri, "rb") as f:
+        good = f.read()
+    # The file the run points at now holds a different architecture's weights.
+    save_checkpoint(get_model("small_cnn", in_shape=[1, 8, 8], num_classes=10, width=6, hidden=16), uri,
+                    "small_cnn", {"in_shape": [1, 8, 8], "num_classes": 10, "width": 4, "hidden": 16})
+    before = _snapshot(store)
+    try:
+        with pytest.raises(ModelError, match="does not match architecture"):
+            run_correction(store.uri)
+    finally:
+        with open(uri, "wb") as f:
+            f.write(good)
+    assert _snapshot(store) == before
+
+
+def test_correction_without_labels_is_refused(tiny_config):
+    result = run_campaign(tiny_config)
+    with pytest.raises(LabelError, match="no labels yet"):
+        run_correction(result.run_uri)
