@@ -76,8 +76,9 @@ def train_worker(config: dict[str, Any]) -> None:
     data = ray.get(config["data"][0])
     ref = ModelRef(**config["model"])
     net = ref.load()
-    model = ray.train.torch.prepare_model(net) if world > 1 or torch.cuda.is_available() else net
-    device = ray.train.torch.get_device() if world > 1 or torch.cuda.is_available() else "cpu"
+    device = ray.train.torch.get_device()  # the worker's GPU when use_gpu, else the CPU
+    # DDP (gloo on CPUs, NCCL on GPUs) only where there is more than one rank to synchronise.
+    model = ray.train.torch.prepare_model(net) if world > 1 or device.type == "cuda" else net.to(device)
     settings = FinetuneSettings(**config["settings"])
     finetune(model, data, config["fine"], settings, rank, world, device)
     metrics = {**evaluate(net, data, device), "lam": settings.lam, "method": config["method"],

@@ -12,6 +12,8 @@ from genstress_ray.models import ModelError, get_model, save_checkpoint
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import RunStore
 
+from tests.browser import CHROMIUM, browser, page  # noqa: F401  (fixtures)
+
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 CLASSES = [str(i) for i in range(10)]
 
@@ -37,7 +39,7 @@ def _snapshot(store: RunStore) -> dict:
     return {p: store.fs.cat_file(p) for p in store.fs.find(store.path)}
 
 
-def test_correction_writes_trials_selection_checkpoints_and_results(labelled_run, capsys):
+def test_correction_writes_trials_selection_checkpoints_and_results(labelled_run, capsys, request):
     store = labelled_run
     assert main(["correct", store.uri]) == 0
     out = capsys.readouterr().out
@@ -59,8 +61,24 @@ def test_correction_writes_trials_selection_checkpoints_and_results(labelled_run
     assert store.read_manifest()["correction"]["n_failure_regions"] == 1
     # The report now has the before/after table and the trade-off plot.
     assert main(["report", store.uri]) == 0
-    page = store.fs.cat_file(f"{store.path}/report/index.html").decode()
-    assert "id='before-after'" in page and "alt='lambda trade-off'" in page
+    html = store.fs.cat_file(f"{store.path}/report/index.html").decode()
+    assert "id='before-after'" in html and "alt='lambda trade-off'" in html
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (Debian package 'chromium'): the report was not opened in a browser")
+    _check_in_browser(request.getfixturevalue("page"), f"{store.path}/report/index.html")
+
+
+def _check_in_browser(page, path):  # noqa: F811
+    """The report opens offline with no console errors, and every image renders at a non-zero size."""
+    page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:"))
+               else route.continue_())
+    page.goto(f"file://{path}")
+    page.wait_for_load_state("load")
+    assert page.console_errors == []
+    sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    assert len(sizes) >= 4
+    assert all(done and w > 0 and h > 0 for done, w, h in sizes)
+    assert page.locator("#before-after tr").count() == 4  # header, before, baseline, defuse
 
 
 def test_an_empty_lambda_list_is_refused_before_anything_is_written(labelled_run, capsys):

@@ -18,7 +18,11 @@ def test_oracle_then_label_studio_export_and_a_bad_file(tiny_config, tiny_models
     assert main(["label", result.run_uri, "--oracle", tiny_models["classifier"]]) == 0
     store = RunStore.from_uri(result.run_uri)
     labels = store.read_table("labels").to_pylist()
-    assert len(labels) == result.counts["regions"] and not any(r["is_failure"] for r in labels)
+    regions = [r for r in labels if r["region_id"] is not None]
+    faults = [r for r in labels if r["sample_id"] is not None]
+    assert len(regions) == result.counts["regions"] and not any(r["is_failure"] for r in labels)
+    # Every kept fault labelled one by one (fewer than --fault-labels), for the correction baseline.
+    assert len(faults) == store.count_rows("identify") and len(labels) == len(regions) + len(faults)
     assert "0 failure regions" in capsys.readouterr().out
     tasks_path = tmp_path / "tasks.json"
     assert main(["label", result.run_uri, "--export-label-studio", str(tasks_path)]) == 0
@@ -35,3 +39,16 @@ def test_oracle_then_label_studio_export_and_a_bad_file(tiny_config, tiny_models
 def test_label_needs_a_run_uri(tmp_path, capsys):
     assert main(["label", str(tmp_path / "nope" / "c" / "r"), "--file", "x.csv"]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_oracle_from_the_config_and_a_config_without_one(tiny_config, tiny_models, capsys):
+    result = run_campaign(tiny_config)
+    assert main(["label", result.run_uri, "--oracle"]) == 2
+    assert "no 'oracle' section" in capsys.readouterr().err
+    tiny_config["run_id"] = "with-oracle"
+    tiny_config["oracle"] = {"uri": tiny_models["classifier"]}
+    result = run_campaign(tiny_config)
+    assert main(["label", result.run_uri, "--oracle", "--fault-labels", "2"]) == 0
+    labels = RunStore.from_uri(result.run_uri).read_table("labels").to_pylist()
+    assert sum(r["sample_id"] is not None for r in labels) == 2
+    assert sum(r["region_id"] is not None for r in labels) == result.counts["regions"]
