@@ -11,6 +11,8 @@ import torch
 
 from genstress_ray.models import get_model, save_checkpoint
 
+from tests.browser import CHROMIUM, FLAGS
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "mnist").exists(),
                                        reason=f"real MNIST files not found at {SHARED_DATA}")
@@ -99,3 +101,25 @@ def tiny_config(tiny_models, tmp_path) -> dict:
         "resources": {"search": {"actors": 1, "num_cpus": 0.5, "batch_size": 16},
                       "region_samples": {"actors": 1, "num_cpus": 0.5, "batch_size": 16}},
     }
+
+
+# One Playwright instance per session: a second sync_playwright() in the same process is refused.
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    yield page
+    context.close()

@@ -26,7 +26,7 @@ def test_train_classifier_writes_a_loadable_checkpoint(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_bundled_digits(tmp_path):
-    """`genstress demo` from a fresh cache: trains, searches, clusters, prints a summary and the run URI."""
+    """`genstress demo` from a fresh cache: the whole loop, from training to the report."""
     env = {**os.environ, "GENSTRESS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "genstress_ray.cli", "demo", "--output", str(tmp_path / "runs"),
                            "--run-id", "e2e"], capture_output=True, text=True, env=env, timeout=900)
@@ -38,8 +38,16 @@ def test_demo_end_to_end_on_bundled_digits(tmp_path):
     assert candidates == 359 * 100 and 0 < faults < candidates
     n_regions = int(re.search(r"regions: (\d+)", out).group(1))
     assert n_regions >= 1 and len(re.findall(r"region \d+: weight", out)) == n_regions
-    assert all((run_dir / s / "_COMPLETE").exists() for s in ("identify", "regions", "region_samples"))
+    stages = ("identify", "regions", "region_samples", "labels", "region_sets", "correction")
+    assert all((run_dir / s / "_COMPLETE").exists() for s in stages)
     assert "train classifier: epoch" in proc.stderr  # progress is visible while it runs
+    # The oracle found failure regions and correction raised their accuracy.
+    n_failures = int(re.search(r"(\d+) failure regions of", out).group(1))
+    assert n_failures >= 1
+    before = float(re.search(r"before +[\d.]+ +([\d.]+)", out).group(1))
+    after = float(re.search(r"defuse +[\d.]+ +([\d.]+)", out).group(1))
+    assert after > before
+    assert f"report: {run_dir}/report/index.html" in out and (run_dir / "report" / "index.html").exists()
 
 
 def test_train_with_an_unknown_dataset_kind_exits_2_and_lists_the_kinds(tmp_path, capsys):

@@ -12,7 +12,7 @@ from genstress_ray.models import ModelError, get_model, save_checkpoint
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import RunStore
 
-from tests.browser import CHROMIUM, browser, page  # noqa: F401  (fixtures)
+from tests.browser import CHROMIUM
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 CLASSES = [str(i) for i in range(10)]
@@ -68,7 +68,7 @@ def test_correction_writes_trials_selection_checkpoints_and_results(labelled_run
     _check_in_browser(request.getfixturevalue("page"), f"{store.path}/report/index.html")
 
 
-def _check_in_browser(page, path):  # noqa: F811
+def _check_in_browser(page, path):
     """The report opens offline with no console errors, and every image renders at a non-zero size."""
     page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:"))
                else route.continue_())

@@ -11,7 +11,7 @@ from genstress_ray.labeling.review import ReviewServer
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import RunStore
 
-from tests.browser import browser, needs_browser, page  # noqa: F401  (fixtures)
+from tests.browser import needs_browser
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -32,7 +32,7 @@ def _labels(server) -> dict:
 
 
 @needs_browser
-def test_clicks_are_saved_and_survive_a_restart(served_run, page):  # noqa: F811
+def test_clicks_are_saved_and_survive_a_restart(served_run, page):
     server = served_run
     page.goto(server.url)
     sections = page.locator("section")
