@@ -12,7 +12,7 @@ from genstress_ray.models import ModelError, get_model, save_checkpoint
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import RunStore
 
-from tests.browser import CHROMIUM
+from browser import CHROMIUM
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 CLASSES = [str(i) for i in range(10)]

@@ -6,7 +6,7 @@ from genstress_ray.correction.finetune import accuracy
 from genstress_ray.models import load_module
 from genstress_ray.stages import ModelRef
 
-from tests.conftest import TINY_CNN
+from conftest import TINY_CNN
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -11,7 +11,7 @@ from genstress_ray.labeling.review import ReviewServer
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import RunStore
 
-from tests.browser import needs_browser
+from browser import needs_browser
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
