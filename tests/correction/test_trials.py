@@ -49,3 +49,14 @@ def test_save_finetuned_keeps_torchscript_as_torchscript(tmp_path, untrained_mod
     loaded, _ = load_module(ref.uri, ref.format)
     x = torch.rand(3, *TINY_CNN["in_shape"])
     assert torch.allclose(loaded(x), scripted(x))
+
+
+def test_trial_weights_and_metrics_land_on_s3(planted_data, planted_classifier, s3_bucket):
+    """Workers write straight to object storage (moto on loopback), as on a cluster."""
+    trials = run_trials(planted_data, ModelRef(planted_classifier), {"defuse": "finetune"}, [1.0],
+                        FinetuneSettings(lam=0, epochs=1, lr=1e-3, batch_size=64),
+                        TrialResources(workers=1, num_cpus_per_worker=0.5), f"{s3_bucket}/run/correction/trials")
+    (trial,) = trials
+    assert trial["checkpoint"] == f"{s3_bucket}/run/correction/trials/defuse-lam00/model.safetensors"
+    model, _ = load_module(trial["checkpoint"])
+    assert accuracy(model, planted_data["test_x"], planted_data["test_y"]) == pytest.approx(trial["test_acc"])
