@@ -159,9 +159,11 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
                    "image_shape": image_shape, "seed": cfg.seed}
     results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
                                "n_failure_regions": len(failure_labels), "select_by": cfg.correction.select_by}
-    if failure_labels and not store.is_complete("region_sets"):
+    # The sets depend on which regions are failures and on their labels: relabelling redoes them.
+    wanted = sorted([r, lab] for r, lab in failure_labels.items())
+    if failure_labels and not (store.is_complete("region_sets") and store.marker("region_sets").get("labels") == wanted):
         info = build_region_sets(cfg, store, failure_labels, constructor)
-        store.complete_stage("region_sets", info)
+        store.complete_stage("region_sets", {**info, "labels": wanted})
     store.begin_stage("correction")
     if not failure_labels:
         results["message"] = "no failure regions were labelled: nothing to fine-tune"
@@ -182,10 +184,9 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
             results[method] = {**{k: best[k] for k in RESULT_KEYS}, "lam": best["lam"],
                                "checkpoint": _publish(store, best, method)}
         _drop_trial_checkpoints(store)
-    table = pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"} for t in trials]) \
-        if trials else pa.table({})
-    if trials:
-        store.write_table("correction", table)
+    if trials:  # the weights' URIs are in results.json; the table keeps the figures
+        store.write_table("correction", pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"}
+                                                              for t in trials]))
     results["seconds"] = round(time.time() - started, 3)
     write_bytes_atomic(store.fs, f"{store.stage_path('correction')}/results.json",
                        json.dumps(results, indent=2, default=float).encode())

@@ -63,6 +63,14 @@ def test_correction_writes_trials_selection_checkpoints_and_results(labelled_run
     assert main(["report", store.uri]) == 0
     html = store.fs.cat_file(f"{store.path}/report/index.html").decode()
     assert "id='before-after'" in html and "alt='lambda trade-off'" in html
+    # Relabelling changes the failure regions: the region sets are drawn again for the new ones.
+    write_labels(store, labels_table([{"region_id": 0, "label": "3", "is_failure": True, "source": "human"},
+                                      {"region_id": 1, "label": "8", "is_failure": True, "source": "human"}]),
+                 CLASSES)
+    again = run_correction(store.uri, {"lambdas": [1.0], "baseline": False, "workers": 0})
+    assert again.results["n_failure_regions"] == 2 and "baseline" not in again.results
+    sets = store.read_table("region_sets")
+    assert {r: l for r, l in zip(sets["region_id"].to_pylist(), sets["source_label"].to_pylist())} == {0: 3, 1: 8}
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (Debian package 'chromium'): the report was not opened in a browser")
     _check_in_browser(request.getfixturevalue("page"), f"{store.path}/report/index.html")
