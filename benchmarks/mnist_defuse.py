@@ -20,9 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mnist_defuse.json"
 JOB = ROOT / "jobs" / "mnist_defuse.yaml"
@@ -47,10 +44,7 @@ def main() -> int:
     print(campaign.summary(), flush=True)
     searched = time.time()
     store = RunStore.from_uri(campaign.run_uri)
-    reference = config_oracle(store)
-    labels = labeling.oracle_labels(store.read_table("region_samples"), reference, rho=args.rho, per_region=10)
-    faults = store.read_table("identify", columns=["sample_id", "image", "pred"], filter=pc.field("fault"))
-    labels = pa.concat_tables([labels, labeling.oracle_fault_labels(faults, reference, 5000)])
+    labels = labeling.label_run(store, config_oracle(store), rho=args.rho, per_region=10, fault_labels=5000)
     labeling.write_labels(store, labels, campaign.class_names)
     labelled = time.time()
     correction = run_correction(campaign.run_uri)

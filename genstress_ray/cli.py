@@ -37,9 +37,6 @@ USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError)
 
 def _demo(args) -> int:
     """The whole loop on the bundled digits: identify -> regions -> oracle labels -> correction -> report."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from genstress_ray import labeling
     from genstress_ray.correction import run_correction
     from genstress_ray.pipeline import config_oracle, run_campaign
@@ -51,11 +48,8 @@ def _demo(args) -> int:
     print(result.summary(), flush=True)
     store = RunStore.from_uri(result.run_uri)
     if result.regions:
-        reference = config_oracle(store)  # a second CNN: another seed, more epochs
-        table = labeling.oracle_labels(store.read_table("region_samples"), reference)
-        faults = store.read_table("identify", columns=["sample_id", "image", "pred"], filter=pc.field("fault"))
-        table = pa.concat_tables([table, labeling.oracle_fault_labels(faults, reference, 5000)])
-        labeling.write_labels(store, table, result.class_names)
+        # The oracle is a second CNN (another seed, more epochs).
+        labeling.write_labels(store, labeling.label_run(store, config_oracle(store)), result.class_names)
         print(run_correction(result.run_uri).summary(), flush=True)
     print(f"report: {write_report(store)}")
     print(f"wall time {time.time() - t0:.1f}s")
@@ -97,9 +91,6 @@ def _train(args) -> int:
 def _label(args) -> int:
     import json
 
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from genstress_ray import labeling
     from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
 
@@ -137,10 +128,7 @@ def _label(args) -> int:
 
         reference = config_oracle(store) if args.oracle == CONFIG_ORACLE else \
             load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
-        table = labeling.oracle_labels(store.read_table("region_samples"), reference, args.rho, args.per_region)
-        if args.fault_labels:
-            faults = store.read_table("identify", columns=["sample_id", "image", "pred"], filter=pc.field("fault"))
-            table = pa.concat_tables([table, labeling.oracle_fault_labels(faults, reference, args.fault_labels)])
+        table = labeling.label_run(store, reference, args.rho, args.per_region, args.fault_labels)
     elif args.file:
         table = labeling.read_label_file(args.file)
     else:

@@ -12,11 +12,13 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from genstress_ray.data import decode_images, to_float
 from genstress_ray.labeling.table import NOT_A_FAILURE, labels_table
 from genstress_ray.models import Classifier
+from genstress_ray.storage import RunStore
 
 
 def reviewed_samples(region_samples: pa.Table, per_region: int) -> pa.Table:
@@ -75,3 +77,12 @@ def oracle_labels(region_samples: pa.Table, reference: Classifier, rho: float = 
                      "is_failure": is_failure, "source": "oracle", "annotator": annotator,
                      "agreement": float((truth == majority).mean())})
     return labels_table(rows)
+
+
+def label_run(store: RunStore, reference: Classifier, rho: float = 0.5, per_region: int = 10, fault_labels: int = 5000) -> pa.Table:
+    """The oracle's ``labels`` table for a run: one row per region, plus ``fault_labels`` faults one by one."""
+    table = oracle_labels(store.read_table("region_samples"), reference, rho, per_region)
+    if fault_labels:
+        faults = store.read_table("identify", columns=["sample_id", "image", "pred"], filter=pc.field("fault"))
+        table = pa.concat_tables([table, oracle_fault_labels(faults, reference, fault_labels)])
+    return table
