@@ -1,15 +1,15 @@
 """The lambda sweep on Ray: each trial is a Ray Train ``TorchTrainer`` run, the trials a Ray Tune grid.
 
 Tune runs as many trials at once as the cluster's resources allow (or ``max_concurrent_trials``);
-each trial's trainer runs the fine-tune loop on ``workers`` DDP workers (gloo on CPUs, NCCL on GPUs),
-or, with ``workers=0``, in Ray Train's local mode inside the trial itself. Worker rank 0 saves the
-fine-tuned weights as the trial's checkpoint on the run's storage.
+each trial's trainer runs the fine-tune loop on ``workers`` DDP workers (gloo on CPUs, NCCL on GPUs).
+With ``workers=0`` the trainers run in Ray Train's local mode, one after another in this process.
+Worker rank 0 writes the fine-tuned weights and the trial's metrics to the run's storage.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,7 +25,6 @@ from genstress_ray.models import load_module, save_checkpoint
 from genstress_ray.stages import ModelRef
 from genstress_ray.storage import filesystem_for, read_bytes, write_bytes_atomic
 
-log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model"
 
 
@@ -49,8 +48,6 @@ def save_finetuned(module: torch.nn.Module, ref: ModelRef, uri: str) -> ModelRef
     carry its architecture and params, like every checkpoint the project writes.
     """
     if isinstance(module, torch.jit.ScriptModule):
-        import io
-
         buf = io.BytesIO()
         torch.jit.save(module, buf)
         fs, path = filesystem_for(uri)

@@ -1,4 +1,4 @@
-"""The run report: one self-contained HTML file (scan-to-scan diff to come)."""
+"""The run report: one self-contained HTML file."""
 
 from genstress_ray.report.html import build_report, write_report
 
