@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genstress_ray.data import to_float
+from genstress_ray.models.training import images_accuracy as accuracy
 
 # Arrays the loop reads (uint8 images N x C x H x W, int64 labels): D's train / validation / test
 # splits, the fine-tune set ("finetune" for Defuse, "baseline" for the baseline), and the regions'
@@ -30,22 +31,6 @@ class FinetuneSettings:
     lr: float = 1e-4
     batch_size: int = 128
     seed: int = 0
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 1024,
-             device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy on uint8 images; ``nan`` for an empty set."""
-    if len(labels) == 0:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        x = to_float(images[i: i + batch_size]).to(device)
-        correct += int((model(x).argmax(1).cpu() == torch.from_numpy(labels[i: i + batch_size])).sum())
-    model.train(was_training)
-    return correct / len(labels)
 
 
 def evaluate(model: nn.Module, data: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, float]:
@@ -67,7 +52,7 @@ def _shard(order: np.ndarray, step: int, rank: int, world: int, batch: int) -> n
 
 
 def finetune(model: nn.Module, data: dict[str, np.ndarray], fine: str, settings: FinetuneSettings,
-             rank: int = 0, world: int = 1, device: torch.device | str = "cpu", on_epoch=None) -> nn.Module:
+             rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> nn.Module:
     """Minimise L(D) + lam * L(Df) with Adam; ``fine`` names the Df arrays (``finetune`` or ``baseline``).
 
     Every rank draws the same permutations and takes its own slice, so all ranks run the same number
@@ -85,9 +70,8 @@ def finetune(model: nn.Module, data: dict[str, np.ndarray], fine: str, settings:
         raise ValueError(f"the {fine} set is empty: nothing to fine-tune on")
     steps = max(1, len(dy) // (settings.batch_size * world))
     model.train()
-    for epoch in range(settings.epochs):
+    for _ in range(settings.epochs):
         d_order, f_order = rng.permutation(len(dy)), rng.permutation(len(fy))
-        total = 0.0
         for step in range(steps):
             di = _shard(d_order, step, rank, world, settings.batch_size)
             fi = _shard(f_order, step, rank, world, settings.batch_size)
@@ -99,8 +83,5 @@ def finetune(model: nn.Module, data: dict[str, np.ndarray], fine: str, settings:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item()
-        if on_epoch is not None:
-            on_epoch(epoch, total / steps)
     return model.eval()
 

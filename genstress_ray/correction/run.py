@@ -61,17 +61,17 @@ def _images(table: pa.Table, what: str) -> np.ndarray:
     return decode_images(table["image"].to_pylist(), [f"{what} {i}" for i in ids], None) if ids else None
 
 
-def _region_labels(store: RunStore, class_names: list[str]) -> tuple[dict[int, int], int]:
+def _region_labels(labels: pa.Table, class_names: list[str]) -> tuple[dict[int, int], int]:
     """Label index of every failure region, and the number of labelled regions."""
-    labels = read_labels(store).filter(pc.invert(pc.is_null(pc.field("region_id"))))
+    labels = labels.filter(pc.invert(pc.is_null(pc.field("region_id"))))
     failures = labels.filter(pc.field("is_failure"))
     return ({r: class_names.index(lab) for r, lab in zip(failures["region_id"].to_pylist(),
                                                           failures["label"].to_pylist())}, labels.num_rows)
 
 
-def _fault_labels(store: RunStore, class_names: list[str], limit: int, seed: int):
+def _fault_labels(store: RunStore, labels: pa.Table, class_names: list[str], limit: int, seed: int):
     """Individually labelled faults (sample rows of the labels table) for the baseline, at most ``limit``."""
-    labels = read_labels(store).filter(pc.invert(pc.is_null(pc.field("sample_id"))))
+    labels = labels.filter(pc.invert(pc.is_null(pc.field("sample_id"))))
     if labels.num_rows == 0:
         return None, None
     label_of = dict(zip(labels["sample_id"].to_pylist(), labels["label"].to_pylist()))
@@ -103,7 +103,8 @@ def dataset_splits(cfg: CampaignConfig) -> dict[str, np.ndarray]:
     return data
 
 
-def correction_data(cfg: CampaignConfig, store: RunStore, class_names: list[str]) -> dict[str, np.ndarray]:
+def correction_data(cfg: CampaignConfig, store: RunStore, labels: pa.Table,
+                    class_names: list[str]) -> dict[str, np.ndarray]:
     """Every array the trials need: D's splits, the region sets and the baseline's labelled faults."""
     c = cfg.correction
     data = dataset_splits(cfg)
@@ -118,7 +119,7 @@ def correction_data(cfg: CampaignConfig, store: RunStore, class_names: list[str]
         data[f"{name}_x"] = _images(part, "region sample")
         data[f"{name}_y"] = part["source_label"].to_numpy().astype(np.int64)
     if c.baseline:
-        x, y = _fault_labels(store, class_names, len(data["finetune_y"]), cfg.seed)
+        x, y = _fault_labels(store, labels, class_names, len(data["finetune_y"]), cfg.seed)
         if x is not None:
             data["baseline_x"], data["baseline_y"] = x, y
     return data
@@ -150,7 +151,8 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
     raw["correction"] = {**raw.get("correction", {}), **(overrides or {})}
     cfg = load_config(raw)  # validates the overrides before anything is touched
     class_names, image_shape = manifest["class_names"], manifest["image_shape"]
-    failure_labels, n_labelled = _region_labels(store, class_names)
+    labels = read_labels(store)
+    failure_labels, n_labelled = _region_labels(labels, class_names)
     refs = {"classifier": model_ref(cfg.classifier, manifest["models"]["classifier"]),
             "generator": model_ref(cfg.generator, manifest["models"]["generator"])}
     classifier = load_classifier(refs["classifier"], class_names, image_shape)
@@ -170,7 +172,7 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
         results["before"] = evaluate(classifier.net, dataset_splits(cfg))
         trials = []
     else:
-        data = correction_data(cfg, store, class_names)
+        data = correction_data(cfg, store, labels, class_names)
         results["before"] = evaluate(classifier.net, data)
         methods = {m: key for m, key in METHODS.items() if f"{key}_x" in data}
         if cfg.correction.baseline and "baseline" not in methods:

@@ -41,11 +41,12 @@ class TrialResources:
                                    resources_per_worker={"CPU": self.num_cpus_per_worker})
 
 
-def save_finetuned(module: torch.nn.Module, ref: ModelRef, uri: str) -> ModelRef:
+def save_finetuned(module: torch.nn.Module, ref: ModelRef, uri: str, meta: dict | None = None) -> ModelRef:
     """Write a fine-tuned classifier in the format it came in and return a reference that loads it.
 
     TorchScript stays TorchScript; a registered or factory-built module becomes safetensors that
-    carry its architecture and params, like every checkpoint the project writes.
+    carry its architecture and params, like every checkpoint the project writes. ``meta`` is the
+    original checkpoint's metadata when the caller already has it (else it is read again).
     """
     if isinstance(module, torch.jit.ScriptModule):
         buf = io.BytesIO()
@@ -54,7 +55,8 @@ def save_finetuned(module: torch.nn.Module, ref: ModelRef, uri: str) -> ModelRef
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         write_bytes_atomic(fs, path, buf.getvalue())
         return ModelRef(uri, "torchscript")
-    _, meta = load_module(ref.uri, ref.format, ref.architecture, ref.factory, ref.params)
+    if meta is None:
+        _, meta = load_module(ref.uri, ref.format, ref.architecture, ref.factory, ref.params)
     architecture = ref.architecture or meta.get("architecture")
     params = {**meta.get("params", {}), **ref.params}
     save_checkpoint(module, uri, architecture, params)
@@ -72,7 +74,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     data = ray.get(config["data"][0])
     ref = ModelRef(**config["model"])
-    net = ref.load()
+    net, meta = load_module(ref.uri, ref.format, ref.architecture, ref.factory, ref.params)
     device = ray.train.torch.get_device()  # the worker's GPU when use_gpu, else the CPU
     # DDP (gloo on CPUs, NCCL on GPUs) only where there is more than one rank to synchronise.
     model = ray.train.torch.prepare_model(net) if world > 1 or device.type == "cuda" else net.to(device)
@@ -84,7 +86,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # Written straight to the run's storage (any fsspec URI): Ray Train's local mode keeps no
         # checkpoints and its results carry metrics only with one, so every mode leaves the weights
         # and the metrics in the same place.
-        save_finetuned(net.cpu(), ref, config["checkpoint"])
+        save_finetuned(net.cpu(), ref, config["checkpoint"], meta)
         fs, path = filesystem_for(_metrics_uri(config["checkpoint"]))
         write_bytes_atomic(fs, path, json.dumps(metrics).encode())
     train.report(metrics)

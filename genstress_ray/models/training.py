@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genstress_ray.data import ImageSet
+from genstress_ray.data import ImageSet, to_float
 from genstress_ray.models.loading import save_checkpoint
 from genstress_ray.models.registry import get_model
 from genstress_ray.storage import filesystem_for
@@ -33,13 +33,26 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on ``data``."""
+def images_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 1024,
+                    device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy on uint8 images (N, C, H, W); ``nan`` for an empty set. Leaves the model's
+    train/eval mode as it found it."""
+    if len(labels) == 0:
+        return float("nan")
+    was_training = model.training
     model.eval()
-    x, y = data.tensors()
-    correct = sum(int((model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    return correct / max(len(y), 1)
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = to_float(images[i: i + batch_size]).to(device)
+        correct += int((model(x).argmax(1).cpu() == torch.from_numpy(labels[i: i + batch_size])).sum())
+    model.train(was_training)
+    return correct / len(labels)
+
+
+def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (0 for an empty set)."""
+    model.eval()
+    return images_accuracy(model, data.images, data.labels.astype(np.int64), batch_size) if len(data) else 0.0
 
 
 def train_classifier(train: ImageSet, validation: ImageSet | None = None, architecture: str = "small_cnn",
