@@ -1,4 +1,4 @@
-"""The ``genstress`` command: demo, run, label, correct, report, train."""
+"""The ``genstress`` command: demo, run, assess, label, correct, report, train."""
 
 from __future__ import annotations
 
@@ -74,17 +74,40 @@ def _run(args) -> int:
     return 0
 
 
+# ``genstress train <model>``: the registry kind and default architecture of each built-in.
+TRAINABLE = {"classifier": ("classifier", "small_cnn"), "vae": ("latent_generator", "beta_vae"),
+             "stylegan": ("style_generator", "small_stylegan")}
+
+
 def _train(args) -> int:
-    role = {"classifier": "classifier", "vae": "latent_generator"}[args.model]
-    architecture = args.architecture or {"classifier": "small_cnn", "vae": "beta_vae"}[args.model]
+    from genstress_ray.models import load_module
+
+    role, default_architecture = TRAINABLE[args.model]
     data = {"uri": args.data_uri, "resize": args.resize, "seed": args.seed}
+    if args.split_from:
+        data["split_from"] = args.split_from
     train = get_source(args.data, split="train", **data).load()
     val = get_source(args.data, split="validation", **data).load()
-    settings = {"epochs": args.epochs, "seed": args.seed}
+    settings = {"seed": args.seed, **({"epochs": args.epochs} if args.epochs else {})}
     if args.model == "vae":
         settings["beta"] = args.beta
-    metrics = train_and_save(role, architecture, train, val, args.output, None, settings)
+    if args.model == "stylegan":
+        if args.max_minutes:
+            settings["max_seconds"] = 60 * args.max_minutes
+        if args.reference:
+            settings["reference"], _ = load_module(args.reference)
+    metrics = train_and_save(role, args.architecture or default_architecture, train, val, args.output, None, settings)
     print(f"wrote {args.output}: {metrics}")
+    return 0
+
+
+def _assess(args) -> int:
+    import json
+
+    from genstress_ray.assessment import assess_run
+
+    overrides = {"quantile": args.quantile} if args.quantile else None
+    print(json.dumps(assess_run(args.run, overrides=overrides), indent=2))
     return 0
 
 
@@ -167,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES,
                      help="stop after this stage (a later run without it resumes)")
     run.set_defaults(func=_run)
+    assess = sub.add_parser("assess", help="measure a run's search output: fault detection, diversity, validity, "
+                                           "Frechet distance (writes assessment.json into the run)")
+    assess.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    assess.add_argument("--quantile", type=float, help="validity: quantile of real reconstruction errors (0.99)")
+    assess.set_defaults(func=_assess)
     label = sub.add_parser("label", help="label a run's regions, one label per region: with no option, serve the "
                                          "review page on 127.0.0.1")
     label.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
@@ -196,13 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--per-region", type=int, default=16, help="images shown per region")
     report.set_defaults(func=_report)
     train = sub.add_parser("train", help="train a built-in model and write it as safetensors")
-    train.add_argument("model", choices=["classifier", "vae"])
+    train.add_argument("model", choices=list(TRAINABLE))
     train.add_argument("--data", default="digits", help="dataset kind (digits, mnist, fashion_mnist, ...)")
     train.add_argument("--data-uri", help="where the dataset lives (folder or fsspec URI)")
     train.add_argument("--resize", type=int)
     train.add_argument("--architecture")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--beta", type=float, default=4.0)
+    train.add_argument("--split-from", choices=["test", "train"],
+                       help="carve train/validation/test out of one file set (Fashion-MNIST here has test files only)")
+    train.add_argument("--epochs", type=int, help="default: 5 (classifier), 20 (vae), 8 (stylegan)")
+    train.add_argument("--beta", type=float, default=4.0, help="vae: KL weight")
+    train.add_argument("--reference", metavar="CHECKPOINT",
+                       help="stylegan: a classifier trained on real data; its accuracy on generated images against "
+                            "their class (sample validity) is logged each epoch and stored with the model")
+    train.add_argument("--max-minutes", type=float, help="stylegan: stop after the epoch that passes this")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, help="checkpoint URI (.safetensors)")
     train.set_defaults(func=_train)

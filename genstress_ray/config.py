@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genstress_ray.data import SPLITS, list_sources
-from genstress_ray.models import FORMATS, list_models
+from genstress_ray.models import FORMATS, list_models, model_kind
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,7 @@ class ModelSpec(_Strict):
 class DefuseParams(_Strict):
     """Defuse identification: ``draws`` Beta(a, b) noise vectors per image added to its latent mean."""
 
+    generator_kind: ClassVar[str] = "latent_generator"
     name: Literal["defuse"] = "defuse"
     a: Annotated[float, Field(gt=0)] = 0.75
     b: Annotated[float, Field(gt=0)] = 0.75
@@ -119,8 +120,56 @@ class DefuseParams(_Strict):
     only_correct_reconstructions: bool = False
 
 
+class _StyleSearchParams(_Strict):
+    """What the style-based strategies share: the seed list and the per-seed generator-call budget.
+
+    Seed i is class ``i % num_classes`` (for a conditional generator) with a code drawn from its own
+    stream, so a seed list is the same for every strategy and every way of batching it.
+    """
+
+    generator_kind: ClassVar[str] = "style_generator"
+    seeds: Annotated[int, Field(gt=0)] = 1000
+    # Generator calls (images synthesised) per seed.
+    budget_calls: Annotated[int, Field(gt=0)] = 60
+    keep: Literal["faults", "all"] = "faults"
+
+
+class TruncationParams(_StyleSearchParams):
+    """Random truncation: ``budget_calls`` samples per seed's class, truncated toward w_avg by the psi
+    schedule and, with ``clip_probability``, with z clipped to a bound drawn from ``clip_range``."""
+
+    name: Literal["truncation"] = "truncation"
+    psi: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    clip_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = (1.0, 3.0)
+    clip_probability: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+    @field_validator("clip_range")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"clip_range {list(v)}: the low bound must not exceed the high one")
+        return v
+
+
+class MixingParams(_StyleSearchParams):
+    """Latent code mixing toward the classifier's ``top_k`` runner-up classes over ``layer_sets``
+    (default: every single layer and the coarse/middle/fine thirds), with a binary search on the
+    mixing weight of at most ``max_iterations`` steps down to a bracket of ``tolerance``.
+    ``budget_seconds`` stops a seed's searches after that long (a safety stop: past it, results
+    depend on the machine's speed). ``target_tries`` codes per seed look for runner-up class codes
+    when the generator is unconditional."""
+
+    name: Literal["mixing"] = "mixing"
+    top_k: Annotated[int, Field(gt=0)] = 2
+    layer_sets: list[list[Annotated[int, Field(ge=0)]]] | None = None
+    max_iterations: Annotated[int, Field(gt=0, le=64)] = 20
+    tolerance: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+    budget_seconds: Annotated[float, Field(gt=0)] = 60.0
+    target_tries: Annotated[int, Field(gt=0)] = 8
+
+
 # New strategies join this union (a discriminated union names the allowed values in its errors).
-StrategyConfig = Annotated[Union[DefuseParams], Field(discriminator="name")]
+StrategyConfig = Annotated[Union[DefuseParams, TruncationParams, MixingParams], Field(discriminator="name")]
 
 
 class ReduceConfig(_Strict):
@@ -132,6 +181,8 @@ class ReduceConfig(_Strict):
     samples_per_region: Annotated[int, Field(ge=0)] = 100
     tau: Annotated[float, Field(gt=0)] = 1.0
     max_iter: Annotated[int, Field(gt=0)] = 500
+    # Latents longer than this are clustered on their principal components (see regions.fit_regions).
+    max_dims: Annotated[int, Field(gt=0)] = 32
 
 
 class StageResources(_Strict):
@@ -200,10 +251,29 @@ class CorrectionConfig(_Strict):
         return v
 
 
+class AssessmentConfig(_Strict):
+    """How ``genstress assess`` measures a search's output (README, "Metrics").
+
+    ``detector`` is the out-of-distribution check of validity: a beta-VAE trained on the real training
+    split; an image is valid when its reconstruction error is at most the ``quantile`` of the errors
+    on the real validation split. At most ``max_faults`` faults (a seeded sample) are assessed.
+    """
+
+    detector: ModelSpec = ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0})
+    quantile: Annotated[float, Field(gt=0, le=1)] = 0.99
+    max_faults: Annotated[int, Field(gt=1)] = 5000
+
+
 class RayConfig(_Strict):
     address: str | None = None
     num_cpus: Annotated[int, Field(gt=0)] | None = None
     object_store_memory: Annotated[int, Field(gt=0)] | None = None
+
+
+DEFAULT_GENERATORS = {
+    "latent_generator": ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0}),
+    "style_generator": ModelSpec(architecture="small_stylegan", train={"epochs": 8}),
+}
 
 
 def _default_cache() -> str:
@@ -221,13 +291,15 @@ class CampaignConfig(_Strict):
     storage_options: dict[str, Any] = {}
     data: DataConfig = DataConfig()
     classifier: ModelSpec = ModelSpec(architecture="small_cnn", train={"epochs": 5})
-    generator: ModelSpec = ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0})
+    # None: the strategy's built-in generator (DEFAULT_GENERATORS), trained once and cached.
+    generator: ModelSpec | None = None
     # The reference classifier that labels regions in benchmarks and nightly scans (``genstress label
     # RUN --oracle``); a built-in is trained once and cached like the other models.
     oracle: ModelSpec | None = None
     strategy: StrategyConfig = DefuseParams()
     reduce: ReduceConfig = ReduceConfig()
     correction: CorrectionConfig = CorrectionConfig()
+    assessment: AssessmentConfig = AssessmentConfig()
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()
 
@@ -237,10 +309,16 @@ class CampaignConfig(_Strict):
 
     @model_validator(mode="after")
     def _models_are_buildable(self):
+        if self.generator is None:
+            self.generator = DEFAULT_GENERATORS[self.strategy.generator_kind].model_copy(deep=True)
         for role, spec in (("classifier", self.classifier), ("generator", self.generator), ("oracle", self.oracle)):
             if spec is not None and spec.uri is None and spec.architecture is None:
                 raise ValueError(f"{role}: give a checkpoint 'uri' or a built-in 'architecture' to train "
                                  f"(allowed: {', '.join(list_models())})")
+        needed, arch = self.strategy.generator_kind, self.generator.architecture
+        if arch is not None and model_kind(arch) != needed:
+            raise ValueError(f"generator.architecture: strategy {self.strategy.name!r} needs a {needed} "
+                             f"({', '.join(list_models(needed))}), and {arch!r} is a {model_kind(arch)}")
         return self
 
 

@@ -1,7 +1,11 @@
-"""Scores of classifier outputs: KLDB, entropy, margin. Plain differentiable torch functions."""
+"""Scores of classifier outputs (KLDB, entropy, margin) and set-level metrics of generated inputs
+(fault detection, diversity, validity, Frechet distance). Plain torch functions, no Ray."""
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +61,116 @@ def score_logits(logits: torch.Tensor, intended: torch.Tensor) -> dict[str, torc
         "entropy": entropy(logits),
         "margin": margin(logits),
     }
+
+
+# Set-level metrics of a search strategy's output (README, "Metrics", gives the exact definitions).
+
+def fault_detection(faults: int, candidates: int, generator_calls: int) -> dict[str, float]:
+    """Faults per generated candidate and per generator call (``nan`` when nothing was generated)."""
+    return {"faults_per_candidate": faults / candidates if candidates else float("nan"),
+            "faults_per_call": faults / generator_calls if generator_calls else float("nan")}
+
+
+def mean_pairwise_distance(features: torch.Tensor, max_points: int = 2000, seed: int = 0) -> float:
+    """Mean Euclidean distance over all pairs of rows (a seeded subsample of ``max_points`` rows when
+    there are more); ``nan`` for fewer than 2 rows."""
+    n = len(features)
+    if n < 2:
+        return float("nan")
+    if n > max_points:
+        features = features[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points]]
+        n = max_points
+    d = torch.cdist(features.double(), features.double())
+    return float(d.sum() / (n * (n - 1)))
+
+
+def distinct_class_pairs(intended: torch.Tensor, pred: torch.Tensor) -> int:
+    """How many distinct (intended class, predicted class) pairs the faults cover."""
+    return len(set(zip(intended.tolist(), pred.tolist())))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per image pair, images (N, C, H, W) in [0, 1]: Gaussian
+    window (11, sigma 1.5, shrunk to the image side when smaller), K1 = 0.01, K2 = 0.03, averaged
+    over the valid window positions and the channels.
+
+    >>> x = torch.rand(2, 1, 16, 16)
+    >>> ssim(x, x).tolist()
+    [1.0, 1.0]
+    """
+    size = min(window, x.shape[-1], x.shape[-2])
+    c = x.shape[1]
+    w = _gaussian_window(size, sigma).to(x.device).expand(c, 1, size, size)
+    x, y = x.double(), y.double()
+
+    def blur(t):
+        return F.conv2d(t, w, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, d), as in FID:
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). ``nan`` when a set has fewer than 2 rows."""
+    from scipy import linalg
+
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        # Fewer rows than features make the product singular; its square root is still defined.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(covmean).all():  # FID's usual fix: a small ridge
+            eps = np.eye(len(s_a)) * 1e-6
+            covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean.real))
+
+
+@torch.no_grad()
+def penultimate_features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The classifier's penultimate features: its ``embed()`` when it has one, else the input of its
+    last ``nn.Linear`` (captured with a forward hook)."""
+    was_training = net.training
+    net.eval()
+    if callable(getattr(net, "embed", None)):
+        out = [net.embed(x) for x in images.split(batch_size)]
+    else:
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        if not linears:
+            raise ValueError(f"{type(net).__name__} has neither embed() nor an nn.Linear head to take features from")
+        captured: list[torch.Tensor] = []
+        hook = linears[-1].register_forward_hook(lambda m, inp, out: captured.append(inp[0].flatten(1)))
+        try:
+            for x in images.split(batch_size):
+                net(x)
+        finally:
+            hook.remove()
+        out = captured
+    net.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def reconstruction_error(vae: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Per-image binary cross-entropy (nats) between images in [0, 1] and the VAE's reconstruction of
+    their posterior mean: the out-of-distribution score of the validity check."""
+    errors = []
+    for x in images.split(batch_size):
+        mean, _ = vae.encode(x)
+        recon = vae.decode(mean).clamp(1e-6, 1 - 1e-6)
+        errors.append(F.binary_cross_entropy(recon, x, reduction="none").flatten(1).sum(1))
+    return torch.cat(errors) if errors else torch.zeros(0)

@@ -22,6 +22,7 @@ from genstress_ray.models import ModelError, cached_model_uri, model_kind, train
 from genstress_ray.regions import fit_regions, sample_regions
 from genstress_ray.stages import (SEARCH_STAGES, RegionDecode, ModelRef, StageCounters, load_classifier,
                                   load_generator)
+from genstress_ray.strategies import layer_masks
 from genstress_ray.storage import STAGES, RunStore, library_versions
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def load_split(spec) -> ImageSet:
 
 def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: ImageSet) -> ModelRef:
     """The checkpoint to use for ``role``: the configured one, or a built-in trained once and cached."""
-    expected = "latent_generator" if role == "generator" else "classifier"
+    expected = {"generator": cfg.strategy.generator_kind, "detector": "latent_generator"}.get(role, "classifier")
     if spec.architecture and model_kind(spec.architecture) != expected:
         raise ModelError(f"{role}.architecture: {spec.architecture!r} is a {model_kind(spec.architecture)}, "
                          f"not a {expected}")
@@ -102,11 +103,20 @@ def init_ray(cfg: CampaignConfig) -> None:
              include_dashboard=False, log_to_driver=True)
 
 
-def _source_dataset(images: ImageSet, rows_per_block: int) -> ray.data.Dataset:
-    """Source rows as Ray blocks of exactly one batch each, so batches do not depend on the pool size."""
+def _source_table(cfg: CampaignConfig, images: ImageSet, conditional: bool) -> pa.Table:
+    """The rows the search starts from: the search images, or, for the style-based strategies, the
+    seed list (seed i is class i % K for a conditional generator, -1 = the generator decides)."""
+    if cfg.strategy.generator_kind == "style_generator":
+        n, k = cfg.strategy.seeds, len(images.class_names)
+        labels = np.arange(n) % k if conditional else np.full(n, -1)
+        return pa.table({"source_id": [f"seed:{i}" for i in range(n)], "source_label": labels.astype(np.int64)})
     flat = images.images.reshape(len(images), -1)
-    table = pa.table({"source_id": images.source_ids, "source_label": images.labels,
-                      "image": [row.tobytes() for row in flat]})
+    return pa.table({"source_id": images.source_ids, "source_label": images.labels,
+                     "image": [row.tobytes() for row in flat]})
+
+
+def _source_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    """Source rows as Ray blocks of exactly one batch each, so batches do not depend on the pool size."""
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
     return ray.data.from_arrow(blocks)
 
@@ -122,9 +132,10 @@ def _run_model_stage(store: RunStore, stage: str, ds: ray.data.Dataset, stage_cl
     return totals
 
 
-def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constructor: dict) -> dict:
+def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constructor: dict,
+                 conditional: bool = True) -> dict:
     store.begin_stage("identify")
-    ds = _source_dataset(search, cfg.resources.search.batch_size)
+    ds = _source_dataset(_source_table(cfg, search, conditional), cfg.resources.search.batch_size)
     stage_cls = SEARCH_STAGES[cfg.strategy.name]
     totals = _run_model_stage(store, "identify", ds, stage_cls, cfg.resources.search,
                               {**constructor, "params": cfg.strategy.model_dump()})
@@ -141,7 +152,7 @@ def run_regions(cfg: CampaignConfig, store: RunStore) -> dict:
     fit = fit_regions(latents, faults["source_label"].to_numpy(), faults["pred"].to_numpy(),
                       max_components=r.max_components,
                       weight_threshold=r.weight_threshold, max_points=r.max_faults, seed=cfg.seed,
-                      max_iter=r.max_iter)
+                      max_iter=r.max_iter, max_dims=r.max_dims)
     if fit.message:
         log.warning("regions: %s", fit.message)
     store.write_table("regions", fit.table)
@@ -174,6 +185,25 @@ def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict) 
     dominant = dict(zip(regions["region_id"].to_pylist(), regions["dominant_source_label"].to_pylist()))
     return decode_region_samples(cfg, store, "region_samples", regions, cfg.reduce.samples_per_region, dominant,
                                  constructor)
+
+
+def stage_constructor(cfg: CampaignConfig, refs: dict[str, ModelRef], class_names: list[str], image_shape) -> dict:
+    """What every model stage of a run is built with (``fn_constructor_kwargs``)."""
+    return {"classifier": refs["classifier"], "generator": refs["generator"], "class_names": class_names,
+            "image_shape": tuple(image_shape), "seed": cfg.seed, "generator_kind": cfg.strategy.generator_kind}
+
+
+def check_generator(cfg: CampaignConfig, ref: ModelRef, search: ImageSet):
+    """Load the generator behind its protocol on the driver and check it against the strategy, so a
+    bad generator or layer set fails before any Ray work."""
+    generator = load_generator(ref, search.image_shape, cfg.strategy.generator_kind, len(search.class_names))
+    layer_sets = getattr(cfg.strategy, "layer_sets", None)
+    if layer_sets:
+        try:
+            layer_masks(layer_sets, generator.num_ws)
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+    return generator
 
 
 def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
@@ -213,7 +243,7 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
             for role, spec in (("classifier", cfg.classifier), ("generator", cfg.generator))}
     # Load once on the driver: a shape, class-count or checkpoint mismatch fails here, before Ray work.
     load_classifier(refs["classifier"], search.class_names, search.image_shape)
-    load_generator(refs["generator"], search.image_shape)
+    generator = check_generator(cfg, refs["generator"], search)
     manifest = store.read_manifest()
     if manifest.get("config") and manifest["config"] != cfg.model_dump(mode="json"):
         log.warning("run %s exists with a different config; finished stages are kept as they are", store.uri)
@@ -222,9 +252,9 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
                           models={k: v.uri for k, v in refs.items()}, class_names=search.class_names,
                           image_shape=list(search.image_shape), status="running")
     init_ray(cfg)
-    constructor = {"classifier": refs["classifier"], "generator": refs["generator"],
-                   "class_names": search.class_names, "image_shape": search.image_shape, "seed": cfg.seed}
-    runners = {"identify": lambda: run_identify(cfg, store, search, constructor),
+    constructor = stage_constructor(cfg, refs, search.class_names, search.image_shape)
+    conditional = bool(getattr(generator, "c_dim", 1))
+    runners = {"identify": lambda: run_identify(cfg, store, search, constructor, conditional),
                "regions": lambda: run_regions(cfg, store),
                "region_samples": lambda: run_region_samples(cfg, store, constructor)}
     skipped = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.decomposition import PCA
 from sklearn.mixture import BayesianGaussianMixture
 
 from genstress_ray.storage import REGIONS_SCHEMA
@@ -43,9 +44,13 @@ def _dominant(values: np.ndarray) -> tuple[int, float]:
 
 def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarray, max_components: int = 100,
                 weight_threshold: float = 0.01, max_points: int = 50_000, seed: int = 0,
-                max_iter: int = 500) -> RegionFit:
+                max_iter: int = 500, max_dims: int = 32) -> RegionFit:
     """Fit the DP-GMM on failure latents (N, d) and return the regions: components with weight >
     ``weight_threshold`` that at least one fault belongs to.
+
+    Latents longer than ``max_dims`` (the styles of a style-based generator: num_ws x w_dim) are
+    first projected on their ``max_dims`` principal components: full covariances in hundreds of
+    dimensions cost O(d^3) per component and are mostly unidentifiable from a few hundred faults.
 
     With fewer than 2 faults there is nothing to cluster: the result is an empty table and a message.
     More than ``max_points`` faults are subsampled (seeded) for the fit; membership counts then use all.
@@ -64,6 +69,11 @@ def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarra
     fit_on = latents
     if n > max_points:
         fit_on = latents[np.random.default_rng(seed).choice(n, max_points, replace=False)]
+    basis, centre = None, np.zeros(latents.shape[1])
+    if latents.shape[1] > max_dims:
+        pca = PCA(n_components=min(max_dims, len(fit_on)), random_state=seed).fit(fit_on)
+        basis, centre = pca.components_, pca.mean_
+        latents, fit_on = (latents - centre) @ basis.T, (fit_on - centre) @ basis.T
     k = min(max_components, len(fit_on))
     gmm = BayesianGaussianMixture(n_components=k, covariance_type="full",
                                   weight_concentration_prior_type="dirichlet_process",
@@ -83,8 +93,9 @@ def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarra
         src, src_share = _dominant(source_labels[in_c])
         prd, prd_share = _dominant(preds[in_c])
         rows.append({"region_id": region_id, "weight": float(gmm.weights_[c]),
-                     "mean": gmm.means_[c].astype(np.float32).tolist(),
+                     "mean": (gmm.means_[c] if basis is None else centre + gmm.means_[c] @ basis).astype(np.float32).tolist(),
                      "cov": gmm.covariances_[c].astype(np.float32).ravel().tolist(),
+                     "basis": None if basis is None else basis.astype(np.float32).ravel().tolist(),
                      "n_members": int(in_c.sum()), "dominant_source_label": src, "dominant_source_share": src_share,
                      "dominant_pred": prd, "dominant_pred_share": prd_share})
     table = pa.Table.from_pylist(rows, schema=REGIONS_SCHEMA) if rows else empty
@@ -103,8 +114,10 @@ def sample_regions(regions: pa.Table, per_region: int, tau: float = 1.0, seed: i
     ids, draws = [], []
     for row in regions.to_pylist():
         mean = np.asarray(row["mean"], np.float64)
-        cov = np.asarray(row["cov"], np.float64).reshape(len(mean), len(mean))
+        basis = np.asarray(row.get("basis") or np.eye(len(mean)), np.float64).reshape(-1, len(mean))
+        cov = np.asarray(row["cov"], np.float64).reshape(len(basis), len(basis))
         rng = np.random.default_rng([seed, row["region_id"]])
-        draws.append(rng.multivariate_normal(mean, tau * cov, size=per_region, method="cholesky"))
+        offsets = rng.multivariate_normal(np.zeros(len(basis)), tau * cov, size=per_region, method="cholesky")
+        draws.append(mean + offsets @ basis)
         ids.append(np.full(per_region, row["region_id"], np.int64))
     return np.concatenate(ids), np.concatenate(draws).astype(np.float32)

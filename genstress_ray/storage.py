@@ -41,6 +41,10 @@ REGIONS_SCHEMA = pa.schema([
     ("region_id", pa.int64()), ("weight", pa.float64()), ("mean", pa.list_(pa.float32())),
     ("cov", pa.list_(pa.float32())), ("n_members", pa.int64()), ("dominant_source_label", pa.int64()),
     ("dominant_source_share", pa.float64()), ("dominant_pred", pa.int64()), ("dominant_pred_share", pa.float64()),
+    # Null for regions fitted in the latent space itself. For long latents (styles of a style-based
+    # generator) the mixture is fitted on a PCA projection: ``basis`` holds its (r, d) rows, ``cov`` is
+    # then r x r in that basis, and ``mean`` stays in the latent space.
+    ("basis", pa.list_(pa.float32())),
 ])
 STAGE_SCHEMAS = {"identify": SAMPLES_SCHEMA, "regions": REGIONS_SCHEMA, "region_samples": REGION_SAMPLES_SCHEMA}
 

@@ -21,6 +21,8 @@ needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "mnist").exists(),
                                        reason=f"real MNIST files not found at {SHARED_DATA}")
 TINY_CNN = {"in_shape": [1, 8, 8], "num_classes": 10, "width": 4, "hidden": 16}
 TINY_VAE = {"in_shape": [1, 8, 8], "latent_dim": 4, "width": 4, "hidden": 16}
+TINY_STYLEGAN = {"in_shape": [1, 8, 8], "num_classes": 10, "z_dim": 8, "w_dim": 8, "mapping_layers": 2,
+                 "channels": [8, 8, 8]}
 
 
 def _free_port() -> int:
@@ -78,11 +80,12 @@ def ray_cluster(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """Random-weight tiny CNN and beta-VAE for 8x8 digits, saved as self-describing safetensors."""
+    """Random-weight tiny CNN, beta-VAE and style-based GAN for 8x8 digits, as self-describing safetensors."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     paths = {}
-    for role, arch, params in (("classifier", "small_cnn", TINY_CNN), ("generator", "beta_vae", TINY_VAE)):
+    for role, arch, params in (("classifier", "small_cnn", TINY_CNN), ("generator", "beta_vae", TINY_VAE),
+                               ("style_generator", "small_stylegan", TINY_STYLEGAN)):
         paths[role] = str(root / f"{role}.safetensors")
         save_checkpoint(get_model(arch, **params), paths[role], arch, params)
     return paths
@@ -104,6 +107,34 @@ def tiny_config(tiny_models, tmp_path) -> dict:
         "resources": {"search": {"actors": 1, "num_cpus": 0.5, "batch_size": 16},
                       "region_samples": {"actors": 1, "num_cpus": 0.5, "batch_size": 16}},
     }
+
+
+@pytest.fixture(scope="session")
+def style_classifier(tiny_models, tmp_path_factory) -> str:
+    """A tiny CNN trained to tell the tiny random style GAN's classes apart, so that seeds are
+    classified correctly and mixing toward other classes flips labels."""
+    from genstress_ray.data import ImageSet, to_uint8
+    from genstress_ray.models import StyleGenerator, load_module
+
+    g = StyleGenerator(load_module(tiny_models["style_generator"])[0], (1, 8, 8), 10).eval()
+    labels = torch.arange(10).repeat(200)
+    with torch.no_grad():
+        z = torch.randn(len(labels), g.z_dim, generator=torch.Generator().manual_seed(0))
+        images = to_uint8(g.synthesis(g.mapping(z, g.one_hot(labels))))
+    data = ImageSet(images, labels.numpy(), [str(i) for i in range(len(labels))], [str(i) for i in range(10)])
+    model, _ = train_classifier(data, architecture="small_cnn", params={"width": 8, "hidden": 32}, epochs=8)
+    path = str(tmp_path_factory.mktemp("style") / "classifier.safetensors")
+    save_checkpoint(model, path, "small_cnn", {**TINY_CNN, "width": 8, "hidden": 32})
+    return path
+
+
+@pytest.fixture
+def style_config(tiny_config, tiny_models, style_classifier) -> dict:
+    """The tiny campaign with the tiny style-based GAN, a classifier that knows its classes, and
+    latent code mixing."""
+    return {**tiny_config, "classifier": {"uri": style_classifier},
+            "generator": {"uri": tiny_models["style_generator"]},
+            "strategy": {"name": "mixing", "seeds": 24, "budget_calls": 40, "tolerance": 0.01}}
 
 
 # One Playwright instance per session: a second sync_playwright() in the same process is refused.

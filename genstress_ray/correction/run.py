@@ -27,7 +27,7 @@ from genstress_ray.correction.finetune import FinetuneSettings, evaluate, select
 from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import read_labels
-from genstress_ray.pipeline import decode_region_samples, init_ray, load_split, model_ref
+from genstress_ray.pipeline import decode_region_samples, init_ray, load_split, model_ref, stage_constructor
 from genstress_ray.stages import ModelRef, load_classifier
 from genstress_ray.storage import RunStore, read_bytes, write_bytes_atomic
 
@@ -157,8 +157,7 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
             "generator": model_ref(cfg.generator, manifest["models"]["generator"])}
     classifier = load_classifier(refs["classifier"], class_names, image_shape)
     init_ray(cfg)
-    constructor = {"classifier": refs["classifier"], "generator": refs["generator"], "class_names": class_names,
-                   "image_shape": image_shape, "seed": cfg.seed}
+    constructor = stage_constructor(cfg, refs, class_names, image_shape)
     results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
                                "n_failure_regions": len(failure_labels), "select_by": cfg.correction.select_by}
     # The sets depend on which regions are failures and on their labels: relabelling redoes them.

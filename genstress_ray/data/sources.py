@@ -74,14 +74,27 @@ class MnistSource(DatasetSource):
     ...) or NumPy archives (``x_train*.npz`` / ``y_train*.npz``, ``x_test*.npz`` / ``y_test*.npz``, first
     array in each). ``test`` reads the test files; ``train`` and ``validation`` are carved out of the
     train files with ``validation_fraction`` and ``seed``.
+
+    ``split_from: test`` (or ``train``) instead carves all three splits out of that one file set with
+    ``test_fraction``, ``validation_fraction`` and ``seed``, for a folder that holds only one of them.
     """
 
     name = "mnist"
     default_class_names = [str(i) for i in range(10)]
 
+    def __init__(self, *args, split_from: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if split_from not in (None, "test", "train"):
+            raise DataError(f"data.options.split_from: {split_from!r}; allowed: test, train")
+        self.split_from = split_from
+
     def _load_split(self):
         if not self.uri:
             raise DataError(f"data.uri: the {self.name} source needs the folder holding its files")
+        if self.split_from:
+            images, labels = self._read_pair(self.split_from)
+            idx = split_indices(len(images), self.split, self.validation_fraction, self.test_fraction, self.seed)
+            return images[idx], labels[idx], self.default_class_names, idx.tolist()
         part = "test" if self.split == "test" else "train"
         images, labels = self._read_pair(part)
         if part == "train":

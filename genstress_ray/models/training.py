@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genstress_ray.data import ImageSet, to_float
+from genstress_ray.models.gan_training import train_stylegan
 from genstress_ray.models.loading import save_checkpoint
 from genstress_ray.models.registry import get_model
 from genstress_ray.storage import filesystem_for
@@ -125,7 +126,7 @@ def train_vae(train: ImageSet, validation: ImageSet | None = None, architecture:
     return model.eval(), {"params": params, **metrics}
 
 
-TRAINERS = {"classifier": train_classifier, "latent_generator": train_vae}
+TRAINERS = {"classifier": train_classifier, "latent_generator": train_vae, "style_generator": train_stylegan}
 
 
 def cache_key(role: str, recipe: dict) -> str:

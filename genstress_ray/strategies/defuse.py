@@ -8,17 +8,10 @@ subtracts the Beta mean a / (a + b).
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
-
-def row_rng(seed: int, source_id: str) -> np.random.Generator:
-    """A generator that depends only on (seed, source id): the same draws however rows are batched
-    or spread over actors."""
-    digest = hashlib.blake2b(source_id.encode(), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+from genstress_ray.strategies.seeds import row_rng
 
 
 def beta_noise(source_ids: list[str], latent_dim: int, draws: int, a: float, b: float, seed: int,

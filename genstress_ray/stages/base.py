@@ -1,4 +1,4 @@
-"""Ray Data callable classes: each actor loads its models from URIs and applies a strategy to batches.
+"""What every Ray Data stage shares: model references and loading, counters, the Arrow output.
 
 Actors get model references (URIs and architecture names), never weights, so a restarted actor can
 rebuild itself. Each batch comes back as an Arrow table with the ``samples`` schema of DESIGN.md, so
@@ -8,7 +8,6 @@ the Parquet files are readable by pandas, DuckDB or Ray Data without this packag
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +20,7 @@ from PIL import Image
 
 from genstress_ray.data import to_float, to_uint8
 from genstress_ray.metrics import score_logits
-from genstress_ray.models import Classifier, LatentGenerator, load_module
-from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA
-from genstress_ray.strategies import beta_noise, perturb_latents, select_candidates
+from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
 
 
 
@@ -46,7 +43,10 @@ def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Class
     return Classifier(ref.load(), class_names, image_shape).eval()
 
 
-def load_generator(ref: ModelRef, image_shape) -> LatentGenerator:
+def load_generator(ref: ModelRef, image_shape, kind: str = "latent_generator", num_classes: int | None = None):
+    """The generator at ``ref`` behind the protocol of ``kind`` (latent_generator or style_generator)."""
+    if kind == "style_generator":
+        return StyleGenerator(ref.load(), image_shape, num_classes).eval()
     return LatentGenerator(ref.load(), image_shape).eval()
 
 
@@ -98,8 +98,10 @@ class _ModelStage:
     """
 
     def __init__(self, classifier: ModelRef, generator: ModelRef, class_names: list[str], image_shape,
-                 seed: int, threads: int = 1, chunk_size: int = 512, counters=None):
+                 seed: int, threads: int = 1, chunk_size: int = 512, counters=None,
+                 generator_kind: str = "latent_generator"):
         self.refs = (classifier, generator)
+        self.generator_kind = generator_kind
         self.class_names = class_names
         self.threads = threads
         self.chunk_size = chunk_size
@@ -112,7 +114,8 @@ class _ModelStage:
         torch.set_num_threads(self.threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         self.classifier = load_classifier(self.refs[0], self.class_names, self.image_shape).to(self.device)
-        self.generator = load_generator(self.refs[1], self.image_shape).to(self.device)
+        self.generator = load_generator(self.refs[1], self.image_shape, self.generator_kind,
+                                        len(self.class_names)).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.classifier is None:
@@ -139,87 +142,3 @@ class _ModelStage:
         finite = (torch.isfinite(latents).all(1) & torch.isfinite(images).flatten(1).all(1)
                   & torch.isfinite(logits).all(1))
         return images, scores, finite
-
-
-class DefuseSearch(_ModelStage):
-    """Defuse identification on a batch of source images (``source_id``, ``source_label``, ``image``).
-
-    Every image gets ``draws`` Beta-noise latents; the kept candidates (faults, or all) become rows.
-    """
-
-    def __init__(self, *args, params: dict[str, Any], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.params = params
-        self.params_json = json.dumps({k: params[k] for k in ("a", "b", "centred", "only_correct_reconstructions")})
-
-    def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        p = self.params
-        ids = [str(s) for s in batch["source_id"]]
-        labels = torch.tensor(np.asarray(batch["source_label"], np.int64))
-        raw = np.frombuffer(b"".join(batch["image"]), np.uint8).reshape(len(ids), *self.image_shape)
-        n, q = len(ids), p["draws"]
-        with torch.no_grad():
-            mean, _ = self.generator.encode(to_float(raw).to(self.device))
-            if p.get("only_correct_reconstructions"):
-                seed_ok = (self.classifier(self.generator.decode(mean)).argmax(1).cpu() == labels)
-            else:
-                seed_ok = torch.ones(n, dtype=torch.bool)
-        noise = beta_noise(ids, mean.shape[1], q, p["a"], p["b"], self.seed, p["centred"])
-        latents = perturb_latents(mean.cpu(), noise).reshape(n * q, -1)
-        intended = labels.repeat_interleave(q)
-        images, scores, finite = self._decode_and_score(latents.to(self.device), intended.to(self.device))
-        finite = finite.cpu()
-        fault = scores["fault"].cpu() & finite & seed_ok.repeat_interleave(q)
-        scores["fault"] = fault.to(scores["fault"].device)
-        if p["keep"] == "all":
-            keep = finite
-        else:
-            keep = select_candidates(fault.view(n, q), noise.norm(dim=2), p["max_faults_per_image"]).reshape(-1)
-        self._count({"candidates": n * q, "faults": int(fault.sum()), "nonfinite_dropped": int((~finite).sum()),
-                     "seeds_skipped": int((~seed_ok).sum())})
-        idx = keep.nonzero().squeeze(1)
-        rows, draws = idx // q, idx % q
-        columns = {
-            "sample_id": [f"defuse:{self.seed}:{ids[r]}:{d}" for r, d in zip(rows.tolist(), draws.tolist())],
-            "source_id": [ids[r] for r in rows.tolist()],
-            "source_label": labels[rows].numpy(),
-            "strategy": ["defuse"] * len(idx),
-            "params": [self.params_json] * len(idx),
-            "draw": draws.numpy(),
-            "seed": np.full(len(idx), self.seed, np.int64),
-        }
-        idx_dev = idx.to(self.device)
-        kept_scores = {k: v[idx_dev] for k, v in scores.items()}
-        return candidate_table(SAMPLES_SCHEMA, columns, latents[idx], images[idx_dev], kept_scores)
-
-
-class RegionDecode(_ModelStage):
-    """Decode and classify latents sampled from regions (``region_id``, ``draw``, ``latent``,
-    ``source_label`` = the region's dominant source class, which a fault is judged against)."""
-
-    def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        latents = torch.from_numpy(np.stack(batch["latent"]).astype(np.float32))
-        region = np.asarray(batch["region_id"], np.int64)
-        draw = np.asarray(batch["draw"], np.int64)
-        labels = torch.tensor(np.asarray(batch["source_label"], np.int64))
-        images, scores, finite = self._decode_and_score(latents.to(self.device), labels.to(self.device))
-        keep = finite.cpu()
-        self._count({"candidates": len(draw), "nonfinite_dropped": int((~keep).sum())})
-        idx = keep.nonzero().squeeze(1)
-        sel = idx.numpy()
-        columns = {
-            "sample_id": [f"region:{self.seed}:{r}:{d}" for r, d in zip(region[sel], draw[sel])],
-            "source_id": [f"region:{r}" for r in region[sel]],
-            "source_label": labels[idx].numpy(),
-            "strategy": ["defuse_region"] * len(sel),
-            "params": [json.dumps({"region_id": int(r)}) for r in region[sel]],
-            "draw": draw[sel], "seed": np.full(len(sel), self.seed, np.int64), "region_id": region[sel],
-        }
-        idx_dev = idx.to(self.device)
-        return candidate_table(REGION_SAMPLES_SCHEMA, columns, latents[idx], images[idx_dev],
-                               {k: v[idx_dev] for k, v in scores.items()})
-
-
-# Strategy name -> the Ray stage that runs it. Later strategies register here.
-SEARCH_STAGES: dict[str, type[_ModelStage]] = {"defuse": DefuseSearch}
-

@@ -1,0 +1,45 @@
+"""assess_run on real tiny runs: every metric is present, in range, and consistent with the run."""
+
+import json
+
+import pytest
+
+from genstress_ray.assessment import ASSESSMENT, assess_run
+from genstress_ray.pipeline import run_campaign
+from genstress_ray.storage import RunStore
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.mark.parametrize("strategy", ["mixing", "truncation"])
+def test_assessment_of_a_style_run(style_config, tiny_models, strategy):
+    cfg = {**style_config, "assessment": {"detector": {"uri": tiny_models["generator"]}, "quantile": 0.9}}
+    if strategy == "truncation":
+        cfg["strategy"] = {"name": "truncation", "seeds": 24, "budget_calls": 40}
+    result = run_campaign(cfg, stop_after="identify")
+    summary = assess_run(result.run_uri)
+    store = RunStore.from_uri(result.run_uri)
+    marker = store.marker("identify")
+    assert json.loads(store.fs.cat_file(f"{store.path}/{ASSESSMENT}")) == json.loads(json.dumps(summary))
+    assert summary["strategy"] == strategy and summary["faults"] == marker["faults"] > 0
+    fd = summary["fault_detection"]
+    assert fd["faults_per_call"] == marker["faults"] / marker["generator_calls"]
+    assert fd["faults_per_candidate"] == marker["faults"] / marker["candidates"]
+    assert summary["validity"]["real_valid"] >= 0.89  # the quantile's calibration on real images
+    assert 0 <= summary["validity"]["faults_valid"] <= 1
+    assert summary["diversity"]["mean_pairwise_feature_distance"] > 0
+    assert 1 <= summary["diversity"]["distinct_class_pairs"] <= 90
+    assert summary["frechet_distance"] > 0
+    if strategy == "mixing":
+        assert 0 < summary["validity"]["ssim_to_seed"] <= 1
+        assert 0 <= summary["bisection"]["mean_iterations"] <= summary["bisection"]["max_iterations"] <= 20
+    else:
+        assert "ssim_to_seed" not in summary["validity"]
+
+
+def test_assessing_an_unfinished_run_is_refused(style_config):
+    result = run_campaign(style_config, stop_after="identify")
+    store = RunStore.from_uri(result.run_uri)
+    store.fs.rm(f"{store.path}/identify/_COMPLETE")
+    with pytest.raises(ValueError, match="identify stage is not complete"):
+        assess_run(result.run_uri)
