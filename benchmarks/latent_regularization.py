@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -28,7 +29,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "latent_regularization.json"
 JOB = ROOT / "jobs" / "mnist_mixing.yaml"
-DATA = ROOT.parent / "shared" / "data"
 
 
 def dataset_config(name: str) -> dict:
@@ -36,23 +36,21 @@ def dataset_config(name: str) -> dict:
     split 1,400 / 200 / 400 into train / validation / test (search) images."""
     cfg = yaml.safe_load(JOB.read_text())
     if name == "fashion_mnist":
-        spec = {"kind": "fashion_mnist", "uri": str(DATA / "fashion_mnist"), "options": {"split_from": "test"},
+        spec = {"kind": "fashion_mnist", "uri": "../shared/data/fashion_mnist", "options": {"split_from": "test"},
                 "validation_fraction": 0.1, "test_fraction": 0.2}
         cfg["data"] = {split: {**spec, "split": split} for split in ("search", "train", "validation")}
         cfg["data"]["search"]["split"] = "test"
         cfg["classifier"]["train"]["epochs"] = 15
-        # 1,400 images give 21 steps an epoch: about as many steps as 6 MNIST epochs.
-        cfg["generator"]["train"] = {"epochs": 80}
+        cfg["oracle"]["train"]["epochs"] = 30
+        # 1,400 images give 21 steps an epoch: 40 epochs are about 3 MNIST epochs of steps.
+        cfg["generator"]["train"] = {"epochs": 40}
         cfg["assessment"]["detector"]["train"]["epochs"] = 100
-    else:
-        for split in cfg["data"].values():
-            split["uri"] = str(DATA / Path(split["uri"]).name)
     cfg["campaign"] = f"{name.replace('_', '-')}-latent-regularization"
     return cfg
 
 
 def gan_validity(cfg: dict, per_class: int = 100) -> dict:
-    """The reference CNN's accuracy on the GAN's images against their conditioning class."""
+    """The reference CNN's (the config's oracle) accuracy on the GAN's images against their class."""
     from genstress_ray.config import load_config
     from genstress_ray.models import load_module
     from genstress_ray.models.gan_training import sample_validity
@@ -60,8 +58,7 @@ def gan_validity(cfg: dict, per_class: int = 100) -> dict:
 
     c = load_config(cfg)
     search = load_split(c.data.search)
-    reference_spec = c.classifier.model_copy(update={"train": {**c.classifier.train, "seed": 7}})
-    reference, _ = load_module(prepare_model("oracle", reference_spec, c, search).uri)
+    reference, _ = load_module(prepare_model("oracle", c.oracle, c, search).uri)
     generator, meta = load_module(prepare_model("generator", c.generator, c, search).uri)
     return {"validity": sample_validity(generator, reference, per_class), "per_class": per_class,
             "train_seconds": meta.get("metrics", {}).get("train_seconds"),
@@ -76,6 +73,7 @@ def main() -> int:
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="genstress: %(message)s")
+    os.chdir(ROOT)  # the job's data paths are relative to the repository root
 
     from genstress_ray.assessment import assess_run
     from genstress_ray.pipeline import run_campaign
@@ -137,12 +135,13 @@ def table(results: dict) -> str:
         for strategy in ("truncation", "mixing"):
             r = d[strategy]
             b = r.get("bisection")
+            steps = f"{b['mean_iterations']:.1f}, {b['max_iterations']}" if b else "-"
             lines.append(
                 f"| {name} | {strategy} | {r['fault_detection']['faults_per_call']:.4f} | "
                 f"{r['fault_detection']['faults_per_candidate']:.4f} | {r['validity']['faults_valid']:.3f} | "
                 f"{r['validity'].get('ssim_to_seed', float('nan')):.3f} | "
                 f"{r['diversity']['mean_pairwise_feature_distance']:.2f} | {r['diversity']['distinct_class_pairs']} | "
-                f"{r['frechet_distance']:.1f} | {'-' if not b else f'{b['mean_iterations']:.1f}, {b['max_iterations']}'} | "
+                f"{r['frechet_distance']:.1f} | {steps} | "
                 f"{r['identify_seconds']:.0f} |")
     return "\n".join(lines)
 

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--architecture")
     train.add_argument("--split-from", choices=["test", "train"],
                        help="carve train/validation/test out of one file set (Fashion-MNIST here has test files only)")
-    train.add_argument("--epochs", type=int, help="default: 5 (classifier), 20 (vae), 8 (stylegan)")
+    train.add_argument("--epochs", type=int, help="default: 5 (classifier), 20 (vae), 4 (stylegan)")
     train.add_argument("--beta", type=float, default=4.0, help="vae: KL weight")
     train.add_argument("--reference", metavar="CHECKPOINT",
                        help="stylegan: a classifier trained on real data; its accuracy on generated images against "

@@ -272,7 +272,7 @@ class RayConfig(_Strict):
 
 DEFAULT_GENERATORS = {
     "latent_generator": ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0}),
-    "style_generator": ModelSpec(architecture="small_stylegan", train={"epochs": 8}),
+    "style_generator": ModelSpec(architecture="small_stylegan", train={"epochs": 4}),
 }
 
 

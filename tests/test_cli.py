@@ -53,3 +53,15 @@ def test_demo_end_to_end_on_bundled_digits(tmp_path):
 def test_train_with_an_unknown_dataset_kind_exits_2_and_lists_the_kinds(tmp_path, capsys):
     assert main(["train", "classifier", "--data", "cifar", "--output", str(tmp_path / "m.safetensors")]) == 2
     assert "unknown dataset kind 'cifar'; allowed: digits" in capsys.readouterr().err
+
+
+def test_train_stylegan_measures_validity_with_a_reference_classifier(tmp_path, capsys):
+    reference = tmp_path / "cnn.safetensors"
+    assert main(["train", "classifier", "--data", "digits", "--epochs", "1", "--output", str(reference)]) == 0
+    out = tmp_path / "g.safetensors"
+    assert main(["train", "stylegan", "--data", "digits", "--epochs", "1", "--reference", str(reference),
+                 "--output", str(out)]) == 0
+    module, meta = load_module(str(out))
+    assert meta["architecture"] == "small_stylegan" and meta["role"] == "style_generator"
+    assert 0 <= meta["metrics"]["validity"] <= 1 and module.num_ws == 7
+    assert "validity" in capsys.readouterr().out

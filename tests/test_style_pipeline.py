@@ -2,9 +2,10 @@
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from genstress_ray.models import ModelError, get_model, save_checkpoint
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.stages import SAMPLES_SCHEMA, ModelRef, load_classifier, load_generator
 from genstress_ray.storage import RunStore
+from genstress_ray.strategies import seed_codes
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 NAMES = [str(i) for i in range(10)]
@@ -126,3 +128,37 @@ def test_bad_style_inputs_fail_early_with_the_field_named(style_config, tiny_mod
     with pytest.raises(ModelError, match="conditioned on 3 classes but the classifier and dataset have 10"):
         run_campaign({**style_config, "generator": {"uri": three_classes}})
     assert not (tmp_path / "runs" / "test" / "r1" / "identify").exists()  # nothing ran
+
+
+def test_an_unconditional_user_generator_searches_from_the_classifiers_own_classes(tiny_models, tmp_path):
+    """The stage's code path for an unconditional StyleGAN-shaped module (called in-process)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # makes tests.models.factories importable
+    from genstress_ray.stages import MixingSearch, TruncationSearch
+    from tests.models.factories import user_style_generator
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "user_g.pth")
+    torch.save(user_style_generator().state_dict(), path)
+    refs = {"classifier": ModelRef(tiny_models["classifier"]),
+            "generator": ModelRef(path, factory="tests.models.factories:user_style_generator")}
+    batch = {"source_id": np.array([f"seed:{i}" for i in range(12)]), "source_label": np.full(12, -1)}
+    common = {**refs, "class_names": NAMES, "image_shape": (1, 8, 8), "seed": 0, "generator_kind": "style_generator"}
+    mixing = MixingSearch(**common, params={"top_k": 2, "layer_sets": [[0], [1, 2, 3]], "max_iterations": 20,
+                                            "tolerance": 0.01, "budget_calls": 30, "budget_seconds": 60,
+                                            "target_tries": 8, "keep": "all"})
+    table = mixing(batch)
+    assert table.schema.equals(SAMPLES_SCHEMA)
+    g = load_generator(refs["generator"], (1, 8, 8), "style_generator")
+    clf = load_classifier(refs["classifier"], NAMES, (1, 8, 8))
+    with torch.no_grad():
+        z = seed_codes(list(batch["source_id"]), g.z_dim, 1, 0)[:, 0]
+        seed_pred = clf(g.synthesis(g.mapping(z, g.one_hot(torch.full((12,), -1))))).argmax(1)
+    by_seed = dict(zip(batch["source_id"], seed_pred.tolist()))
+    for row in table.to_pylist():
+        p = json.loads(row["params"])
+        assert p["seed_class"] == row["source_label"] == by_seed[row["source_id"]]
+        assert row["fault"] == (row["pred"] != row["source_label"])
+    truncation = TruncationSearch(**common, params={"budget_calls": 5, "psi": [1.0, 0.5], "clip_range": None,
+                                                    "clip_probability": 0.0, "keep": "all"})
+    rows = truncation(batch).to_pylist()
+    assert len(rows) == 60 and {r["source_label"] for r in rows} <= set(by_seed.values())

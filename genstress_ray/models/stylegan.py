@@ -36,6 +36,12 @@ class MappingNetwork(nn.Module):
         self.embed = nn.Linear(c_dim, w_dim) if c_dim else None
         dims = [z_dim + (w_dim if c_dim else 0)] + [w_dim] * layers
         self.net = nn.Sequential(*[m for i in range(layers) for m in (nn.Linear(dims[i], dims[i + 1]), nn.LeakyReLU(0.2))])
+        # Variance-preserving init: PyTorch's default shrinks the variance about sixfold per layer, and
+        # after four layers w hardly depends on z, so the generator learns to ignore it (one image per class).
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight, a=0.2)
+                nn.init.zeros_(layer.bias)
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1.0) -> torch.Tensor:
@@ -60,6 +66,7 @@ class ModulatedConv(nn.Module):
     def __init__(self, w_dim: int, in_ch: int, out_ch: int, kernel: int, demodulate: bool = True, activate: bool = True):
         super().__init__()
         self.affine = nn.Linear(w_dim, in_ch)
+        nn.init.normal_(self.affine.weight, std=1 / math.sqrt(w_dim))  # styles vary with w from the start
         nn.init.ones_(self.affine.bias)
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(out_ch))

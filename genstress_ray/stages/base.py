@@ -18,7 +18,7 @@ import ray
 import torch
 from PIL import Image
 
-from genstress_ray.data import to_float, to_uint8
+from genstress_ray.data import to_uint8
 from genstress_ray.metrics import score_logits
 from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
 
