@@ -162,3 +162,32 @@ def test_an_unconditional_user_generator_searches_from_the_classifiers_own_class
                                                     "clip_probability": 0.0, "keep": "all"})
     rows = truncation(batch).to_pylist()
     assert len(rows) == 60 and {r["source_label"] for r in rows} <= set(by_seed.values())
+
+
+@pytest.mark.slow
+def test_mixing_output_flows_through_labels_correction_and_report(style_config, style_classifier):
+    """The whole loop on latent code mixing: oracle labels, Ray Train correction, the HTML report."""
+    from genstress_ray.correction import run_correction
+    from genstress_ray.labeling import label_run, write_labels
+    from genstress_ray.report import write_report
+
+    cfg = {**style_config, "strategy": {**style_config["strategy"], "seeds": 60},
+           "reduce": {**style_config["reduce"], "max_dims": 8},
+           "correction": {"lambdas": [1.0], "finetune_per_region": 10, "test_per_region": 10, "epochs": 1,
+                          "batch_size": 32, "workers": 0, "baseline": False}}
+    result = run_campaign(cfg)
+    store = _store(result, cfg)
+    # An oracle that disagrees with the classifier everywhere: a random CNN of the same shape.
+    oracle = load_classifier(ModelRef(style_config["classifier"]["uri"], params={}), NAMES, (1, 8, 8))
+    torch.manual_seed(5)
+    for p in oracle.parameters():
+        p.data.normal_()
+    labels = label_run(store, oracle, rho=0.0, per_region=4, fault_labels=0)
+    write_labels(store, labels, NAMES)
+    summary = run_correction(store.uri)
+    results = json.loads(store.fs.cat_file(f"{store.path}/correction/results.json"))
+    assert results["n_failure_regions"] >= 1 and "defuse" in results and summary
+    assert store.count_rows("region_sets") == results["n_failure_regions"] * 20
+    report = write_report(store)
+    html = store.fs.cat_file(report.replace(store.uri, store.path)).decode()
+    assert "strategy" in html and "mixing" in html and "before-after" in html

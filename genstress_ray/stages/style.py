@@ -106,7 +106,7 @@ class MixingSearch(_StyleSearch):
         self.layer_sets = [list(map(int, s)) for s in sets]
         self.masks = layer_masks(self.layer_sets, self.generator.num_ws).to(self.device)
 
-    def _target_codes(self, z: torch.Tensor, targets: torch.Tensor, seed_ws: torch.Tensor):
+    def _target_codes(self, z: torch.Tensor, targets: torch.Tensor):
         """Styles (N, k, num_ws, w_dim) of a code per target class, whether each was found, and calls spent."""
         n, k = targets.shape
         g = self.generator
@@ -136,7 +136,7 @@ class MixingSearch(_StyleSearch):
         intended = labels if g.c_dim else seed_logits.argmax(1)
         correct = seed_logits.argmax(1) == intended
         targets = runner_up_classes(seed_logits, intended, k)
-        target_ws, found, extra_calls = self._target_codes(z, targets, seed_ws)
+        target_ws, found, extra_calls = self._target_codes(z, targets)
         # One search per (seed, target, layer set), in that order; seeds the classifier gets wrong and
         # targets without a code have none.
         grid = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(k), torch.arange(sets), indexing="ij"), -1)

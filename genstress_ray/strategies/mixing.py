@@ -79,9 +79,12 @@ def _allowed(active: torch.Tensor, groups: torch.Tensor, remaining: torch.Tensor
     """Of the active searches, those each group can still pay for, earliest searches first."""
     idx = active.nonzero().squeeze(1)
     g = groups[idx]
-    # Rank of each active search within its group, in search order.
-    same = g[:, None] == g[None, :]
-    rank = torch.tril(same, diagonal=-1).sum(1)
+    # Rank of each active search within its group, in search order: a stable sort by group, then the
+    # distance from the first search of the same group.
+    order = torch.argsort(g, stable=True)
+    sorted_g = g[order]
+    rank = torch.empty_like(g)
+    rank[order] = torch.arange(len(g)) - torch.searchsorted(sorted_g, sorted_g)
     ok = torch.zeros_like(active)
     ok[idx[rank < remaining[g]]] = True
     return ok
