@@ -6,6 +6,7 @@ import pytest
 
 from genstress_ray.assessment import ASSESSMENT, assess_run
 from genstress_ray.pipeline import run_campaign
+from genstress_ray.report import write_report
 from genstress_ray.storage import RunStore
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -30,6 +31,8 @@ def test_assessment_of_a_style_run(style_config, tiny_models, strategy):
     assert summary["diversity"]["mean_pairwise_feature_distance"] > 0
     assert 1 <= summary["diversity"]["distinct_class_pairs"] <= 90
     assert summary["frechet_distance"] > 0
+    report = store.fs.cat_file(write_report(store).replace(store.uri, store.path)).decode()
+    assert f"{fd['faults_per_call']:.4f}" in report and "Frechet distance to real images" in report
     if strategy == "mixing":
         assert 0 < summary["validity"]["ssim_to_seed"] <= 1
         assert 0 <= summary["bisection"]["mean_iterations"] <= summary["bisection"]["max_iterations"] <= 20

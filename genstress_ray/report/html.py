@@ -101,6 +101,27 @@ def _table(rows: list[tuple[str, object]]) -> str:
     return f"<table>{body}</table>"
 
 
+def _assessment_section(store: RunStore) -> str:
+    """The headline figures of ``genstress assess``, when the run has been assessed."""
+    path = f"{store.path}/assessment.json"
+    if not store.fs.exists(path):
+        return "<p>Not assessed yet: run <code>genstress assess RUN</code>.</p>"
+    a = json.loads(store.fs.cat_file(path))
+    rows = [("faults per candidate / per generator call",
+             f"{a['fault_detection']['faults_per_candidate']:.4f} / {a['fault_detection']['faults_per_call']:.4f}"),
+            ("valid faults (VAE reconstruction within the real "
+             f"{a['validity']['quantile']:.0%} quantile)", f"{a['validity']['faults_valid']:.1%}"),
+            ("feature diversity (mean pairwise distance)", f"{a['diversity']['mean_pairwise_feature_distance']:.2f}"),
+            ("distinct (intended, predicted) class pairs", a["diversity"]["distinct_class_pairs"]),
+            ("Frechet distance to real images", f"{a['frechet_distance']:.1f}")]
+    if "ssim_to_seed" in a["validity"]:
+        rows.append(("SSIM to the seed image", f"{a['validity']['ssim_to_seed']:.3f}"))
+    if "bisection" in a:
+        b = a["bisection"]
+        rows.append(("bisection steps (mean / max)", f"{b['mean_iterations']:.1f} / {b['max_iterations']}"))
+    return _table(rows)
+
+
 def build_report(store: RunStore, per_region: int = 16) -> str:
     """The report's HTML for the run in ``store`` (its stages must have finished)."""
     manifest = store.read_manifest()
@@ -154,7 +175,7 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style></head><body><h1>{title}</h1><h2>Summary</h2>{summary}"
-            f"<h2>Plots</h2><div class='plots'>{plot_html}</div>"
+            f"<h2>Plots</h2><div class='plots'>{plot_html}</div><h2>Assessment</h2>{_assessment_section(store)}"
             f"<h2>Correction</h2>{_correction_section(store)}<h2>Regions</h2>{''.join(sections)}</body></html>")
 
 
