@@ -39,6 +39,64 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
     return top2[..., 0] - top2[..., 1]
 
 
+def subset_margin(logits: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 logit among the classes in ``subset`` (0 on the boundary between them).
+
+    >>> subset_margin(torch.tensor([[9.0, 2.0, 1.5]]), torch.tensor([False, True, True])).tolist()
+    [0.5]
+    """
+    inside = torch.where(subset.expand_as(logits), logits, torch.full_like(logits, float("-inf")))
+    top2 = inside.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def top_in_subset(logits: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """Whether each row's |C| most likely classes are exactly the classes of ``subset`` C.
+
+    >>> top_in_subset(torch.tensor([[3.0, 0.0, 2.0], [3.0, 2.0, 0.0]]), torch.tensor([True, False, True])).tolist()
+    [True, False]
+    """
+    subset = subset.expand_as(logits)
+    size = int(subset[0].sum()) if len(subset) else 0
+    top = logits.topk(size, dim=-1).indices
+    return subset.gather(-1, top).all(-1)
+
+
+def class_subset(names: list[str], class_names: list[str]) -> torch.Tensor:
+    """Boolean mask over ``class_names`` for a boundary's classes, given by name or index.
+
+    Raises:
+        ValueError: naming the unknown classes, or when fewer than 2 distinct classes are given.
+    """
+    index = {n: i for i, n in enumerate(class_names)}
+    unknown = [n for n in names if str(n) not in index]
+    if unknown:
+        raise ValueError(f"class subset: unknown classes {unknown}; the classifier's classes are "
+                         f"{', '.join(class_names[:20])}{' ...' if len(class_names) > 20 else ''}")
+    mask = torch.zeros(len(class_names), dtype=torch.bool)
+    mask[[index[str(n)] for n in names]] = True
+    if int(mask.sum()) < 2:
+        raise ValueError(f"class subset {list(names)}: a decision boundary needs at least 2 distinct classes")
+    return mask
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature T > 0 that minimises the cross-entropy of ``logits / T`` on held-out
+    ``labels`` (Guo et al. 2017); calibrated probabilities make KLDB's "equal probability" meaningful."""
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter)
+    logits, labels = logits.detach().double(), labels.long()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.double().exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
 def top2_subset(logits: torch.Tensor) -> torch.Tensor:
     """Mask of each row's two most likely classes: the boundary a candidate is closest to."""
     mask = torch.zeros_like(logits, dtype=torch.bool)
