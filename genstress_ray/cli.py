@@ -76,7 +76,7 @@ def _run(args) -> int:
 
 # ``genstress train <model>``: the registry kind and default architecture of each built-in.
 TRAINABLE = {"classifier": ("classifier", "small_cnn"), "vae": ("latent_generator", "beta_vae"),
-             "stylegan": ("style_generator", "small_stylegan")}
+             "stylegan": ("style_generator", "small_stylegan"), "ddpm": ("diffusion_model", "small_ddpm")}
 
 
 def _train(args) -> int:
@@ -91,9 +91,9 @@ def _train(args) -> int:
     settings = {"seed": args.seed, **({"epochs": args.epochs} if args.epochs else {})}
     if args.model == "vae":
         settings["beta"] = args.beta
+    if args.model in ("stylegan", "ddpm") and args.max_minutes:
+        settings["max_seconds"] = 60 * args.max_minutes
     if args.model == "stylegan":
-        if args.max_minutes:
-            settings["max_seconds"] = 60 * args.max_minutes
         if args.reference:
             settings["reference"], _ = load_module(args.reference)
     metrics = train_and_save(role, args.architecture or default_architecture, train, val, args.output, None, settings)
@@ -231,12 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--architecture")
     train.add_argument("--split-from", choices=["test", "train"],
                        help="carve train/validation/test out of one file set (Fashion-MNIST here has test files only)")
-    train.add_argument("--epochs", type=int, help="default: 5 (classifier), 20 (vae), 4 (stylegan)")
+    train.add_argument("--epochs", type=int, help="default: 5 (classifier), 20 (vae), 4 (stylegan), 10 (ddpm)")
     train.add_argument("--beta", type=float, default=4.0, help="vae: KL weight")
     train.add_argument("--reference", metavar="CHECKPOINT",
                        help="stylegan: a classifier trained on real data; its accuracy on generated images against "
                             "their class (sample validity) is logged each epoch and stored with the model")
-    train.add_argument("--max-minutes", type=float, help="stylegan: stop after the epoch that passes this")
+    train.add_argument("--max-minutes", type=float, help="stylegan, ddpm: stop after the epoch that passes this")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, help="checkpoint URI (.safetensors)")
     train.set_defaults(func=_train)

@@ -65,3 +65,10 @@ def test_train_stylegan_measures_validity_with_a_reference_classifier(tmp_path, 
     assert meta["architecture"] == "small_stylegan" and meta["role"] == "style_generator"
     assert 0 <= meta["metrics"]["validity"] <= 1 and module.num_ws == 7
     assert "validity" in capsys.readouterr().out
+
+
+def test_train_ddpm_writes_a_class_conditional_unet(tmp_path):
+    out = tmp_path / "ddpm.safetensors"
+    assert main(["train", "ddpm", "--data", "digits", "--epochs", "1", "--output", str(out)]) == 0
+    module, meta = load_module(str(out))
+    assert meta["architecture"] == "small_ddpm" and module.config.num_class_embeds == 11

@@ -9,7 +9,7 @@ from torch import nn
 from genstress_ray.models.protocols import ModelError
 
 _MODELS: dict[str, tuple[str, Callable[..., nn.Module]]] = {}
-KINDS = ("classifier", "latent_generator", "style_generator")
+KINDS = ("classifier", "latent_generator", "style_generator", "diffusion_model")
 
 
 def register_model(name: str, kind: str):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genstress_ray.data import ImageSet, to_float
+from genstress_ray.models.diffusion import train_ddpm
 from genstress_ray.models.gan_training import train_stylegan
 from genstress_ray.models.loading import save_checkpoint
 from genstress_ray.models.registry import get_model
@@ -126,7 +127,8 @@ def train_vae(train: ImageSet, validation: ImageSet | None = None, architecture:
     return model.eval(), {"params": params, **metrics}
 
 
-TRAINERS = {"classifier": train_classifier, "latent_generator": train_vae, "style_generator": train_stylegan}
+TRAINERS = {"classifier": train_classifier, "latent_generator": train_vae, "style_generator": train_stylegan,
+            "diffusion_model": train_ddpm}
 
 
 def cache_key(role: str, recipe: dict) -> str:

@@ -116,3 +116,23 @@ def test_bad_sampler_settings_are_refused():
     with pytest.raises(ValueError, match=r"guidance_every \(k\) must be >= 1"):
         guided_sample(_tiny_unet(), make_scheduler("ddim"), torch.zeros(1, 1, 8, 8), lambda i: torch.tensor([0]), 10,
                       guidance_every=0)
+
+
+def test_small_ddpm_trains_round_trips_and_samples_with_guidance(tmp_path):
+    from genstress_ray.data import get_source
+    from genstress_ray.models import load_module, model_kind
+    from genstress_ray.models.training import train_and_save
+
+    assert model_kind("small_ddpm") == "diffusion_model"
+    train = get_source("digits", split="train", limit=128).load()
+    uri = str(tmp_path / "ddpm.safetensors")
+    metrics = train_and_save("diffusion_model", "small_ddpm", train, None, uri,
+                             {"channels": [8, 16], "norm_num_groups": 4}, {"epochs": 2, "batch_size": 32})
+    assert metrics["steps"] == 8 and math.isfinite(metrics["loss"])
+    unet, meta = load_module(uri)
+    assert meta["role"] == "diffusion_model" and unet.config.num_class_embeds == 11  # 10 classes + null
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    images, moved = guided_sample(unet, make_scheduler("ddim"), torch.randn(4, 1, 8, 8), lambda i: torch.full((4,), 3),
+                                  null_class=10, classifier=clf, subset=class_subset(["3", "5"], CLASSES), steps=6,
+                                  guidance_every=3, alpha=0.1, decode=lambda x: (x * 0.5 + 0.5).clamp(0, 1))
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all() and int(moved.max()) <= 2
