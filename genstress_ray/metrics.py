@@ -51,7 +51,8 @@ def subset_margin(logits: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
 
 
 def top_in_subset(logits: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
-    """Whether each row's |C| most likely classes are exactly the classes of ``subset`` C.
+    """Whether each row's |C| most likely classes are exactly the classes of ``subset`` C (one subset:
+    a (K,) mask, or (N, K) with the same classes in every row).
 
     >>> top_in_subset(torch.tensor([[3.0, 0.0, 2.0], [3.0, 2.0, 0.0]]), torch.tensor([True, False, True])).tolist()
     [True, False]

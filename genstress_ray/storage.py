@@ -47,6 +47,8 @@ REGIONS_SCHEMA = pa.schema([
     ("basis", pa.list_(pa.float32())),
 ])
 STAGE_SCHEMAS = {"identify": SAMPLES_SCHEMA, "regions": REGIONS_SCHEMA, "region_samples": REGION_SAMPLES_SCHEMA}
+# Stages written by Ray Data come back sorted by this column (see ``RunStore.read_table``).
+ROW_ORDER = {"identify": "sample_id", "region_samples": "sample_id", "region_sets": "sample_id"}
 
 
 class StorageError(OSError):
@@ -193,7 +195,15 @@ class RunStore:
             empty = STAGE_SCHEMAS[stage].empty_table() if stage in STAGE_SCHEMAS else pa.table({})
             return empty.select(columns) if columns else empty
         dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem())
-        return dataset.to_table(columns=columns, filter=filter)
+        key = ROW_ORDER.get(stage)
+        if key is None:
+            return dataset.to_table(columns=columns, filter=filter)
+        # Ray writes a stage's files and rows in whatever order its tasks finish. Sorted rows make
+        # everything read downstream (region fits, samples drawn for labels and correction, metrics)
+        # the same for the same config, however the stage was run.
+        wanted = columns if columns is None or key in columns else [*columns, key]
+        table = dataset.to_table(columns=wanted, filter=filter).sort_by(key)
+        return table if wanted is columns else table.drop_columns([key])
 
     def count_rows(self, stage: str, filter=None) -> int:
         files = self._parquet_files(stage)

@@ -46,3 +46,15 @@ def test_assessing_an_unfinished_run_is_refused(style_config):
     store.fs.rm(f"{store.path}/identify/_COMPLETE")
     with pytest.raises(ValueError, match="identify stage is not complete"):
         assess_run(result.run_uri)
+
+
+def test_the_assessment_does_not_depend_on_how_the_rows_were_written(style_config, tiny_models):
+    """Two runs of one config, written by different actor pools and batches (so Parquet files in
+    another order), assessed on a subsample of their faults, give the same figures."""
+    cfg = {**style_config, "assessment": {"detector": {"uri": tiny_models["generator"]}, "max_faults": 5}}
+    other = {**cfg, "run_id": "r2", "resources": {"search": {"actors": 2, "num_cpus": 0.5, "batch_size": 5}}}
+    a = assess_run(run_campaign(cfg, stop_after="identify").run_uri)
+    b = assess_run(run_campaign(other, stop_after="identify").run_uri)
+    assert a["faults"] > 5 and a["faults_assessed"] == 5
+    for key in ("diversity", "validity", "frechet_distance", "bisection"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
