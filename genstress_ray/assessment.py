@@ -101,10 +101,11 @@ def assess_run(run_uri: str, storage_options: dict | None = None, overrides: dic
     if cfg.strategy.name == "mixing" and faults.num_rows:
         generator = load_generator(model_ref(cfg.generator, manifest["models"]["generator"]), image_shape,
                                    cfg.strategy.generator_kind, len(class_names))
-        seed_classes = torch.tensor([json.loads(p)["seed_class"] for p in faults["params"].to_pylist()])
+        params = [json.loads(p) for p in faults["params"].to_pylist()]
+        seed_classes = torch.tensor([p["seed_class"] for p in params])
         originals = seed_images(generator, faults["source_id"].to_pylist(), seed_classes, cfg.seed)
         summary["validity"]["ssim_to_seed"] = float(ssim(fault_x, originals).mean())
-        iterations = np.array([json.loads(p)["iterations"] for p in faults["params"].to_pylist()])
+        iterations = np.array([p["iterations"] for p in params])
         summary["bisection"] = {"mean_iterations": float(iterations.mean()), "median_iterations": float(np.median(iterations)),
                                 "max_iterations": int(iterations.max()),
                                 "searches_budget_stopped": counts.get("searches_budget_stopped", 0),

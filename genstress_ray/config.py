@@ -251,6 +251,12 @@ class CorrectionConfig(_Strict):
         return v
 
 
+DEFAULT_GENERATORS = {
+    "latent_generator": ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0}),
+    "style_generator": ModelSpec(architecture="small_stylegan", train={"epochs": 4}),
+}
+
+
 class AssessmentConfig(_Strict):
     """How ``genstress assess`` measures a search's output (README, "Metrics").
 
@@ -259,7 +265,7 @@ class AssessmentConfig(_Strict):
     on the real validation split. At most ``max_faults`` faults (a seeded sample) are assessed.
     """
 
-    detector: ModelSpec = ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0})
+    detector: ModelSpec = DEFAULT_GENERATORS["latent_generator"]
     quantile: Annotated[float, Field(gt=0, le=1)] = 0.99
     max_faults: Annotated[int, Field(gt=1)] = 5000
 
@@ -268,12 +274,6 @@ class RayConfig(_Strict):
     address: str | None = None
     num_cpus: Annotated[int, Field(gt=0)] | None = None
     object_store_memory: Annotated[int, Field(gt=0)] | None = None
-
-
-DEFAULT_GENERATORS = {
-    "latent_generator": ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0}),
-    "style_generator": ModelSpec(architecture="small_stylegan", train={"epochs": 4}),
-}
 
 
 def _default_cache() -> str:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
 
 from genstress_ray.data import ImageSet
 from genstress_ray.models.registry import get_model, register_model
@@ -26,11 +25,13 @@ log = logging.getLogger(__name__)
 
 @register_model("small_ddpm", kind="diffusion_model")
 def small_ddpm(in_shape=(1, 28, 28), num_classes: int = 10, channels=(32, 64, 64), layers_per_block: int = 1,
-               norm_num_groups: int = 8) -> UNet2DModel:
+               norm_num_groups: int = 8) -> torch.nn.Module:
     """A class-conditional ``UNet2DModel``; class ``num_classes`` is the null (unconditional) class.
 
     Two down/up stages for 28x28 (28 -> 14 -> 7), attention at the lowest resolution.
     """
+    from diffusers import UNet2DModel  # imported here: diffusers takes ~2 s to import, every actor pays it
+
     c, h, _ = (int(s) for s in in_shape)
     n = len(channels)
     down = ("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",)
@@ -45,6 +46,8 @@ def train_ddpm(train: ImageSet, validation: ImageSet | None = None, architecture
                cond_dropout: float = 0.1, num_train_timesteps: int = 1000, seed: int = 0,
                max_seconds: float | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train the noise-prediction model with the DDPM objective; returns (model, metrics)."""
+    from diffusers import DDPMScheduler
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     k = len(train.class_names)

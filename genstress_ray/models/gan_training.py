@@ -24,17 +24,15 @@ from genstress_ray.models.stylegan import StyleDiscriminator
 log = logging.getLogger(__name__)
 
 
-def sample_ws(generator: nn.Module, z: torch.Tensor, c: torch.Tensor, mixing_prob: float = 0.0,
-              generator_rng: torch.Generator | None = None) -> torch.Tensor:
+def sample_ws(generator: nn.Module, z: torch.Tensor, c: torch.Tensor, mixing_prob: float = 0.0) -> torch.Tensor:
     """Styles for ``z`` / one-hot ``c``; with probability ``mixing_prob`` a sample takes its styles
     from a crossover layer on from a second code of the same class."""
     ws = generator.mapping(z, c)
     if mixing_prob > 0:
         n, num_ws = ws.shape[:2]
-        z2 = torch.randn(z.shape, generator=generator_rng)
-        ws2 = generator.mapping(z2, c)
-        cutoff = torch.randint(1, num_ws, (n, 1), generator=generator_rng)
-        mixed = torch.rand(n, 1, generator=generator_rng) < mixing_prob
+        ws2 = generator.mapping(torch.randn(z.shape), c)
+        cutoff = torch.randint(1, num_ws, (n, 1))
+        mixed = torch.rand(n, 1) < mixing_prob
         take = (torch.arange(num_ws)[None] >= cutoff) & mixed
         ws = torch.where(take[:, :, None], ws2, ws)
     return ws

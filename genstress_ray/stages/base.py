@@ -1,9 +1,4 @@
-"""What every Ray Data stage shares: model references and loading, counters, the Arrow output.
-
-Actors get model references (URIs and architecture names), never weights, so a restarted actor can
-rebuild itself. Each batch comes back as an Arrow table with the ``samples`` schema of DESIGN.md, so
-the Parquet files are readable by pandas, DuckDB or Ray Data without this package.
-"""
+"""What every Ray Data stage shares: model references and loading, counters, the Arrow output."""
 
 from __future__ import annotations
 
@@ -21,7 +16,6 @@ from PIL import Image
 from genstress_ray.data import to_uint8
 from genstress_ray.metrics import score_logits
 from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
-
 
 
 @dataclass(frozen=True)
@@ -43,11 +37,16 @@ def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Class
     return Classifier(ref.load(), class_names, image_shape).eval()
 
 
+# Generator kind (a strategy's ``generator_kind``) -> its protocol wrapper (module, image shape, classes).
+GENERATOR_PROTOCOLS = {
+    "latent_generator": lambda net, shape, classes: LatentGenerator(net, shape),
+    "style_generator": StyleGenerator,
+}
+
+
 def load_generator(ref: ModelRef, image_shape, kind: str = "latent_generator", num_classes: int | None = None):
-    """The generator at ``ref`` behind the protocol of ``kind`` (latent_generator or style_generator)."""
-    if kind == "style_generator":
-        return StyleGenerator(ref.load(), image_shape, num_classes).eval()
-    return LatentGenerator(ref.load(), image_shape).eval()
+    """The generator at ``ref`` behind the protocol of ``kind`` (see ``GENERATOR_PROTOCOLS``)."""
+    return GENERATOR_PROTOCOLS[kind](ref.load(), image_shape, num_classes).eval()
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -34,10 +34,16 @@ class _StyleSearch(_ModelStage):
         return [str(s) for s in batch["source_id"]], torch.tensor(np.asarray(batch["source_label"], np.int64))
 
     @torch.no_grad()
+    def _classify_styles(self, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and CPU logits for styles ``ws`` (one generator call each), ``chunk_size`` at a time."""
+        images = torch.cat([self.generator.synthesis(w) for w in ws.split(self.chunk_size)])
+        logits = torch.cat([self.classifier(x) for x in images.split(self.chunk_size)]).cpu()
+        return images, logits
+
     def _classify_codes(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits of the images of codes ``z`` with conditioning ``labels`` (one generator call each)."""
         ws = self.generator.mapping(z.to(self.device), self.generator.one_hot(labels.to(self.device)))
-        return torch.cat([self.classifier(self.generator.synthesis(w)) for w in ws.split(self.chunk_size)])
+        return self._classify_styles(ws)[1]
 
     def _table(self, strategy: str, ids: list[str], rows: torch.Tensor, draws: torch.Tensor, intended: torch.Tensor,
                params: list[str], latents: torch.Tensor, images: torch.Tensor, scores: dict) -> pa.Table:
@@ -66,7 +72,7 @@ class TruncationSearch(_StyleSearch):
         intended = labels
         calls = n * q
         if not self.generator.c_dim:
-            intended = self._classify_codes(z[:, 0], labels).argmax(1).cpu()
+            intended = self._classify_codes(z[:, 0], labels).argmax(1)
             calls += n
         psi, bound = truncation_plan(ids, q, p["psi"], p["clip_range"], p["clip_probability"], self.seed)
         codes = clip_codes(z.reshape(n * q, -1), bound.reshape(-1))
@@ -116,7 +122,7 @@ class MixingSearch(_StyleSearch):
             return ws.reshape(n, k, *ws.shape[1:]), torch.ones(n, k, dtype=torch.bool), 0
         tries = self.params["target_tries"]
         codes = z[:, 1 + k:].reshape(n * tries, -1)
-        pred = self._classify_codes(codes, torch.full((n * tries,), -1)).argmax(1).cpu().reshape(n, tries)
+        pred = self._classify_codes(codes, torch.full((n * tries,), -1)).argmax(1).reshape(n, tries)
         match = pred[:, None, :] == targets[:, :, None]  # (n, k, tries)
         found = match.any(2)
         first = match.float().argmax(2)
@@ -132,7 +138,7 @@ class MixingSearch(_StyleSearch):
         n, k, sets = len(ids), p["top_k"], len(self.layer_sets)
         z = seed_codes(ids, g.z_dim, 1 + k + (0 if g.c_dim else p["target_tries"]), self.seed)
         seed_ws = g.mapping(z[:, 0].to(self.device), g.one_hot(labels.to(self.device)))
-        seed_logits = torch.cat([self.classifier(g.synthesis(w)) for w in seed_ws.split(self.chunk_size)]).cpu()
+        seed_logits = self._classify_styles(seed_ws)[1]
         intended = labels if g.c_dim else seed_logits.argmax(1)
         correct = seed_logits.argmax(1) == intended
         targets = runner_up_classes(seed_logits, intended, k)
@@ -151,8 +157,7 @@ class MixingSearch(_StyleSearch):
             s, t, m = seed_of[idx], target_of[idx], set_of[idx]
             ws = mix_styles(seed_ws[s.to(self.device)], target_ws[s.to(self.device), t.to(self.device)],
                             self.masks[m.to(self.device)], weights.to(self.device))
-            images = torch.cat([g.synthesis(w) for w in ws.split(self.chunk_size)])
-            logits = torch.cat([self.classifier(x) for x in images.split(self.chunk_size)]).cpu()
+            images, logits = self._classify_styles(ws)
             flips = logits.argmax(1) != intended[s]
             record = flips | (weights == 1)  # the result is at the flipping end of the bracket
             out_latent[idx[record]] = ws.flatten(1).cpu()[record]
