@@ -24,8 +24,9 @@ import torch
 from genstress_ray.config import load_config
 from genstress_ray.data import to_float
 from genstress_ray.data.sources import decode_images
-from genstress_ray.metrics import (distinct_class_pairs, fault_detection, frechet_distance, mean_pairwise_distance,
-                                   penultimate_features, reconstruction_error, ssim)
+from genstress_ray.metrics import (class_subset, distinct_class_pairs, entropy, fault_detection, frechet_distance,
+                                   kldb, mean_pairwise_distance, penultimate_features, reconstruction_error, ssim,
+                                   top_in_subset)
 from genstress_ray.pipeline import load_split, model_ref, prepare_model
 from genstress_ray.stages import load_classifier, load_generator
 from genstress_ray.storage import RunStore, write_bytes_atomic
@@ -65,11 +66,22 @@ def assess_run(run_uri: str, storage_options: dict | None = None, overrides: dic
     cfg = load_config(raw)
     if not store.is_complete("identify"):
         raise ValueError(f"run {store.uri}: the identify stage is not complete; run the campaign first")
+    class_names, image_shape = manifest["class_names"], tuple(manifest["image_shape"])
+    search = load_split(cfg.data.search)
+    classifier = load_classifier(model_ref(cfg.classifier, manifest["models"]["classifier"]), class_names, image_shape)
+    assess = assess_sweep if cfg.strategy.name == "kldb" else assess_search
+    summary = {"run": store.uri, "strategy": cfg.strategy.name, **assess(store, cfg, classifier, search)}
+    summary["seconds"] = round(time.time() - started, 3)
+    write_bytes_atomic(store.fs, f"{store.path}/{ASSESSMENT}", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def assess_search(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
+    """Fault detection, diversity, validity and Frechet distance of a search's faults (README, "Metrics")."""
+    manifest = store.read_manifest()
     a = cfg.assessment
     class_names, image_shape = manifest["class_names"], tuple(manifest["image_shape"])
     counts = store.marker("identify")
-    search = load_split(cfg.data.search)
-    classifier = load_classifier(model_ref(cfg.classifier, manifest["models"]["classifier"]), class_names, image_shape)
     detector = load_generator(prepare_model("detector", a.detector, cfg, search), image_shape)
     real = load_split(cfg.data.validation_spec())
     real_x = to_float(real.images)
@@ -87,7 +99,7 @@ def assess_run(run_uri: str, storage_options: dict | None = None, overrides: dic
     fault_error = reconstruction_error(detector, fault_x)
     candidates, calls = counts.get("candidates", 0), counts.get("generator_calls", counts.get("candidates", 0))
     summary: dict[str, Any] = {
-        "run": store.uri, "strategy": cfg.strategy.name, "candidates": candidates, "generator_calls": calls,
+        "candidates": candidates, "generator_calls": calls,
         "faults": counts.get("faults", 0), "faults_assessed": faults.num_rows,
         "fault_detection": fault_detection(counts.get("faults", 0), candidates, calls),
         "diversity": {"mean_pairwise_feature_distance": mean_pairwise_distance(fault_features, seed=cfg.seed),
@@ -110,6 +122,49 @@ def assess_run(run_uri: str, storage_options: dict | None = None, overrides: dic
                                 "max_iterations": int(iterations.max()),
                                 "searches_budget_stopped": counts.get("searches_budget_stopped", 0),
                                 "seeds_skipped": counts.get("seeds_skipped", 0)}
-    summary["seconds"] = round(time.time() - started, 3)
-    write_bytes_atomic(store.fs, f"{store.path}/{ASSESSMENT}", json.dumps(summary, indent=2).encode())
     return summary
+
+
+@torch.no_grad()
+def boundary_scores(logits: torch.Tensor, subset: torch.Tensor) -> dict[str, float]:
+    """Median KLDB, median entropy and the top-|C|-in-C rate of a set of samples' logits."""
+    return {"median_kldb": float(kldb(logits, subset).median()), "median_entropy": float(entropy(logits).median()),
+            "top_c_rate": float(top_in_subset(logits, subset).float().mean())}
+
+
+def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
+    """Per (alpha, beta) of a KLDB sweep: median KLDB, median entropy, top-|C| rate and the Frechet
+    distance (on the classifier's penultimate features) to real validation images of the classes in
+    C; with an ``oracle`` in the config, KLDB and the top-|C| rate judged by it too (a classifier that
+    never guided anything: a boundary only the guiding model sees is an adversarial artefact)."""
+    manifest = store.read_manifest()
+    class_names = manifest["class_names"]
+    subset = class_subset(cfg.strategy.classes, class_names)
+    table = store.read_table("identify", columns=["source_id", "image", "params", "kldb", "entropy", "probs"])
+    images = to_float(decode_images(table["image"].to_pylist(), table["source_id"].to_pylist(), None))
+    params = [json.loads(p) for p in table["params"].to_pylist()]
+    points = np.array([(p["alpha"], p["beta"]) for p in params]).reshape(-1, 2)
+    # The stored probabilities are the guiding classifier's (after any calibration temperature).
+    guiding_logits = torch.from_numpy(np.stack(table["probs"].to_numpy(zero_copy_only=False))).clamp_min(1e-30).log() \
+        if table.num_rows else torch.zeros(0, len(class_names))
+    judge = None
+    if cfg.oracle is not None:
+        judge = load_classifier(prepare_model("oracle", cfg.oracle, cfg, search), class_names, search.image_shape)
+    real = load_split(cfg.data.validation_spec())
+    in_c = subset[torch.from_numpy(real.labels.astype(np.int64))]
+    real_features = penultimate_features(classifier.net, to_float(real.images)[in_c])
+    features = penultimate_features(classifier.net, images)
+    judged = torch.cat([judge(x) for x in images.split(1024)]) if judge is not None and len(images) else None
+    rows = []
+    for beta in sorted(set(points[:, 1].tolist())):
+        for alpha in sorted(set(points[points[:, 1] == beta, 0].tolist())):
+            mask = torch.from_numpy((points[:, 0] == alpha) & (points[:, 1] == beta))
+            row = {"alpha": alpha, "beta": beta, "samples": int(mask.sum()),
+                   **boundary_scores(guiding_logits[mask], subset),
+                   "boundary_rate": float((kldb(guiding_logits[mask], subset) <= cfg.strategy.boundary_kldb).float().mean()),
+                   "frechet_distance": frechet_distance(features[mask], real_features)}
+            if judged is not None:
+                row["independent"] = boundary_scores(judged[mask], subset)
+            rows.append(row)
+    return {"classes": list(cfg.strategy.classes), "candidates": table.num_rows, "real_images_in_c": int(in_c.sum()),
+            "judge": "oracle" if judge is not None else None, "sweep": rows}

@@ -168,8 +168,56 @@ class MixingParams(_StyleSearchParams):
     target_tries: Annotated[int, Field(gt=0)] = 8
 
 
+# The paper's grid (Gomes et al.): alpha = 0 is the prompt-only baseline.
+PAPER_ALPHAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0]
+PAPER_BETAS = [3.0, 6.0, 9.0]
+
+
+class KldbParams(_Strict):
+    """KLDB-guided diffusion toward the decision boundary of the classes named in ``classes``.
+
+    Every (alpha, beta) of the sweep samples the same ``seeds`` initial noises, so grid points differ only
+    by the guidance. ``alphas`` scale the KLDB step (0 = prompt only), applied every ``guidance_every``
+    (k) of ``steps`` denoising steps of a deterministic ``scheduler``; ``betas`` are classifier-free
+    guidance scales. The prompt conditions on the classes of C: the pixel model alternates over their
+    class embeddings step by step; Stable Diffusion gets ``prompt`` ("{classes}" is replaced by the
+    names joined with "and"). A sample is kept as a boundary candidate (``fault``) when its KLDB, on
+    the classifier under test, is at most ``boundary_kldb`` (0.1 is about a 70/30 split of 2 classes).
+    """
+
+    generator_kind: ClassVar[str] = "diffusion_model"
+    name: Literal["kldb"] = "kldb"
+    classes: Annotated[list[str], Field(min_length=2)]
+    seeds: Annotated[int, Field(gt=0)] = 200
+    alphas: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = PAPER_ALPHAS
+    betas: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = PAPER_BETAS
+    steps: Annotated[int, Field(gt=0)] = 40
+    guidance_every: Annotated[int, Field(ge=1)] = 5
+    scheduler: str = "lms"
+    prompt: str = "a photo of a {classes}"
+    negative_prompt: str = ""
+    boundary_kldb: Annotated[float, Field(gt=0)] = 0.1
+    # Fit a temperature for the classifier on data.validation before guiding (the reference code's advice).
+    calibrate: bool = False
+    keep: Literal["boundary", "all"] = "all"
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"classes {v}: a class is named twice")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _deterministic(cls, v):
+        from genstress_ray.strategies.guided_diffusion import check_scheduler
+
+        return check_scheduler(v)
+
+
 # New strategies join this union (a discriminated union names the allowed values in its errors).
-StrategyConfig = Annotated[Union[DefuseParams, TruncationParams, MixingParams], Field(discriminator="name")]
+StrategyConfig = Annotated[Union[DefuseParams, TruncationParams, MixingParams, KldbParams], Field(discriminator="name")]
 
 
 class ReduceConfig(_Strict):
@@ -254,6 +302,7 @@ class CorrectionConfig(_Strict):
 DEFAULT_GENERATORS = {
     "latent_generator": ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0}),
     "style_generator": ModelSpec(architecture="small_stylegan", train={"epochs": 4}),
+    "diffusion_model": ModelSpec(architecture="small_ddpm", train={"epochs": 8}),
 }
 
 

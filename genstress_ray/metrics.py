@@ -122,6 +122,16 @@ def score_logits(logits: torch.Tensor, intended: torch.Tensor) -> dict[str, torc
     }
 
 
+@torch.no_grad()
+def score_boundary(logits: torch.Tensor, subset: torch.Tensor, boundary_kldb: float) -> dict[str, torch.Tensor]:
+    """``score_logits`` for samples aimed at the boundary of class subset C: ``kldb`` and ``margin``
+    are measured against C, and ``fault`` marks a sample on the boundary (KLDB <= ``boundary_kldb``),
+    the candidates that regions are fitted on and labelled."""
+    distance = kldb(logits, subset)
+    return {"pred": logits.argmax(-1), "probs": logits.softmax(-1), "fault": distance <= boundary_kldb,
+            "kldb": distance, "entropy": entropy(logits), "margin": subset_margin(logits, subset)}
+
+
 # Set-level metrics of a search strategy's output (README, "Metrics", gives the exact definitions).
 
 def fault_detection(faults: int, candidates: int, generator_calls: int) -> dict[str, float]:

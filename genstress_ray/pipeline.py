@@ -15,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import torch
 
-from genstress_ray.config import CampaignConfig, ModelSpec, load_config
-from genstress_ray.data import DataError, ImageSet, get_source
+from genstress_ray.config import CampaignConfig, ConfigError, ModelSpec, load_config
+from genstress_ray.data import DataError, ImageSet, class_name, get_source
+from genstress_ray.metrics import class_subset, fit_temperature
 from genstress_ray.models import ModelError, cached_model_uri, model_kind, train_and_save
 from genstress_ray.regions import fit_regions, sample_regions
 from genstress_ray.stages import (SEARCH_STAGES, RegionDecode, ModelRef, StageCounters, load_classifier,
@@ -48,7 +50,7 @@ class CampaignResult:
                  f"samples rows {c.get('samples', 0)}, non-finite dropped {c.get('nonfinite_dropped', 0)}",
                  f"regions: {len(self.regions)}" + (f" ({self.message})" if self.message else "")]
         for r in self.regions:
-            src, prd = self.class_names[r["dominant_source_label"]], self.class_names[r["dominant_pred"]]
+            src, prd = class_name(self.class_names, r["dominant_source_label"]), self.class_names[r["dominant_pred"]]
             lines.append(f"  region {r['region_id']}: weight {r['weight']:.3f}, {r['n_members']} faults, "
                          f"true {src} ({r['dominant_source_share']:.0%}) -> predicted {prd} ({r['dominant_pred_share']:.0%})")
         if self.skipped:
@@ -105,7 +107,15 @@ def init_ray(cfg: CampaignConfig) -> None:
 
 def _source_table(cfg: CampaignConfig, images: ImageSet, conditional: bool) -> pa.Table:
     """The rows the search starts from: the search images, or, for the style-based strategies, the
-    seed list (seed i is class i % K for a conditional generator, -1 = the generator decides)."""
+    seed list (seed i is class i % K for a conditional generator, -1 = the generator decides), or, for
+    KLDB guidance, every seed at every (alpha, beta) of the sweep (``draw`` = the grid point)."""
+    s = cfg.strategy
+    if s.generator_kind == "diffusion_model":
+        grid = [(a, b) for b in s.betas for a in s.alphas]
+        point, seed = np.divmod(np.arange(len(grid) * s.seeds), s.seeds)
+        return pa.table({"source_id": [f"seed:{i}" for i in seed], "source_label": np.full(len(seed), -1),
+                         "alpha": np.asarray([grid[g][0] for g in point], np.float64),
+                         "beta": np.asarray([grid[g][1] for g in point], np.float64), "draw": point})
     if cfg.strategy.generator_kind == "style_generator":
         n, k = cfg.strategy.seeds, len(images.class_names)
         labels = np.arange(n) % k if conditional else np.full(n, -1)
@@ -138,7 +148,7 @@ def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constru
     ds = _source_dataset(_source_table(cfg, search, conditional), cfg.resources.search.batch_size)
     stage_cls = SEARCH_STAGES[cfg.strategy.name]
     totals = _run_model_stage(store, "identify", ds, stage_cls, cfg.resources.search,
-                              {**constructor, "params": cfg.strategy.model_dump()})
+                              {**constructor, "params": strategy_params(cfg, constructor, search)})
     totals["samples"] = store.count_rows("identify")
     return totals
 
@@ -193,10 +203,43 @@ def stage_constructor(cfg: CampaignConfig, refs: dict[str, ModelRef], class_name
             "image_shape": tuple(image_shape), "seed": cfg.seed, "generator_kind": cfg.strategy.generator_kind}
 
 
+def strategy_params(cfg: CampaignConfig, constructor: dict, search: ImageSet) -> dict:
+    """The strategy's settings as its stage takes them. KLDB guidance also gets the boundary's class
+    indices and, with ``calibrate``, the classifier's temperature fitted on data.validation."""
+    params = cfg.strategy.model_dump()
+    if cfg.strategy.name == "kldb":
+        params["subset"] = boundary_classes(cfg, search.class_names)
+        if cfg.strategy.calibrate:
+            params["temperature"] = classifier_temperature(cfg, constructor["classifier"], search)
+    return params
+
+
+def boundary_classes(cfg: CampaignConfig, class_names: list[str]) -> list[int]:
+    """Indices of the configured boundary classes; a ConfigError names unknown ones."""
+    try:
+        return class_subset(cfg.strategy.classes, class_names).nonzero().squeeze(1).tolist()
+    except ValueError as exc:
+        raise ConfigError(f"strategy.classes: {exc}") from None
+
+
+def classifier_temperature(cfg: CampaignConfig, ref: ModelRef, search: ImageSet) -> float:
+    """The temperature that calibrates the classifier on the validation split (``fit_temperature``)."""
+    validation = load_split(cfg.data.validation_spec())
+    classifier = load_classifier(ref, search.class_names, search.image_shape)
+    x, y = validation.tensors()
+    with torch.no_grad():
+        logits = torch.cat([classifier(chunk) for chunk in x.split(1024)])
+    temperature = fit_temperature(logits, y)
+    log.info("classifier temperature %.3f (fitted on %d validation images)", temperature, len(y))
+    return temperature
+
+
 def check_generator(cfg: CampaignConfig, ref: ModelRef, search: ImageSet):
     """Load the generator behind its protocol on the driver and check it against the strategy, so a
     bad generator or layer set fails before any Ray work."""
     generator = load_generator(ref, search.image_shape, cfg.strategy.generator_kind, len(search.class_names))
+    if cfg.strategy.name == "kldb":
+        boundary_classes(cfg, search.class_names)
     layer_sets = getattr(cfg.strategy, "layer_sets", None)
     if layer_sets:
         try:

@@ -36,9 +36,12 @@ class RegionFit:
 
 
 def _dominant(values: np.ndarray) -> tuple[int, float]:
-    if len(values) == 0:
+    """The most common class and its share; -1 when no member has one (KLDB's boundary samples have
+    no intended class)."""
+    known = values[values >= 0]
+    if len(known) == 0:
         return -1, 0.0
-    counts = np.bincount(values)
+    counts = np.bincount(known)
     return int(counts.argmax()), float(counts.max() / len(values))
 
 

@@ -21,6 +21,7 @@ needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "mnist").exists(),
                                        reason=f"real MNIST files not found at {SHARED_DATA}")
 TINY_CNN = {"in_shape": [1, 8, 8], "num_classes": 10, "width": 4, "hidden": 16}
 TINY_VAE = {"in_shape": [1, 8, 8], "latent_dim": 4, "width": 4, "hidden": 16}
+TINY_DDPM = {"in_shape": [1, 8, 8], "num_classes": 10, "channels": [8, 16], "norm_num_groups": 4}
 TINY_STYLEGAN = {"in_shape": [1, 8, 8], "num_classes": 10, "z_dim": 8, "w_dim": 8, "mapping_layers": 2,
                  "channels": [8, 8, 8]}
 
@@ -80,12 +81,13 @@ def ray_cluster(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """Random-weight tiny CNN, beta-VAE and style-based GAN for 8x8 digits, as self-describing safetensors."""
+    """Random-weight tiny CNN, beta-VAE, style-based GAN and class-conditional DDPM for 8x8 digits, as self-describing safetensors."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     paths = {}
     for role, arch, params in (("classifier", "small_cnn", TINY_CNN), ("generator", "beta_vae", TINY_VAE),
-                               ("style_generator", "small_stylegan", TINY_STYLEGAN)):
+                               ("style_generator", "small_stylegan", TINY_STYLEGAN),
+                               ("diffusion_model", "small_ddpm", TINY_DDPM)):
         paths[role] = str(root / f"{role}.safetensors")
         save_checkpoint(get_model(arch, **params), paths[role], arch, params)
     return paths

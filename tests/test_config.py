@@ -57,6 +57,13 @@ def test_the_shipped_mnist_job_validates():
     assert cfg.data.train is not None and cfg.data.train.uri.endswith("mnist_train_first20k")
 
 
+def test_the_shipped_kldb_jobs_validate():
+    mnist, imagenet = load_config(JOBS / "mnist_kldb.yaml"), load_config(JOBS / "imagenet_kldb.yaml")
+    assert mnist.strategy.classes == ["4", "9"] and mnist.generator.architecture == "small_ddpm"
+    assert imagenet.strategy.classes == ["chihuahua", "papillon"] and imagenet.generator.format == "diffusers"
+    assert imagenet.strategy.alphas == [0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0] and imagenet.resources.search.num_gpus == 1
+
+
 def test_cluster_yaml_is_a_valid_ray_launcher_config_with_a_gpu_worker():
     import yaml
     from ray.autoscaler._private.util import prepare_config, validate_config

@@ -7,7 +7,8 @@ Example:
     ((1, 8, 8), 10)
 """
 
-from genstress_ray.data.base import SPLITS, DataError, DatasetSource, ImageSet, split_indices, to_float, to_uint8
+from genstress_ray.data.base import (SPLITS, DataError, DatasetSource, ImageSet, class_name, split_indices, to_float,
+                                     to_uint8)
 from genstress_ray.data.sources import (DigitsSource, FashionMnistSource, ImageFolderSource, MnistSource,
                                         ParquetSource, decode_images)
 
@@ -34,5 +35,5 @@ def get_source(kind: str, **params) -> DatasetSource:
 for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, ParquetSource):
     register_source(_cls)
 
-__all__ = ["SPLITS", "DataError", "DatasetSource", "ImageSet", "decode_images", "get_source", "list_sources", "register_source",
+__all__ = ["SPLITS", "DataError", "class_name", "DatasetSource", "ImageSet", "decode_images", "get_source", "list_sources", "register_source",
            "split_indices", "to_float", "to_uint8"]

@@ -126,3 +126,8 @@ class DatasetSource:
         The key (an original row index or a relative file path) makes the row's source id.
         """
         raise NotImplementedError
+
+
+def class_name(class_names: list[str], label: int) -> str:
+    """A class's name; label -1 (no intended class: KLDB's boundary samples) reads "none"."""
+    return class_names[label] if 0 <= label < len(class_names) else "none"

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
 
+from genstress_ray.data import class_name
 from genstress_ray.labeling.oracle import reviewed_samples
 from genstress_ray.labeling.table import (NOT_A_FAILURE, STAGE, labels_table, region_ids, validate_labels,
                                           write_labels)
@@ -97,7 +98,7 @@ class ReviewStore:
             status = f"saved: {html.escape(current[rid])}" if rid in current else "not labelled"
             sections.append(
                 f"<section id='region-{rid}'><h3>Region {rid}</h3><p>{r['n_members']} faults: true "
-                f"{html.escape(names[r['dominant_source_label']])} predicted as {html.escape(names[r['dominant_pred']])}."
+                f"{html.escape(class_name(names, r['dominant_source_label']))} predicted as {html.escape(names[r['dominant_pred']])}."
                 f" What are these images?</p><div class='grid'>{cells}</div><div>{buttons}"
                 f"<span class='status' id='status-{rid}'>{status}</span></div></section>")
         title = html.escape(f"label regions: {self.store.campaign} / {self.store.run_id}")

@@ -1,7 +1,7 @@
 """Loading model weights from any fsspec URI without unpickling arbitrary objects.
 
-Formats: TorchScript archives, safetensors files, and plain state dicts read with
-``torch.load(weights_only=True)``. For the last two the architecture comes from the registry
+Formats: TorchScript archives, safetensors files, plain state dicts read with
+``torch.load(weights_only=True)``, and diffusers folders (Stable Diffusion). For the last two the architecture comes from the registry
 (``architecture`` + ``params``), a user factory (``"package.module:function"``), or, for checkpoints
 this project wrote, from the safetensors metadata.
 """
@@ -22,7 +22,7 @@ from genstress_ray.models.protocols import ModelError
 from genstress_ray.models.registry import get_model
 from genstress_ray.storage import StorageError, filesystem_for, read_bytes, write_bytes_atomic
 
-FORMATS = ("auto", "torchscript", "safetensors", "state_dict")
+FORMATS = ("auto", "torchscript", "safetensors", "state_dict", "diffusers")
 _META_KEY = "genstress"
 
 
@@ -66,6 +66,10 @@ def load_module(uri: str, fmt: str = "auto", architecture: str | None = None, fa
     """
     if fmt not in FORMATS:
         raise ModelError(f"format: unknown checkpoint format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    if fmt == "diffusers":  # a folder of components (Stable Diffusion), not one file
+        from genstress_ray.models.diffusion_generators import load_stable_diffusion
+
+        return load_stable_diffusion(uri), {}
     try:
         data = read_bytes(uri)
     except StorageError as exc:

@@ -107,6 +107,8 @@ def _assessment_section(store: RunStore) -> str:
     if not store.fs.exists(path):
         return "<p>Not assessed yet: run <code>genstress assess RUN</code>.</p>"
     a = json.loads(store.fs.cat_file(path))
+    if "sweep" in a:
+        return _sweep_table(a)
     rows = [("faults per candidate / per generator call",
              f"{a['fault_detection']['faults_per_candidate']:.4f} / {a['fault_detection']['faults_per_call']:.4f}"),
             ("valid faults (VAE reconstruction within the real "
@@ -120,6 +122,24 @@ def _assessment_section(store: RunStore) -> str:
         b = a["bisection"]
         rows.append(("bisection steps (mean / max)", f"{b['mean_iterations']:.1f} / {b['max_iterations']}"))
     return _table(rows)
+
+
+def _sweep_table(a: dict) -> str:
+    """KLDB guidance per (alpha, beta): how close to the boundary of C, and how far from real images."""
+    head = ["beta", "alpha", "samples", "median KLDB", "median entropy", "top-|C| in C", "on the boundary",
+            "Frechet distance to real C"]
+    if a.get("judge"):
+        head += ["median KLDB (independent)", "top-|C| in C (independent)"]
+    body = []
+    for r in a["sweep"]:
+        cells = [r["beta"], r["alpha"], r["samples"], f"{r['median_kldb']:.3f}", f"{r['median_entropy']:.3f}",
+                 f"{r['top_c_rate']:.1%}", f"{r['boundary_rate']:.1%}", f"{r['frechet_distance']:.1f}"]
+        if "independent" in r:
+            cells += [f"{r['independent']['median_kldb']:.3f}", f"{r['independent']['top_c_rate']:.1%}"]
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    caption = html.escape(f"boundary of {', '.join(a['classes'])}; alpha = 0 is the prompt-only baseline")
+    return f"<table><caption>{caption}</caption>{header}{''.join(body)}</table>"
 
 
 def build_report(store: RunStore, per_region: int = 16) -> str:

@@ -8,12 +8,13 @@ the Parquet files are readable by pandas, DuckDB or Ray Data without this packag
 from genstress_ray.stages.base import (ModelRef, StageCounters, candidate_table, load_classifier, load_generator,
                                        png_bytes)
 from genstress_ray.stages.defuse import DefuseSearch, RegionDecode
+from genstress_ray.stages.kldb import KldbSearch
 from genstress_ray.stages.style import MixingSearch, TruncationSearch
 from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA
 
 # Strategy name -> the Ray stage that runs it. A new strategy is one new stage registered here.
-SEARCH_STAGES = {"defuse": DefuseSearch, "truncation": TruncationSearch, "mixing": MixingSearch}
+SEARCH_STAGES = {"defuse": DefuseSearch, "truncation": TruncationSearch, "mixing": MixingSearch, "kldb": KldbSearch}
 
-__all__ = ["REGION_SAMPLES_SCHEMA", "SAMPLES_SCHEMA", "SEARCH_STAGES", "DefuseSearch", "MixingSearch", "ModelRef",
+__all__ = ["REGION_SAMPLES_SCHEMA", "SAMPLES_SCHEMA", "SEARCH_STAGES", "DefuseSearch", "KldbSearch", "MixingSearch", "ModelRef",
            "RegionDecode", "StageCounters", "TruncationSearch", "candidate_table", "load_classifier",
            "load_generator", "png_bytes"]

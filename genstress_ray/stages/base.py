@@ -16,6 +16,7 @@ from PIL import Image
 from genstress_ray.data import to_uint8
 from genstress_ray.metrics import score_logits
 from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
+from genstress_ray.models.diffusion_generators import diffusion_generator
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Class
 GENERATOR_PROTOCOLS = {
     "latent_generator": lambda net, shape, classes: LatentGenerator(net, shape),
     "style_generator": StyleGenerator,
+    "diffusion_model": diffusion_generator,
 }
 
 

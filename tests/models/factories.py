@@ -42,3 +42,51 @@ class _Synthesis(nn.Module):
 
 def user_style_generator(**params) -> nn.Module:
     return UserStyleGenerator(**params)
+
+
+def write_tiny_stable_diffusion(folder, words=("a", "photo", "of", "and", "chihuahua", "papillon", "tabby")) -> None:
+    """A Stable Diffusion v1.x folder in diffusers layout with tiny random components, built from
+    configs (no download): 16x16 RGB images from 4x8x8 latents, a CLIP text encoder over a vocabulary
+    of whole ``words`` plus single letters, written by this function."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                         norm_num_groups=4, attention_head_dim=2).save_pretrained(folder / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  sample_size=16).save_pretrained(folder / "vae")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters),
+              *(w + "</w>" for w in words if len(w) > 1)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    # Merges that build each whole word from its letters, left to right.
+    merges, seen = ["#version: 0.2"], set()
+    for w in words:
+        prefix = w[0]
+        for i, c in enumerate(w[1:], 1):
+            piece = c + ("</w>" if i == len(w) - 1 else "")
+            if (prefix, piece) not in seen:
+                seen.add((prefix, piece))
+                merges.append(f"{prefix} {piece}")
+                vocab.setdefault(prefix + piece, len(vocab))
+            prefix += piece
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=12)
+    tokenizer.save_pretrained(tok_dir)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                 num_hidden_layers=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)).save_pretrained(folder / "text_encoder")
+    LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
+        folder / "scheduler")

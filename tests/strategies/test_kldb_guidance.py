@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 
 from genstress_ray.metrics import class_subset, fit_temperature, kldb, subset_margin, top_in_subset
-from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler
+from genstress_ray.models.diffusion import small_ddpm
+from genstress_ray.models.diffusion_generators import ClassConditionalDiffusion, diffusion_generator
+from genstress_ray.strategies.guided_diffusion import check_scheduler, guided_sample, make_scheduler
 from genstress_ray.strategies.kldb import kldb_guidance_step
 
 CLASSES = [str(i) for i in range(10)]
@@ -76,46 +77,60 @@ def test_zero_or_non_finite_gradients_are_skipped_per_sample():
         kldb_guidance_step(x, lambda z: z, clf, subset, alpha=-0.1)
 
 
-def _tiny_unet():
+def _tiny_generator() -> ClassConditionalDiffusion:
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=11).eval()
+    net = small_ddpm(in_shape=(1, 8, 8), num_classes=10, channels=(8, 16), norm_num_groups=4)
+    generator = diffusion_generator(net.eval(), (1, 8, 8), 10)
+    generator.condition([4, 9], CLASSES)
+    return generator
+
+
+def _sample(generator, scheduler, noise, clf, alpha, **kwargs):
+    return guided_sample(generator.noise_pred, make_scheduler(scheduler, generator.scheduler_config), noise,
+                         generator.decode, clf, class_subset(["4", "9"], CLASSES), alpha=alpha, beta=3.0,
+                         steps=10, guidance_every=2, **kwargs)
 
 
 @pytest.mark.parametrize("scheduler", ["lms", "ddim"])
 def test_guided_sampler_is_batched_and_deterministic(scheduler):
-    unet, clf = _tiny_unet(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    subset = class_subset(["4", "9"], CLASSES)
+    generator, clf = _tiny_generator(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    kwargs = dict(class_schedule=lambda i: torch.tensor([4, 9])[i % 2].repeat(6), null_class=10, classifier=clf,
-                  subset=subset, steps=10, guidance_every=2, beta=3.0, decode=lambda x: (x * 0.5 + 0.5).clamp(0, 1))
-    a, moved = guided_sample(unet, make_scheduler(scheduler), noise, alpha=0.1, **kwargs)
-    b, _ = guided_sample(unet, make_scheduler(scheduler), noise, alpha=0.1, **kwargs)
-    assert a.shape == (6, 1, 8, 8) and torch.equal(a, b)
+    latents, a, moved = _sample(generator, scheduler, noise, clf, 0.1)
+    _, b, _ = _sample(generator, scheduler, noise, clf, 0.1)
+    assert a.shape == (6, 1, 8, 8) and torch.equal(a, b) and latents.shape == noise.shape
     assert moved.shape == (6,) and int(moved.max()) <= 5  # at most one move per guided step (10 / 2)
-    plain, none = guided_sample(unet, make_scheduler(scheduler), noise, alpha=0.0, **kwargs)
-    assert int(none.sum()) == 0
+    # Per-row alpha: rows with alpha 0 are never moved and match a prompt-only batch exactly.
+    _, mixed, moved_mixed = _sample(generator, scheduler, noise, clf, torch.tensor([0.0, 0.1] * 3))
+    _, plain, none = _sample(generator, scheduler, noise, clf, 0.0)
+    assert int(none.sum()) == 0 and moved_mixed[::2].sum() == 0
+    assert torch.allclose(mixed[::2], plain[::2], atol=1e-5) and torch.allclose(mixed[1::2], a[1::2], atol=1e-5)
 
 
 def test_guidance_moves_ddim_samples_toward_the_boundary():
-    unet, clf = _tiny_unet(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    generator, clf = _tiny_generator(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     subset = class_subset(["4", "9"], CLASSES)
     noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    kwargs = dict(class_schedule=lambda i: torch.tensor([4, 9])[i % 2].repeat(6), null_class=10, classifier=clf,
-                  subset=subset, steps=10, guidance_every=2, beta=3.0, decode=lambda x: (x * 0.5 + 0.5).clamp(0, 1))
     with torch.no_grad():
-        base = kldb(clf(guided_sample(unet, make_scheduler("ddim"), noise, alpha=0.0, **kwargs)[0]), subset)
-        guided = kldb(clf(guided_sample(unet, make_scheduler("ddim"), noise, alpha=0.3, **kwargs)[0]), subset)
+        base = kldb(clf(_sample(generator, "ddim", noise, clf, 0.0)[1]), subset)
+        guided = kldb(clf(_sample(generator, "ddim", noise, clf, 0.3)[1]), subset)
     assert float(guided.median()) < float(base.median())
 
 
 def test_bad_sampler_settings_are_refused():
-    with pytest.raises(ValueError, match="'euler_ancestral' is not deterministic"):
+    with pytest.raises(ValueError, match="'euler_ancestral' is stochastic"):
         make_scheduler("euler_ancestral")
+    with pytest.raises(ValueError, match="unknown scheduler 'pndm'"):
+        check_scheduler("pndm")
+    generator = _tiny_generator()
     with pytest.raises(ValueError, match=r"guidance_every \(k\) must be >= 1"):
-        guided_sample(_tiny_unet(), make_scheduler("ddim"), torch.zeros(1, 1, 8, 8), lambda i: torch.tensor([0]), 10,
+        guided_sample(generator.noise_pred, make_scheduler("ddim"), torch.zeros(1, 1, 8, 8), generator.decode,
                       guidance_every=0)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        guided_sample(generator.noise_pred, make_scheduler("ddim"), torch.zeros(1, 1, 8, 8), generator.decode,
+                      alpha=-0.1)
+    with pytest.raises(ValueError, match="needs a classifier"):
+        guided_sample(generator.noise_pred, make_scheduler("ddim"), torch.zeros(1, 1, 8, 8), generator.decode,
+                      alpha=0.1)
 
 
 def test_small_ddpm_trains_round_trips_and_samples_with_guidance(tmp_path):
@@ -131,8 +146,10 @@ def test_small_ddpm_trains_round_trips_and_samples_with_guidance(tmp_path):
     assert metrics["steps"] == 8 and math.isfinite(metrics["loss"])
     unet, meta = load_module(uri)
     assert meta["role"] == "diffusion_model" and unet.config.num_class_embeds == 11  # 10 classes + null
+    generator = diffusion_generator(unet, (1, 8, 8), 10)
+    generator.condition([3, 5], CLASSES)
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    images, moved = guided_sample(unet, make_scheduler("ddim"), torch.randn(4, 1, 8, 8), lambda i: torch.full((4,), 3),
-                                  null_class=10, classifier=clf, subset=class_subset(["3", "5"], CLASSES), steps=6,
-                                  guidance_every=3, alpha=0.1, decode=lambda x: (x * 0.5 + 0.5).clamp(0, 1))
+    _, images, moved = guided_sample(generator.noise_pred, make_scheduler("ddim", generator.scheduler_config),
+                                     torch.randn(4, 1, 8, 8), generator.decode, clf, class_subset(["3", "5"], CLASSES),
+                                     alpha=0.1, steps=6, guidance_every=3)
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all() and int(moved.max()) <= 2
