@@ -148,7 +148,7 @@ def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constru
     ds = _source_dataset(_source_table(cfg, search, conditional), cfg.resources.search.batch_size)
     stage_cls = SEARCH_STAGES[cfg.strategy.name]
     totals = _run_model_stage(store, "identify", ds, stage_cls, cfg.resources.search,
-                              {**constructor, "params": strategy_params(cfg, constructor, search)})
+                              {**constructor, "params": cfg.strategy.model_dump()})
     totals["samples"] = store.count_rows("identify")
     return totals
 
@@ -197,21 +197,23 @@ def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict) 
                                  constructor)
 
 
-def stage_constructor(cfg: CampaignConfig, refs: dict[str, ModelRef], class_names: list[str], image_shape) -> dict:
-    """What every model stage of a run is built with (``fn_constructor_kwargs``)."""
+def stage_constructor(cfg: CampaignConfig, refs: dict[str, ModelRef], class_names: list[str], image_shape,
+                      boundary: dict | None = None) -> dict:
+    """What every model stage of a run is built with (``fn_constructor_kwargs``); ``boundary`` is
+    ``boundary_spec``'s for the search stages of a KLDB run (correction judges against labels instead)."""
     return {"classifier": refs["classifier"], "generator": refs["generator"], "class_names": class_names,
-            "image_shape": tuple(image_shape), "seed": cfg.seed, "generator_kind": cfg.strategy.generator_kind}
+            "image_shape": tuple(image_shape), "seed": cfg.seed, "generator_kind": cfg.strategy.generator_kind,
+            "boundary": boundary}
 
 
-def strategy_params(cfg: CampaignConfig, constructor: dict, search: ImageSet) -> dict:
-    """The strategy's settings as its stage takes them. KLDB guidance also gets the boundary's class
-    indices and, with ``calibrate``, the classifier's temperature fitted on data.validation."""
-    params = cfg.strategy.model_dump()
-    if cfg.strategy.name == "kldb":
-        params["subset"] = boundary_classes(cfg, search.class_names)
-        if cfg.strategy.calibrate:
-            params["temperature"] = classifier_temperature(cfg, constructor["classifier"], search)
-    return params
+def boundary_spec(cfg: CampaignConfig, classifier: ModelRef, search: ImageSet) -> dict | None:
+    """For a KLDB run, what every model stage scores against: the boundary's class indices, the
+    boundary threshold and, with ``calibrate``, the classifier's temperature fitted on data.validation."""
+    if cfg.strategy.name != "kldb":
+        return None
+    temperature = classifier_temperature(cfg, classifier, search) if cfg.strategy.calibrate else 1.0
+    return {"subset": boundary_classes(cfg, search.class_names), "threshold": cfg.strategy.boundary_kldb,
+            "temperature": temperature}
 
 
 def boundary_classes(cfg: CampaignConfig, class_names: list[str]) -> list[int]:
@@ -295,7 +297,10 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
                           models={k: v.uri for k, v in refs.items()}, class_names=search.class_names,
                           image_shape=list(search.image_shape), status="running")
     init_ray(cfg)
-    constructor = stage_constructor(cfg, refs, search.class_names, search.image_shape)
+    boundary = boundary_spec(cfg, refs["classifier"], search)
+    if boundary:
+        store.update_manifest(boundary=boundary)
+    constructor = stage_constructor(cfg, refs, search.class_names, search.image_shape, boundary)
     conditional = bool(getattr(generator, "c_dim", 1))
     runners = {"identify": lambda: run_identify(cfg, store, search, constructor, conditional),
                "regions": lambda: run_regions(cfg, store),

@@ -93,6 +93,11 @@ def test_boundary_samples_flow_through_regions_assessment_and_report(kldb_config
     samples = store.read_table("region_samples")
     assert samples.num_rows == result.counts["regions"] * kldb_config["reduce"]["samples_per_region"]
     assert len(samples["latent"][0].as_py()) == 64  # region samples decode through the pixel model
+    # ... and are scored against C too.
+    subset = class_subset(["4", "9"], NAMES)
+    region_kldb = kldb(torch.tensor(np.stack(samples["probs"].to_numpy(zero_copy_only=False))).log(), subset)
+    assert torch.allclose(region_kldb, torch.tensor(samples["kldb"].to_numpy()), atol=1e-4)
+    assert samples["fault"].to_pylist() == (region_kldb <= 10.0).tolist()
     assert "true none" in result.summary()
     summary = assess_run(result.run_uri)
     sweep = summary["sweep"]
@@ -107,6 +112,20 @@ def test_boundary_samples_flow_through_regions_assessment_and_report(kldb_config
     page = write_report(store)
     html = store.fs.cat_file(page.split("://")[-1] if "://" in page else page).decode()
     assert "boundary of 4, 9" in html and "median KLDB (independent)" in html
+
+
+def test_calibration_fits_a_temperature_that_the_scores_use(kldb_config):
+    cfg = {**kldb_config, "strategy": {**kldb_config["strategy"], "calibrate": True, "alphas": [0.0], "betas": [3.0]}}
+    result = run_campaign(cfg, stop_after="identify")
+    store = _store(result, cfg)
+    temperature = store.read_manifest()["boundary"]["temperature"]
+    assert temperature > 0 and temperature != 1.0
+    samples = store.read_table("identify")
+    clf = load_classifier(ModelRef(cfg["classifier"]["uri"]), NAMES, (1, 8, 8))
+    images = to_float(decode_images(samples["image"].to_pylist(), samples["sample_id"].to_pylist(), None))
+    with torch.no_grad():
+        expected = (clf(images) / temperature).softmax(1)
+    np.testing.assert_allclose(np.stack(samples["probs"].to_numpy(zero_copy_only=False)), expected.numpy(), atol=1e-5)
 
 
 def test_bad_kldb_inputs_fail_early_with_the_field_named(kldb_config, tmp_path):

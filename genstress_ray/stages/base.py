@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from genstress_ray.data import to_uint8
-from genstress_ray.metrics import score_logits
+from genstress_ray.metrics import score_boundary, score_logits
 from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
 from genstress_ray.models.diffusion_generators import diffusion_generator
 
@@ -100,8 +100,11 @@ class _ModelStage:
 
     def __init__(self, classifier: ModelRef, generator: ModelRef, class_names: list[str], image_shape,
                  seed: int, threads: int = 1, chunk_size: int = 512, counters=None,
-                 generator_kind: str = "latent_generator"):
+                 generator_kind: str = "latent_generator", boundary: dict | None = None):
         self.refs = (classifier, generator)
+        # KLDB runs: {"subset": class indices of C, "threshold": boundary_kldb, "temperature": T}. Their
+        # candidates are scored against C (``score_boundary``), the region samples' too.
+        self.boundary = boundary
         self.generator_kind = generator_kind
         self.class_names = class_names
         self.threads = threads
@@ -117,6 +120,21 @@ class _ModelStage:
         self.classifier = load_classifier(self.refs[0], self.class_names, self.image_shape).to(self.device)
         self.generator = load_generator(self.refs[1], self.image_shape, self.generator_kind,
                                         len(self.class_names)).to(self.device)
+        if self.boundary is not None:
+            self.subset = torch.zeros(len(self.class_names), dtype=torch.bool, device=self.device)
+            self.subset[self.boundary["subset"]] = True
+            self.temperature = float(self.boundary.get("temperature") or 1.0)
+
+    def _scores(self, logits: torch.Tensor, intended: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``samples`` columns for ``logits``: against the intended class, or against C in a KLDB run
+        (logits already divided by the calibration temperature)."""
+        if self.boundary is None:
+            return score_logits(logits, intended)
+        return score_boundary(logits, self.subset, self.boundary["threshold"])
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(images.float())
+        return logits if self.boundary is None else logits / self.temperature
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.classifier is None:
@@ -136,10 +154,10 @@ class _ModelStage:
         # Forward passes of ``chunk_size`` candidates: on CPUs small chunks stay in cache and run
         # faster than one huge batch (128 was best on 2 cores); on GPUs a large chunk is better.
         images = [self.generator.decode(z) for z in latents.split(self.chunk_size)]
-        logits = [self.classifier(im) for im in images]
-        images = torch.cat(images) if images else latents.new_zeros((0, *self.image_shape))
+        logits = [self._logits(im) for im in images]
+        images = torch.cat(images).float() if images else latents.new_zeros((0, *self.image_shape))
         logits = torch.cat(logits) if logits else latents.new_zeros((0, len(self.class_names)))
-        scores = score_logits(logits, intended)
+        scores = self._scores(logits, intended)
         finite = (torch.isfinite(latents).all(1) & torch.isfinite(images).flatten(1).all(1)
                   & torch.isfinite(logits).all(1))
         return images, scores, finite

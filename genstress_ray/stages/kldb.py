@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from genstress_ray.metrics import score_boundary
 from genstress_ray.stages.base import _ModelStage, candidate_table
 from genstress_ray.storage import SAMPLES_SCHEMA
 from genstress_ray.strategies import row_rng
@@ -31,7 +30,7 @@ def seed_noise(source_ids: list[str], shape: tuple[int, ...], seed: int) -> torc
 
 
 class KldbSearch(_ModelStage):
-    """Guided sampling toward the boundary of ``params["subset"]`` (class indices) for a batch of rows
+    """Guided sampling toward the boundary C (``boundary["subset"]``, class indices) for a batch of rows
     (``source_id`` "seed:<i>", ``alpha``, ``beta``, ``draw`` = the grid point's index)."""
 
     def __init__(self, *args, params: dict, **kwargs):
@@ -43,13 +42,7 @@ class KldbSearch(_ModelStage):
         p = self.params
         if self.device.type == "cuda":
             self.generator.half()  # fp16 on the GPU; the classifier and KLDB stay in float32
-        self.generator.condition(p["subset"], self.class_names, p["prompt"], p["negative_prompt"])
-        self.subset = torch.zeros(len(self.class_names), dtype=torch.bool, device=self.device)
-        self.subset[p["subset"]] = True
-        self.temperature = float(p.get("temperature") or 1.0)
-
-    def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(images.float()) / self.temperature
+        self.generator.condition(self.boundary["subset"], self.class_names, p["prompt"], p["negative_prompt"])
 
     def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         p = self.params
@@ -64,7 +57,7 @@ class KldbSearch(_ModelStage):
             self.generator.decode, self._logits, self.subset, alpha, beta, p["steps"], p["guidance_every"])
         with torch.no_grad():
             logits = torch.cat([self._logits(x) for x in images.split(self.chunk_size)])
-        scores = score_boundary(logits, self.subset, p["boundary_kldb"])
+        scores = self._scores(logits, None)
         flat = latents.flatten(1).float()
         finite = torch.isfinite(flat).all(1) & torch.isfinite(logits).all(1)
         keep = finite & (scores["fault"] if p["keep"] == "boundary" else True)
