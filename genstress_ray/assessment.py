@@ -132,6 +132,21 @@ def boundary_scores(logits: torch.Tensor, subset: torch.Tensor) -> dict[str, flo
             "top_c_rate": float(top_in_subset(logits, subset).float().mean())}
 
 
+def feature_extractor(cfg, classifier):
+    """images -> features for the Frechet distance: ``assessment.features`` (e.g. Inception) when
+    configured, else the classifier's penultimate features."""
+    spec = cfg.assessment.features
+    if spec is None:
+        return lambda images: penultimate_features(classifier.net, images)
+    net = model_ref(spec, spec.uri).load().eval()
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net(x).flatten(1) for x in images.split(256)]) if len(images) else torch.zeros(0, 1)
+
+    return embed
+
+
 def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
     """Per (alpha, beta) of a KLDB sweep: median KLDB, median entropy, top-|C| rate and the Frechet
     distance (on the classifier's penultimate features) to real validation images of the classes in
@@ -152,8 +167,8 @@ def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
         judge = load_classifier(prepare_model("oracle", cfg.oracle, cfg, search), class_names, search.image_shape)
     real = load_split(cfg.data.validation_spec())
     in_c = subset[torch.from_numpy(real.labels.astype(np.int64))]
-    real_features = penultimate_features(classifier.net, to_float(real.images)[in_c])
-    features = penultimate_features(classifier.net, images)
+    embed = feature_extractor(cfg, classifier)
+    real_features, features = embed(to_float(real.images)[in_c]), embed(images)
     judged = torch.cat([judge(x) for x in images.split(1024)]) if judge is not None and len(images) else None
     rows = []
     for beta in sorted(set(points[:, 1].tolist())):
@@ -167,4 +182,6 @@ def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
                 row["independent"] = boundary_scores(judged[mask], subset)
             rows.append(row)
     return {"classes": list(cfg.strategy.classes), "candidates": table.num_rows, "real_images_in_c": int(in_c.sum()),
-            "judge": "oracle" if judge is not None else None, "sweep": rows}
+            "judge": "oracle" if judge is not None else None,
+            "features": "assessment.features" if cfg.assessment.features else "classifier penultimate",
+            "sweep": rows}

@@ -312,11 +312,23 @@ class AssessmentConfig(_Strict):
     ``detector`` is the out-of-distribution check of validity: a beta-VAE trained on the real training
     split; an image is valid when its reconstruction error is at most the ``quantile`` of the errors
     on the real validation split. At most ``max_faults`` faults (a seeded sample) are assessed.
+    ``features`` optionally replaces the classifier's penultimate features in KLDB's Frechet distance.
     """
 
     detector: ModelSpec = DEFAULT_GENERATORS["latent_generator"]
     quantile: Annotated[float, Field(gt=0, le=1)] = 0.99
     max_faults: Annotated[int, Field(gt=1)] = 5000
+    # The feature network of KLDB's Frechet distance, e.g. Inception as TorchScript: a module that takes
+    # [0, 1] images of the data's shape (resizing inside it) and returns (N, d) features. None: the
+    # classifier's penultimate features.
+    features: ModelSpec | None = None
+
+    @field_validator("features")
+    @classmethod
+    def _features_from_a_checkpoint(cls, v):
+        if v is not None and not v.uri:
+            raise ValueError("give the feature network's checkpoint 'uri' (it is not trained here)")
+        return v
 
 
 class RayConfig(_Strict):

@@ -109,6 +109,11 @@ def test_boundary_samples_flow_through_regions_assessment_and_report(kldb_config
         # The oracle is the same CNN here, so the independent judge must agree.
         assert row["independent"]["median_kldb"] == pytest.approx(row["median_kldb"], rel=1e-3)
         assert 0 <= row["top_c_rate"] <= 1 and row["frechet_distance"] >= 0
+    # A user's feature network (here the tiny CNN's logits) replaces the penultimate features.
+    with_features = assess_run(result.run_uri, overrides={"features": {"uri": kldb_config["classifier"]["uri"]}})
+    assert with_features["features"] == "assessment.features" and summary["features"] == "classifier penultimate"
+    assert with_features["sweep"][0]["frechet_distance"] != sweep[0]["frechet_distance"]
+    assert with_features["sweep"][0]["median_kldb"] == sweep[0]["median_kldb"]
     page = write_report(store)
     html = store.fs.cat_file(page.split("://")[-1] if "://" in page else page).decode()
     assert "boundary of 4, 9" in html and "median KLDB (independent)" in html
