@@ -150,3 +150,30 @@ def test_bad_kldb_inputs_fail_early_with_the_field_named(kldb_config, tmp_path):
     with pytest.raises(ModelError, match="lacks unet/config.json"):
         run_campaign({**kldb_config, "generator": {"uri": str(tmp_path), "format": "diffusers"}})
     assert not (tmp_path / "runs" / "test" / "r1" / "identify").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_boundary_regions_flow_through_oracle_labels_and_correction(kldb_config):
+    """KLDB's boundary samples -> regions -> oracle labels -> Ray Train correction -> report."""
+    from genstress_ray.correction import run_correction
+    from genstress_ray.labeling import label_run, write_labels
+
+    cfg = {**kldb_config, "strategy": {**kldb_config["strategy"], "seeds": 12},
+           "correction": {"lambdas": [1.0], "finetune_per_region": 10, "test_per_region": 10, "epochs": 1,
+                          "batch_size": 32, "workers": 0, "baseline": False}}
+    result = run_campaign(cfg)
+    store = _store(result, cfg)
+    # An oracle that disagrees with the classifier: a random CNN of the same shape.
+    oracle = load_classifier(ModelRef(cfg["classifier"]["uri"]), NAMES, (1, 8, 8))
+    torch.manual_seed(5)
+    for p in oracle.parameters():
+        p.data.normal_()
+    write_labels(store, label_run(store, oracle, rho=0.0, per_region=4, fault_labels=0), NAMES)
+    run_correction(store.uri)
+    results = json.loads(store.fs.cat_file(f"{store.path}/correction/results.json"))
+    assert results["n_failure_regions"] >= 1 and "defuse" in results
+    # Correction judges region sets against the labels, not against C.
+    sets = store.read_table("region_sets", columns=["source_label"])
+    assert sets.num_rows == results["n_failure_regions"] * 20 and min(sets["source_label"].to_pylist()) >= 0
+    html = store.fs.cat_file(write_report(store).replace(store.uri, store.path)).decode()
+    assert "before-after" in html and "kldb" in html

@@ -99,3 +99,40 @@ def test_mismatched_pixel_models_are_refused():
     generator = diffusion_generator(net, (1, 8, 8), 10)
     with pytest.raises(ModelError, match="call condition"):
         generator.noise_pred(torch.zeros(1, 1, 8, 8), torch.tensor(1), 0, torch.ones(1))
+
+
+def test_the_stage_writes_samples_rows_from_stable_diffusion(tiny_sd, tmp_path):
+    """The Ray stage's code, called in-process on the tiny SD folder: shapes, columns, scores against C."""
+    import json
+
+    import numpy as np
+
+    from genstress_ray.data import decode_images
+    from genstress_ray.models import save_checkpoint
+    from genstress_ray.stages import ModelRef
+    from genstress_ray.stages.kldb import KldbSearch
+    from genstress_ray.storage import SAMPLES_SCHEMA
+
+    params = {"in_shape": [3, 16, 16], "num_classes": 3, "width": 4, "hidden": 8}
+    clf_path = str(tmp_path / "rgb_cnn.safetensors")
+    torch.manual_seed(0)
+    save_checkpoint(get_model("small_cnn", **params), clf_path, "small_cnn", params)
+    strategy = {"prompt": "a photo of a {classes}", "negative_prompt": "", "steps": 4, "guidance_every": 2,
+                "scheduler": "lms", "classes": ["chihuahua", "papillon"], "keep": "all"}
+    stage = KldbSearch(ModelRef(clf_path), ModelRef(tiny_sd, "diffusers"), SD_CLASSES, (3, 16, 16), seed=0,
+                       generator_kind="diffusion_model", params=strategy,
+                       boundary={"subset": [0, 1], "threshold": 0.1, "temperature": 1.0})
+    batch = {"source_id": np.array(["seed:0", "seed:1", "seed:0"]), "alpha": np.array([0.0, 0.1, 0.1]),
+             "beta": np.array([3.0, 3.0, 6.0]), "draw": np.array([0, 1, 2])}
+    table = stage(batch)
+    assert table.schema.equals(SAMPLES_SCHEMA) and table.num_rows == 3
+    assert len(table["latent"][0].as_py()) == 4 * 8 * 8  # the SD latent, not the image
+    images = decode_images(table["image"].to_pylist(), table["sample_id"].to_pylist(), None)
+    assert images.shape == (3, 3, 16, 16)
+    p = [json.loads(s) for s in table["params"].to_pylist()]
+    assert [(x["alpha"], x["beta"], x["moved"]) for x in p] == [(0.0, 3.0, 0), (0.1, 3.0, 2), (0.1, 6.0, 2)]
+    log_p = torch.tensor(np.stack(table["probs"].to_numpy(zero_copy_only=False))).log()
+    from genstress_ray.metrics import kldb
+
+    expected = kldb(log_p, class_subset(["chihuahua", "papillon"], SD_CLASSES))
+    assert torch.allclose(expected, torch.tensor(table["kldb"].to_numpy()), atol=1e-4)
