@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ class DiffusionGenerator(nn.Module):
 
     @property
     def latent_dim(self) -> int:
-        return int(torch.tensor(self.latent_shape).prod())
+        return math.prod(self.latent_shape)
 
     def condition(self, classes: list[int], class_names: list[str], prompt: str = "{classes}",
                   negative_prompt: str = "") -> None:
