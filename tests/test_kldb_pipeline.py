@@ -117,6 +117,7 @@ def test_boundary_samples_flow_through_regions_assessment_and_report(kldb_config
     page = write_report(store)
     html = store.fs.cat_file(page.split("://")[-1] if "://" in page else page).decode()
     assert "boundary of 4, 9" in html and "median KLDB (independent)" in html
+    assert "boundary samples by predicted class" in html
 
 
 def test_calibration_fits_a_temperature_that_the_scores_use(kldb_config):

@@ -157,14 +157,17 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
                       ("regions", counts.get("regions", 0)),
                       ("stage seconds", ", ".join(f"{k} {v}" for k, v in manifest.get("timings", {}).items()))])
 
-    faults = store.read_table("identify", columns=["source_label"], filter=pc.field("fault"))
+    faults = store.read_table("identify", columns=["source_label", "pred"], filter=pc.field("fault"))
     by_class = Counter(faults["source_label"].to_pylist())
+    plotted = ("true class", "kept faults by true class")
+    if faults.num_rows and set(by_class) == {-1}:  # KLDB's boundary samples have no intended class
+        by_class, plotted = Counter(faults["pred"].to_pylist()), ("predicted class", "boundary samples by predicted class")
     regions = store.read_table("regions").to_pylist()
-    plots = [_bar_plot([name(c) for c in range(len(names))], [by_class.get(c, 0) for c in range(len(names))],
-                       "kept faults by true class", "true class", "faults")]
+    plots = [(plotted[1], _bar_plot([name(c) for c in range(len(names))],
+                                    [by_class.get(c, 0) for c in range(len(names))], plotted[1], plotted[0], "faults"))]
     if regions:
-        plots.append(_bar_plot([str(r["region_id"]) for r in regions], [r["n_members"] for r in regions],
-                               "region sizes", "region", "faults in region"))
+        plots.append(("region sizes", _bar_plot([str(r["region_id"]) for r in regions], [r["n_members"] for r in regions],
+                                                "region sizes", "region", "faults in region")))
 
     labels = {}
     if store.is_complete(LABELS_STAGE):
@@ -191,7 +194,7 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
             f"({r['dominant_pred_share']:.0%}); {verdict}</p><div class='grid'>{cells}</div></section>")
     if not regions:
         sections.append("<p>No regions: too few faults to cluster.</p>")
-    plot_html = "".join(f"<img src='{p}' alt='plot'>" for p in plots)
+    plot_html = "".join(f"<img src='{uri}' alt='{html.escape(title, quote=True)}'>" for title, uri in plots)
     title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style></head><body><h1>{title}</h1><h2>Summary</h2>{summary}"
