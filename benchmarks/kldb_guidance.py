@@ -76,7 +76,7 @@ def sample_validity(cfg: dict, per_class: int = 50, beta: float = 3.0) -> dict:
     calls by their class: is the generator good enough for its boundaries to mean anything?"""
     import torch
 
-    from genstress_ray.stages.kldb import seed_noise
+    from genstress_ray.strategies import seed_noise
     from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler
 
     c, names, _, oracle, generator = _models(cfg)
@@ -96,7 +96,7 @@ def time_sampling(cfg: dict, batch: int = 50, repeats: int = 3) -> dict:
     import torch
 
     from genstress_ray.metrics import class_subset
-    from genstress_ray.stages.kldb import seed_noise
+    from genstress_ray.strategies import seed_noise
     from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler
 
     torch.set_num_threads(1)

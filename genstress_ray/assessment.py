@@ -155,10 +155,11 @@ def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
     manifest = store.read_manifest()
     class_names = manifest["class_names"]
     subset = class_subset(cfg.strategy.classes, class_names)
-    table = store.read_table("identify", columns=["source_id", "image", "params", "kldb", "entropy", "probs"])
+    table = store.read_table("identify", columns=["source_id", "image", "params", "fault", "probs"])
     images = to_float(decode_images(table["image"].to_pylist(), table["source_id"].to_pylist(), None))
     params = [json.loads(p) for p in table["params"].to_pylist()]
     points = np.array([(p["alpha"], p["beta"]) for p in params]).reshape(-1, 2)
+    on_boundary = torch.from_numpy(table["fault"].to_numpy(zero_copy_only=False))  # KLDB <= boundary_kldb
     # The stored probabilities are the guiding classifier's (after any calibration temperature).
     guiding_logits = torch.from_numpy(np.stack(table["probs"].to_numpy(zero_copy_only=False))).clamp_min(1e-30).log() \
         if table.num_rows else torch.zeros(0, len(class_names))
@@ -176,7 +177,7 @@ def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
             mask = torch.from_numpy((points[:, 0] == alpha) & (points[:, 1] == beta))
             row = {"alpha": alpha, "beta": beta, "samples": int(mask.sum()),
                    **boundary_scores(guiding_logits[mask], subset),
-                   "boundary_rate": float((kldb(guiding_logits[mask], subset) <= cfg.strategy.boundary_kldb).float().mean()),
+                   "boundary_rate": float(on_boundary[mask].float().mean()),
                    "frechet_distance": frechet_distance(features[mask], real_features)}
             if judged is not None:
                 row["independent"] = boundary_scores(judged[mask], subset)

@@ -240,8 +240,6 @@ def check_generator(cfg: CampaignConfig, ref: ModelRef, search: ImageSet):
     """Load the generator behind its protocol on the driver and check it against the strategy, so a
     bad generator or layer set fails before any Ray work."""
     generator = load_generator(ref, search.image_shape, cfg.strategy.generator_kind, len(search.class_names))
-    if cfg.strategy.name == "kldb":
-        boundary_classes(cfg, search.class_names)
     layer_sets = getattr(cfg.strategy, "layer_sets", None)
     if layer_sets:
         try:
@@ -289,6 +287,7 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
     # Load once on the driver: a shape, class-count or checkpoint mismatch fails here, before Ray work.
     load_classifier(refs["classifier"], search.class_names, search.image_shape)
     generator = check_generator(cfg, refs["generator"], search)
+    boundary = boundary_spec(cfg, refs["classifier"], search)  # unknown boundary classes fail here too
     manifest = store.read_manifest()
     if manifest.get("config") and manifest["config"] != cfg.model_dump(mode="json"):
         log.warning("run %s exists with a different config; finished stages are kept as they are", store.uri)
@@ -296,10 +295,9 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
                           versions=library_versions(), seeds={"campaign": cfg.seed},
                           models={k: v.uri for k, v in refs.items()}, class_names=search.class_names,
                           image_shape=list(search.image_shape), status="running")
-    init_ray(cfg)
-    boundary = boundary_spec(cfg, refs["classifier"], search)
     if boundary:
         store.update_manifest(boundary=boundary)
+    init_ray(cfg)
     constructor = stage_constructor(cfg, refs, search.class_names, search.image_shape, boundary)
     conditional = bool(getattr(generator, "c_dim", 1))
     runners = {"identify": lambda: run_identify(cfg, store, search, constructor, conditional),

@@ -1,6 +1,6 @@
 """KLDB-guided diffusion on Ray Data: one source row per (seed, alpha, beta) of the sweep.
 
-Each row's initial noise comes from its seed's own stream (``strategies.row_rng``), so every grid
+Each row's initial noise comes from its seed's own stream (``strategies.seed_noise``), so every grid
 point starts from the same noises and results do not depend on batching or actors. A batch samples
 all its rows together, each with its own KLDB step alpha and guidance scale beta. A sample's latent
 is its final denoised latent (the image itself for the pixel model, the VAE latent for Stable
@@ -19,14 +19,8 @@ import torch
 
 from genstress_ray.stages.base import _ModelStage, candidate_table
 from genstress_ray.storage import SAMPLES_SCHEMA
-from genstress_ray.strategies import row_rng
+from genstress_ray.strategies import seed_noise
 from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler
-
-
-def seed_noise(source_ids: list[str], shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The initial noise (N, *shape) of each seed, from its own stream."""
-    draws = [row_rng(seed, sid).standard_normal(shape) for sid in source_ids]
-    return torch.from_numpy(np.stack(draws).astype(np.float32) if draws else np.zeros((0, *shape), np.float32))
 
 
 class KldbSearch(_ModelStage):

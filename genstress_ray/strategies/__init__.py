@@ -3,9 +3,9 @@
 from genstress_ray.strategies.defuse import beta_noise, perturb_latents, select_candidates
 from genstress_ray.strategies.mixing import (BoundarySearch, boundary_search, default_layer_sets, layer_masks,
                                              mix_styles, runner_up_classes)
-from genstress_ray.strategies.seeds import row_rng, seed_codes
+from genstress_ray.strategies.seeds import row_rng, seed_codes, seed_noise
 from genstress_ray.strategies.truncation import clip_codes, truncate, truncation_plan
 
 __all__ = ["BoundarySearch", "beta_noise", "boundary_search", "clip_codes", "default_layer_sets", "layer_masks",
-           "mix_styles", "perturb_latents", "row_rng", "runner_up_classes", "seed_codes", "select_candidates",
-           "truncate", "truncation_plan"]
+           "mix_styles", "perturb_latents", "row_rng", "runner_up_classes", "seed_codes", "seed_noise",
+           "select_candidates", "truncate", "truncation_plan"]

@@ -15,6 +15,16 @@ def row_rng(seed: int, source_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(digest, "little")])
 
 
+def seed_noise(source_ids: list[str], shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal draws (N, *shape), float32, row i from source id i's own stream.
+
+    >>> seed_noise(["seed:0", "seed:1"], (1, 2, 2), seed=0).shape
+    torch.Size([2, 1, 2, 2])
+    """
+    draws = [row_rng(seed, sid).standard_normal(shape) for sid in source_ids]
+    return torch.from_numpy(np.stack(draws).astype(np.float32) if draws else np.zeros((0, *shape), np.float32))
+
+
 def seed_codes(source_ids: list[str], z_dim: int, count: int, seed: int) -> torch.Tensor:
     """Codes (N, count, z_dim) ~ N(0, I), float32: code 0 of each row is its seed code, the rest
     are further draws of the same stream (truncation samples, mixing targets).
@@ -22,5 +32,4 @@ def seed_codes(source_ids: list[str], z_dim: int, count: int, seed: int) -> torc
     >>> seed_codes(["seed:0"], 4, 3, seed=0).shape
     torch.Size([1, 3, 4])
     """
-    codes = [row_rng(seed, sid).standard_normal((count, z_dim)) for sid in source_ids]
-    return torch.from_numpy(np.stack(codes).astype(np.float32) if codes else np.zeros((0, count, z_dim), np.float32))
+    return seed_noise(source_ids, (count, z_dim), seed)
