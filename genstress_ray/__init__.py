@@ -16,11 +16,11 @@ except metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 
-def run_campaign(config, output=None, run_id=None, stop_after=None):
+def run_campaign(config, output=None, run_id=None, stop_after=None, progress=None):
     """Run or resume a campaign; see ``genstress_ray.pipeline.run_campaign``."""
     from genstress_ray.pipeline import run_campaign as _run  # Ray is imported only when a campaign runs
 
-    return _run(config, output=output, run_id=run_id, stop_after=stop_after)
+    return _run(config, output=output, run_id=run_id, stop_after=stop_after, progress=progress)
 
 
 __all__ = ["CampaignConfig", "ConfigError", "__version__", "load_config", "run_campaign"]

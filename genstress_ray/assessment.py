@@ -21,13 +21,13 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from genstress_ray.config import load_config
 from genstress_ray.data import to_float
 from genstress_ray.data.sources import decode_images
 from genstress_ray.metrics import (class_subset, distinct_class_pairs, entropy, fault_detection, frechet_distance,
                                    kldb, mean_pairwise_distance, penultimate_features, reconstruction_error, ssim,
                                    top_in_subset)
 from genstress_ray.pipeline import load_split, model_ref, prepare_model
+from genstress_ray.runs import run_config, with_overrides
 from genstress_ray.stages import load_classifier, load_generator
 from genstress_ray.storage import RunStore, write_bytes_atomic
 from genstress_ray.strategies import seed_codes
@@ -52,18 +52,19 @@ def seed_images(generator, source_ids: list[str], labels: torch.Tensor, seed: in
     return generator.synthesis(generator.mapping(z, generator.one_hot(labels)))
 
 
-def assess_run(run_uri: str, storage_options: dict | None = None, overrides: dict | None = None) -> dict[str, Any]:
+def assess_run(run_uri: str, storage_options: dict | None = None, overrides: dict | None = None,
+               config=None) -> dict[str, Any]:
     """Measure a run's ``identify`` output and write ``assessment.json`` into the run.
 
-    ``overrides`` replace fields of the config's ``assessment`` section (``{"quantile": 0.95}``).
-    Returns the summary that was written.
+    ``overrides`` replace fields of the config's ``assessment`` section (``{"quantile": 0.95}``);
+    ``config`` is the campaign's own config, needed when the run names code to import
+    (``genstress_ray.runs.run_config``). Returns the summary that was written.
     """
     started = time.time()
     store = RunStore.from_uri(run_uri, storage_options)
     manifest = store.read_manifest()
-    raw = dict(manifest["config"])
-    raw["assessment"] = {**raw.get("assessment", {}), **(overrides or {})}
-    cfg = load_config(raw)
+    cfg = with_overrides(run_config(store, config, manifest), "assessment", overrides)
+    torch.set_num_threads(cfg.threads)
     if not store.is_complete("identify"):
         raise ValueError(f"run {store.uri}: the identify stage is not complete; run the campaign first")
     class_names, image_shape = manifest["class_names"], tuple(manifest["image_shape"])

@@ -1,17 +1,19 @@
-"""The ``genstress`` command: demo, run, assess, label, correct, report, train."""
+"""The genstress command: demo, run, runs, status, assess, label, correct, report, train."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+import warnings
 
 from genstress_ray.config import ConfigError
 from genstress_ray.data import DataError, get_source
 from genstress_ray.labeling import LabelError
 from genstress_ray.models import ModelError, train_and_save
-from genstress_ray.storage import STAGES, StorageError
+from genstress_ray.storage import STAGES, StageError, StorageError
 
 DEMO_CONFIG = {
     "campaign": "demo",
@@ -33,23 +35,28 @@ DEMO_CONFIG = {
 }
 CONFIG_ORACLE = "<config>"
 USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError)
+log = logging.getLogger("genstress_ray.cli")
 
 
 def _demo(args) -> int:
     """The whole loop on the bundled digits: identify -> regions -> oracle labels -> correction -> report."""
     from genstress_ray import labeling
     from genstress_ray.correction import run_correction
-    from genstress_ray.pipeline import config_oracle, run_campaign
+    from genstress_ray.pipeline import config_oracle, new_run_id, run_campaign
     from genstress_ray.report import write_report
     from genstress_ray.storage import RunStore
 
     t0 = time.time()
-    result = run_campaign(DEMO_CONFIG, output=args.output, run_id=args.run_id)
+    run_id = args.run_id or new_run_id()
+    args.resume = "genstress demo" + (f" --output {args.output}" if args.output else "") + f" --run-id {run_id}"
+    result = run_campaign(DEMO_CONFIG, output=args.output, run_id=run_id)
     print(result.summary(), flush=True)
     store = RunStore.from_uri(result.run_uri)
     if result.regions:
-        # The oracle is a second CNN (another seed, more epochs).
-        labeling.write_labels(store, labeling.label_run(store, config_oracle(store)), result.class_names)
+        if store.is_complete("labels") and "oracle" in store.marker("labels").get("sources", []):
+            log.info("labels: already made by the oracle, kept")
+        else:  # the oracle is a second CNN (another seed, more epochs)
+            labeling.write_labels(store, labeling.label_run(store, config_oracle(store)), result.class_names)
         print(run_correction(result.run_uri).summary(), flush=True)
     print(f"report: {write_report(store)}")
     print(f"wall time {time.time() - t0:.1f}s")
@@ -62,14 +69,19 @@ def _correct(args) -> int:
     overrides = {k: v for k, v in {"lambdas": args.lambdas, "workers": args.workers, "epochs": args.epochs,
                                    "max_concurrent_trials": args.max_concurrent_trials,
                                    "baseline": False if args.no_baseline else None}.items() if v is not None}
-    print(run_correction(args.run, overrides).summary())
+    print(run_correction(args.run, overrides, config=args.config).summary())
     return 0
 
 
 def _run(args) -> int:
-    from genstress_ray.pipeline import run_campaign
+    from genstress_ray.config import load_config
+    from genstress_ray.pipeline import new_run_id, run_campaign
 
-    result = run_campaign(args.config, output=args.output, run_id=args.run_id, stop_after=args.until)
+    # The run id is fixed here, so an interrupted or failed run can say which command resumes it.
+    run_id = args.run_id or load_config(args.config).run_id or new_run_id()
+    args.resume = f"genstress run {args.config}" + (f" --output {args.output}" if args.output else "") + \
+        f" --run-id {run_id}"
+    result = run_campaign(args.config, output=args.output, run_id=run_id, stop_after=args.until)
     print(result.summary())
     return 0
 
@@ -96,7 +108,8 @@ def _train(args) -> int:
     if args.model == "stylegan":
         if args.reference:
             settings["reference"], _ = load_module(args.reference)
-    metrics = train_and_save(role, args.architecture or default_architecture, train, val, args.output, None, settings)
+    metrics = train_and_save(role, args.architecture or default_architecture, train, val, args.output, None, settings,
+                             args.threads)
     print(f"wrote {args.output}: {metrics}")
     return 0
 
@@ -107,7 +120,7 @@ def _assess(args) -> int:
     from genstress_ray.assessment import assess_run
 
     overrides = {"quantile": args.quantile} if args.quantile else None
-    print(json.dumps(assess_run(args.run, overrides=overrides), indent=2))
+    print(json.dumps(assess_run(args.run, overrides=overrides, config=args.config), indent=2))
     return 0
 
 
@@ -149,7 +162,7 @@ def _label(args) -> int:
         from genstress_ray.pipeline import config_oracle
         from genstress_ray.stages import ModelRef, load_classifier
 
-        reference = config_oracle(store) if args.oracle == CONFIG_ORACLE else \
+        reference = config_oracle(store, args.config) if args.oracle == CONFIG_ORACLE else \
             load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
         table = labeling.label_run(store, reference, args.rho, args.per_region, args.fault_labels)
     elif args.file:
@@ -175,35 +188,84 @@ def _report(args) -> int:
     return 0
 
 
+def _runs(args) -> int:
+    from genstress_ray.runs import list_runs
+
+    runs = list_runs(args.output)
+    if not runs:
+        print(f"no runs under {args.output}")
+        return 0
+    print(f"{'campaign':<16} {'run id':<20} {'status':<22} {'age':>7}  {'stages done':<44} rows")
+    for r in runs:
+        done = ",".join(s for s, v in r["stages"].items() if v["done"]) or "-"
+        counts = r["row_counts"]
+        rows = ", ".join(f"{k} {counts[k]}" for k in ("candidates", "faults", "regions") if k in counts)
+        print(f"{r['campaign']:<16} {r['run_id']:<20} {r['status']:<22} {r['age']:>7}  {done:<44} {rows}"
+              + (f"  [lease: {r['lease']}]" if r["lease"] else ""))
+    return 0
+
+
+def _status(args) -> int:
+    from genstress_ray.runs import run_status
+    from genstress_ray.storage import RunStore
+
+    status = run_status(RunStore.from_uri(args.run))
+    print(f"run {status['uri']}\n  campaign {status['campaign']}, run id {status['run_id']}, "
+          f"status {status['status']}, started {status['age']} ago")
+    print(f"  lease: {status['lease'] or 'free (no driver is writing it)'}")
+    for stage, info in status["stages"].items():
+        rows = ", ".join(f"{k} {v}" for k, v in info.get("rows", {}).items())
+        print(f"  {stage:<15} {'done' if info['done'] else 'not done':<9} rerun: {info['next']:<26} {rows}")
+    return 0
+
+
+RUN_HELP = "the run URI: <output>/<campaign>/<run_id>"
+CONFIG_HELP = ("the campaign's own config file; needed when the run's config names code to import (a "
+               "'factory'), which is never taken from the run folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from genstress_ray import __version__
+
     parser = argparse.ArgumentParser(prog="genstress", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"genstress_ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything Ray prints (its progress bars, worker logs and warnings)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="the whole Defuse loop on scikit-learn's bundled digits (no data needed): "
                                        "identify, regions, oracle labels, correction, report")
     demo.add_argument("--output", help="output folder or URI (default: ./genstress-runs)")
-    demo.add_argument("--run-id")
+    demo.add_argument("--run-id", help="the run's id (default: the start time); an existing run id resumes")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run or resume a campaign from a YAML config")
-    run.add_argument("config")
+    run.add_argument("config", help="the campaign's YAML config")
     run.add_argument("--output", help="overrides the config's output (local path or fsspec URI)")
     run.add_argument("--run-id", help="overrides the config's run id; an existing run id resumes")
     run.add_argument("--until", choices=STAGES,
                      help="stop after this stage (a later run without it resumes)")
     run.set_defaults(func=_run)
+    runs = sub.add_parser("runs", help="list the runs under an output folder or URI")
+    runs.add_argument("output", nargs="?", default="genstress-runs", help="default: ./genstress-runs")
+    runs.set_defaults(func=_runs)
+    status = sub.add_parser("status", help="one run's stages, lease holder and what a rerun would do")
+    status.add_argument("run", help=RUN_HELP)
+    status.set_defaults(func=_status)
     assess = sub.add_parser("assess", help="measure a run's search output: fault detection, diversity, validity, "
                                            "Frechet distance (writes assessment.json into the run)")
-    assess.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    assess.add_argument("run", help=RUN_HELP)
     assess.add_argument("--quantile", type=float, help="validity: quantile of real reconstruction errors (0.99)")
+    assess.add_argument("--config", help=CONFIG_HELP)
     assess.set_defaults(func=_assess)
     label = sub.add_parser("label", help="label a run's regions, one label per region: with no option, serve the "
                                          "review page on 127.0.0.1")
-    label.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    label.add_argument("run", help=RUN_HELP)
     how = label.add_mutually_exclusive_group()
     how.add_argument("--oracle", metavar="CHECKPOINT", nargs="?", const=CONFIG_ORACLE,
                      help="a reference classifier labels the region samples (no CHECKPOINT: the config's oracle)")
     how.add_argument("--file", help="import region labels from a CSV/JSON file (region_id,label[,is_failure])")
     how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
     how.add_argument("--import-label-studio", metavar="EXPORT_JSON", help="import Label Studio's JSON export")
+    label.add_argument("--config", help=CONFIG_HELP)
     label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
     label.add_argument("--per-region", type=int, default=10, help="samples reviewed (or shown) per region")
     label.add_argument("--port", type=int, default=0, help="review page: port on 127.0.0.1 (default: any free one)")
@@ -212,45 +274,113 @@ def build_parser() -> argparse.ArgumentParser:
     label.set_defaults(func=_label)
     correct = sub.add_parser("correct", help="fine-tune the classifier on the labelled failure regions "
                                              "(Ray Train, lambda sweep, Defuse and baseline)")
-    correct.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    correct.add_argument("run", help=RUN_HELP)
     correct.add_argument("--lambdas", type=float, nargs="*", help="overrides correction.lambdas")
     correct.add_argument("--workers", type=int, help="Ray Train workers per trial (0: local mode)")
     correct.add_argument("--epochs", type=int, help="passes over the training data per trial")
-    correct.add_argument("--max-concurrent-trials", type=int)
+    correct.add_argument("--max-concurrent-trials", type=int, help="trials run at once (default: as CPUs allow)")
     correct.add_argument("--no-baseline", action="store_true", help="skip the individually-labelled-faults baseline")
+    correct.add_argument("--config", help=CONFIG_HELP)
     correct.set_defaults(func=_correct)
     report = sub.add_parser("report", help="write the run's self-contained HTML report into the run")
-    report.add_argument("run", help="the run URI: <output>/<campaign>/<run_id>")
+    report.add_argument("run", help=RUN_HELP)
     report.add_argument("--per-region", type=int, default=16, help="images shown per region")
     report.set_defaults(func=_report)
     train = sub.add_parser("train", help="train a built-in model and write it as safetensors")
-    train.add_argument("model", choices=list(TRAINABLE))
+    train.add_argument("model", choices=list(TRAINABLE), help="which built-in: " + ", ".join(TRAINABLE))
     train.add_argument("--data", default="digits", help="dataset kind (digits, mnist, fashion_mnist, ...)")
     train.add_argument("--data-uri", help="where the dataset lives (folder or fsspec URI)")
-    train.add_argument("--resize", type=int)
-    train.add_argument("--architecture")
+    train.add_argument("--resize", type=int, help="resize images to this side (square) before training")
+    train.add_argument("--architecture", help="a registered architecture of that kind (default: the built-in)")
     train.add_argument("--split-from", choices=["test", "train"],
-                       help="carve train/validation/test out of one file set (Fashion-MNIST here has test files only)")
+                       help="carve train/validation/test out of one file set (for data sets shipped as one file set)")
     train.add_argument("--epochs", type=int, help="default: 5 (classifier), 20 (vae), 4 (stylegan), 10 (ddpm)")
     train.add_argument("--beta", type=float, default=4.0, help="vae: KL weight")
     train.add_argument("--reference", metavar="CHECKPOINT",
                        help="stylegan: a classifier trained on real data; its accuracy on generated images against "
                             "their class (sample validity) is logged each epoch and stored with the model")
     train.add_argument("--max-minutes", type=float, help="stylegan, ddpm: stop after the epoch that passes this")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights' init and the batch order")
+    train.add_argument("--threads", type=int, default=1,
+                       help="torch threads (default 1; the weights depend on it, so keep it to reproduce a model)")
     train.add_argument("--output", required=True, help="checkpoint URI (.safetensors)")
     train.set_defaults(func=_train)
     return parser
 
 
+class _ProgressHandler(logging.StreamHandler):
+    """Progress records (``extra={"progress": True}``) update one line in place on a terminal and
+    appear at most every 30 s elsewhere (a log file, CI); every other record is a line of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.open_line = False
+        self.last = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # the current one (tests and callers may swap it)
+        self.tty = self.stream.isatty()
+        progress = getattr(record, "progress", False)
+        if progress and not self.tty:
+            if time.time() - self.last < 30:
+                return
+            self.last = time.time()
+        msg = self.format(record)
+        if progress and self.tty:
+            self.stream.write(f"\r{msg}\x1b[K")
+            self.open_line = True
+        else:
+            self.stream.write(("\r" if self.open_line and self.tty else "") + msg + "\x1b[K" * self.tty + "\n")
+            self.open_line = False
+        self.flush()
+
+
+def _configure_output(verbose: bool) -> None:
+    """By default: the library's own log lines and one progress line per stage; Ray's progress bars,
+    worker logs and info lines only with --verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s",
+                        stream=sys.stderr)
+    handler = _ProgressHandler()
+    handler.setFormatter(logging.Formatter("genstress: %(message)s"))
+    library = logging.getLogger("genstress_ray")
+    for old in [h for h in library.handlers if isinstance(h, _ProgressHandler)]:
+        library.removeHandler(old)
+    library.setLevel(logging.INFO)
+    library.addHandler(handler)
+    library.propagate = False
+    os.environ["GENSTRESS_VERBOSE"] = "1" if verbose else "0"
+    if not verbose:
+        warnings.filterwarnings("ignore", category=UserWarning)
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):  # before Ray's first (auth) warning
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray cluster this command started (or leave a remote one), on every exit path."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="genstress: %(message)s", stream=sys.stderr)
+    _configure_output(args.verbose)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if getattr(args, "resume", None):
+            print(f"nothing of that stage was kept; to resume, run: {args.resume}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = f"; to resume, run: {args.resume}" if getattr(args, "resume", None) else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
+    finally:
+        _shutdown_ray()
 
 
 if __name__ == "__main__":

@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genstress_ray.data import SPLITS, list_sources
 from genstress_ray.models import FORMATS, list_models, model_kind
+from genstress_ray.storage import resolve_uri
+
+# A path or URI: a local path is made absolute when the config is loaded (see ``resolve_uri``), so
+# Ray workers, whose working directories differ from the driver's, read and write the same place.
+Location = Annotated[str, AfterValidator(resolve_uri)]
 
 
 class ConfigError(ValueError):
@@ -40,7 +45,7 @@ class DataSpec(_Strict):
     """One dataset split: a registered source kind, where it lives, and how to cut it."""
 
     kind: str = "digits"
-    uri: str | None = None
+    uri: Location | None = None
     split: str = "test"
     limit: Annotated[int, Field(gt=0)] | None = None
     seed: int = 0
@@ -86,7 +91,7 @@ class ModelSpec(_Strict):
     own; ``params`` go to either; ``train`` holds training settings for built-ins (epochs, lr, ...).
     """
 
-    uri: str | None = None
+    uri: Location | None = None
     format: str = "auto"
     architecture: str | None = None
     factory: str | None = None
@@ -346,9 +351,12 @@ class CampaignConfig(_Strict):
 
     campaign: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "campaign"
     seed: int = 0
-    output: str = "genstress-runs"
+    # Torch threads for the driver's own work (training built-ins, calibration, labelling, evaluation).
+    # Set, not left to torch's default, because trained weights depend on the thread count.
+    threads: Annotated[int, Field(gt=0)] = 1
+    output: Location = Field(default="genstress-runs", validate_default=True)
     run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
-    cache: str = Field(default_factory=_default_cache)
+    cache: Location = Field(default_factory=_default_cache, validate_default=True)
     storage_options: dict[str, Any] = {}
     data: DataConfig = DataConfig()
     classifier: ModelSpec = ModelSpec(architecture="small_cnn", train={"epochs": 5})

@@ -6,28 +6,40 @@ marker. Rerunning a run id skips finished stages and redoes unfinished ones from
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
+import yaml
 
 from genstress_ray.config import CampaignConfig, ConfigError, ModelSpec, load_config
 from genstress_ray.data import DataError, ImageSet, class_name, get_source
 from genstress_ray.metrics import class_subset, fit_temperature
 from genstress_ray.models import ModelError, cached_model_uri, model_kind, train_and_save
 from genstress_ray.regions import fit_regions, sample_regions
+from genstress_ray.progress import Progress, StageProgress
 from genstress_ray.stages import (SEARCH_STAGES, RegionDecode, ModelRef, StageCounters, load_classifier,
                                   load_generator)
+from genstress_ray.stages.base import ROWS_DONE
 from genstress_ray.strategies import layer_masks
-from genstress_ray.storage import STAGES, RunStore, library_versions
+from genstress_ray.lease import RunLease
+from genstress_ray.runs import config_differences, run_config
+from genstress_ray.storage import STAGES, RunStore, StageError, StorageError, library_versions
 
 log = logging.getLogger(__name__)
+# Errors in what the user gave (named, raised before or between stages); anything else a stage raises
+# becomes a StageError.
+USER_ERRORS = (ConfigError, DataError, ModelError, StorageError)
 
 
 @dataclass
@@ -72,7 +84,7 @@ def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: Image
         return model_ref(spec, spec.uri)
     train_spec, val_spec = cfg.data.train_spec(), cfg.data.validation_spec()
     recipe = {"architecture": spec.architecture, "params": spec.params, "train": spec.train,
-              "data": train_spec.model_dump(), "validation": val_spec.model_dump()}
+              "data": train_spec.model_dump(), "validation": val_spec.model_dump(), "threads": cfg.threads}
     uri, cached = cached_model_uri(cfg.cache, expected, recipe)
     if cached:
         log.info("%s: using cached %s", role, uri)
@@ -82,15 +94,19 @@ def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: Image
         if train.image_shape != search.image_shape or train.class_names != search.class_names:
             raise DataError(f"data.train: images {train.image_shape} / classes {train.class_names} differ from "
                             f"data.search: {search.image_shape} / {search.class_names}")
-        metrics = train_and_save(expected, spec.architecture, train, val, uri, spec.params, spec.train)
+        metrics = train_and_save(expected, spec.architecture, train, val, uri, spec.params, spec.train, cfg.threads)
         log.info("%s: trained %s", role, metrics)
     return model_ref(spec, uri)
 
 
-def config_oracle(store: RunStore):
-    """The run config's ``oracle`` classifier (trained and cached on first use), ready to label."""
+def config_oracle(store: RunStore, config=None):
+    """The run config's ``oracle`` classifier (trained and cached on first use), ready to label.
+
+    ``config``: the campaign's config as the user has it, needed when the run names code to import
+    (see ``genstress_ray.runs.run_config``)."""
     manifest = store.read_manifest()
-    cfg = load_config(manifest["config"])
+    cfg = run_config(store, config, manifest)
+    torch.set_num_threads(cfg.threads)
     if cfg.oracle is None:
         raise ModelError(f"run {store.uri}: its config has no 'oracle' section; give a checkpoint to --oracle")
     search = load_split(cfg.data.search)
@@ -98,11 +114,57 @@ def config_oracle(store: RunStore):
     return load_classifier(ref, manifest["class_names"], manifest["image_shape"])
 
 
+def verbose() -> bool:
+    """Whether Ray's own output (progress bars, worker logs, info lines) is shown: ``genstress -v``."""
+    return os.environ.get("GENSTRESS_VERBOSE", "1") == "1"
+
+
 def init_ray(cfg: CampaignConfig) -> None:
+    """Start (or join, with ``ray.address``) Ray; quiet unless ``verbose()``: our own progress lines
+    replace Ray Data's progress bars, and Ray's info lines stay in its log files."""
     if ray.is_initialized():
         return
-    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-             include_dashboard=False, log_to_driver=True)
+    loud = verbose()
+    level = logging.INFO if loud else logging.ERROR
+    if not loud:
+        # Read when Ray starts or runs a dataset. The C++ core's error-level note that actor
+        # constructor arguments live in the object store is no error of ours.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _quiet_ray_data_logging())
+    with contextlib.nullcontext() if loud else _stderr_silenced():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+                 include_dashboard=False, log_to_driver=loud, logging_level=level)
+    for name in ("ray", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(level)
+    ray.data.DataContext.get_current().enable_progress_bars = loud
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Ray's start-up notes (its C++ core announcing its log level, the token-auth notice) go to
+    file descriptor 2 directly; failures still surface as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _quiet_ray_data_logging() -> str:
+    """A Ray Data logging config (RAY_DATA_LOGGING_CONFIG) that keeps its log file and shows only errors."""
+    path = os.path.join(tempfile.gettempdir(), "genstress-ray-data-logging.yaml")
+    config = {"formatters": {"ray": {"format": "%(asctime)s %(levelname)s %(filename)s:%(lineno)s -- %(message)s"}},
+              "handlers": {"file": {"class": "ray.data._internal.logging.SessionFileHandler", "formatter": "ray",
+                                    "filename": "ray-data.log"},
+                           "console": {"class": "logging.StreamHandler", "formatter": "ray", "level": "ERROR"}},
+              "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"], "propagate": False}}}
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
 
 
 def _source_table(cfg: CampaignConfig, images: ImageSet, conditional: bool) -> pa.Table:
@@ -131,24 +193,32 @@ def _source_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     return ray.data.from_arrow(blocks)
 
 
-def _run_model_stage(store: RunStore, stage: str, ds: ray.data.Dataset, stage_cls, resources, constructor: dict) -> dict:
+def _run_model_stage(store: RunStore, stage: str, ds: ray.data.Dataset, stage_cls, resources, constructor: dict,
+                     total: int, progress=None) -> dict:
+    """Run ``stage_cls`` over ``ds`` (``total`` source rows) into the stage's Parquet files, reporting
+    progress (rows done, total, ETA) while it runs; returns the stage's counters."""
     counters = StageCounters.remote()
     ds = ds.map_batches(stage_cls, batch_format="numpy", **resources.ray_args(),
                         fn_constructor_kwargs={**constructor, "threads": resources.torch_threads(),
                                                "chunk_size": resources.chunk_size, "counters": counters})
-    ds.write_parquet(store.stage_path(stage), filesystem=store.arrow_filesystem())
-    totals = ray.get(counters.get.remote())
-    ray.kill(counters)
+    try:
+        with StageProgress(stage, total, lambda: ray.get(counters.get.remote()).get(ROWS_DONE, 0), progress):
+            ds.write_parquet(store.stage_path(stage), filesystem=store.arrow_filesystem())
+        totals = ray.get(counters.get.remote())
+    finally:
+        ray.kill(counters)
+    totals.pop(ROWS_DONE, None)  # a retried batch counts twice: progress only
     return totals
 
 
 def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constructor: dict,
-                 conditional: bool = True) -> dict:
+                 conditional: bool = True, progress=None) -> dict:
     store.begin_stage("identify")
-    ds = _source_dataset(_source_table(cfg, search, conditional), cfg.resources.search.batch_size)
+    source = _source_table(cfg, search, conditional)
+    ds = _source_dataset(source, cfg.resources.search.batch_size)
     stage_cls = SEARCH_STAGES[cfg.strategy.name]
     totals = _run_model_stage(store, "identify", ds, stage_cls, cfg.resources.search,
-                              {**constructor, "params": cfg.strategy.model_dump()})
+                              {**constructor, "params": cfg.strategy.model_dump()}, source.num_rows, progress)
     totals["samples"] = store.count_rows("identify")
     return totals
 
@@ -171,7 +241,7 @@ def run_regions(cfg: CampaignConfig, store: RunStore) -> dict:
 
 
 def decode_region_samples(cfg: CampaignConfig, store: RunStore, stage: str, regions: pa.Table, per_region: int,
-                          labels: dict[int, int], constructor: dict) -> dict:
+                          labels: dict[int, int], constructor: dict, progress=None) -> dict:
     """Draw ``per_region`` latents from each region, decode and classify them on Ray into ``stage``.
 
     ``labels`` maps a region id to the class its samples are judged against (a fault is a prediction
@@ -183,18 +253,19 @@ def decode_region_samples(cfg: CampaignConfig, store: RunStore, stage: str, regi
                       "latent": list(latents)})
     size = cfg.resources.region_samples.batch_size
     ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
-    totals = _run_model_stage(store, stage, ds, RegionDecode, cfg.resources.region_samples, constructor)
+    totals = _run_model_stage(store, stage, ds, RegionDecode, cfg.resources.region_samples, constructor,
+                              table.num_rows, progress)
     return {stage: store.count_rows(stage), **totals}
 
 
-def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict) -> dict:
+def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict, progress=None) -> dict:
     store.begin_stage("region_samples")
     regions = store.read_table("regions")
     if regions.num_rows == 0 or cfg.reduce.samples_per_region == 0:
         return {"region_samples": 0, "candidates": 0}
     dominant = dict(zip(regions["region_id"].to_pylist(), regions["dominant_source_label"].to_pylist()))
     return decode_region_samples(cfg, store, "region_samples", regions, cfg.reduce.samples_per_region, dominant,
-                                 constructor)
+                                 constructor, progress)
 
 
 def stage_constructor(cfg: CampaignConfig, refs: dict[str, ModelRef], class_names: list[str], image_shape,
@@ -256,9 +327,19 @@ def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
     return ModelRef(uri, "safetensors", spec.architecture, None, spec.params)
 
 
+def new_run_id() -> str:
+    """The default run id: the start time, to the second."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def run_campaign(config, output: str | None = None, run_id: str | None = None,
-                 stop_after: str | None = None) -> CampaignResult:
+                 stop_after: str | None = None, progress: Callable[[Progress], None] | None = None) -> CampaignResult:
     """Run (or resume) a campaign and return where it lives and what it found.
+
+    One driver owns a run at a time (a lease in the run folder, see ``genstress_ray.lease``); a run id
+    means one config, so resuming with a config that differs in anything but where and on what
+    resources it runs is refused (``genstress_ray.runs.RELOCATABLE``). Progress is logged on the
+    ``genstress_ray`` logger: one line per stage, and rows done / total / ETA while a stage runs.
 
     Args:
         config: a YAML path, a dict or a ``CampaignConfig``.
@@ -266,6 +347,13 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
         run_id: overrides ``config.run_id``; rerunning an existing run id resumes it.
         stop_after: run the stages up to and including this one (``identify``, ``regions``); a later
             call without it resumes from there.
+        progress: called with a ``genstress_ray.progress.Progress`` (stage, rows done, total, ETA)
+            every 2 s while a Ray stage runs; default: a log line on ``genstress_ray.progress``.
+
+    Raises:
+        ConfigError, DataError, ModelError, StorageError: bad input, named, before any Ray work.
+        LeaseHeld: another driver is writing the run.
+        StageError: a stage failed; nothing of it was committed, and the same call resumes.
 
     Example:
         >>> result = run_campaign({"campaign": "doc"}, output="/tmp/runs")  # doctest: +SKIP
@@ -276,9 +364,27 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
         raise ValueError(f"stop_after: unknown stage {stop_after!r}; allowed: {', '.join(STAGES)}")
     stages = STAGES[: STAGES.index(stop_after) + 1] if stop_after else STAGES
     cfg = load_config(config, output=output, run_id=run_id)
-    run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S")
+    torch.set_num_threads(cfg.threads)
+    run_id = cfg.run_id or new_run_id()
+    cfg = cfg.model_copy(update={"run_id": run_id})
     store = RunStore(cfg.output, cfg.campaign, run_id, cfg.storage_options)
     store.check_writable()
+    with RunLease.for_store(store) as lease:
+        return _run_owned(cfg, store, stages, lease, started, progress)
+
+
+def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], lease: RunLease,
+               started: float, progress) -> CampaignResult:
+    manifest = store.read_manifest()
+    config_json = cfg.model_dump(mode="json")
+    if manifest:
+        if not manifest.get("config"):
+            raise StorageError(f"{store.uri}/manifest.json lost its config (the run's tables cannot be traced to "
+                               "what made them): start a new run id")
+        differences = config_differences(manifest["config"], config_json)
+        if differences:
+            raise ConfigError(f"run {store.uri} was made with another config; it differs in: "
+                              f"{', '.join(differences)}. Use a new run id (README: 'Runs and resuming')")
     search = load_split(cfg.data.search)
     if len(search) == 0:
         raise DataError("data.search: the split holds no images")
@@ -288,21 +394,24 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
     load_classifier(refs["classifier"], search.class_names, search.image_shape)
     generator = check_generator(cfg, refs["generator"], search)
     boundary = boundary_spec(cfg, refs["classifier"], search)  # unknown boundary classes fail here too
-    manifest = store.read_manifest()
-    if manifest.get("config") and manifest["config"] != cfg.model_dump(mode="json"):
-        log.warning("run %s exists with a different config; finished stages are kept as they are", store.uri)
-    store.update_manifest(config=cfg.model_dump(mode="json"), run_id=run_id, campaign=cfg.campaign,
-                          versions=library_versions(), seeds={"campaign": cfg.seed},
-                          models={k: v.uri for k, v in refs.items()}, class_names=search.class_names,
-                          image_shape=list(search.image_shape), status="running")
-    if boundary:
-        store.update_manifest(boundary=boundary)
+    models = {k: v.uri for k, v in refs.items()}
+    if manifest and manifest.get("models") != models:
+        raise ConfigError(f"run {store.uri} was made with the models {manifest.get('models')}, and this config "
+                          f"now gives {models}: use a new run id")
+    if manifest:
+        store.update_manifest(status="running")
+    else:
+        store.write_manifest({"config": config_json, "run_id": store.run_id, "campaign": cfg.campaign,
+                              "created_at": time.time(), "versions": library_versions(),
+                              "seeds": {"campaign": cfg.seed}, "models": models, "class_names": search.class_names,
+                              "image_shape": list(search.image_shape), "status": "running",
+                              **({"boundary": boundary} if boundary else {})})
     init_ray(cfg)
     constructor = stage_constructor(cfg, refs, search.class_names, search.image_shape, boundary)
     conditional = bool(getattr(generator, "c_dim", 1))
-    runners = {"identify": lambda: run_identify(cfg, store, search, constructor, conditional),
+    runners = {"identify": lambda: run_identify(cfg, store, search, constructor, conditional, progress),
                "regions": lambda: run_regions(cfg, store),
-               "region_samples": lambda: run_region_samples(cfg, store, constructor)}
+               "region_samples": lambda: run_region_samples(cfg, store, constructor, progress)}
     skipped = []
     for stage in stages:
         if store.is_complete(stage):
@@ -311,11 +420,18 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
             continue
         log.info("stage %s: running", stage)
         t0 = time.time()
-        info = runners[stage]()
+        lease.check()  # begin_stage clears the stage's folder: only its owner may
+        try:
+            info = runners[stage]()
+        except USER_ERRORS:
+            raise
+        except Exception as exc:
+            raise StageError(stage, store.uri, exc) from exc
         info["seconds"] = round(time.time() - t0, 3)
+        lease.check()  # a driver that lost the run commits nothing
         store.complete_stage(stage, info)
         store.update_manifest(stages={stage: info}, timings={stage: info["seconds"]})
-        log.info("stage %s: done in %.1fs %s", stage, info["seconds"], info)
+        log.info("stage %s: done in %.1fs (%s)", stage, info["seconds"], _counts_text(info))
     markers = {stage: store.marker(stage) for stage in stages}
     identify, regions_info = markers["identify"], markers.get("regions", {})
     counts = {"candidates": identify.get("candidates", 0), "faults": identify.get("faults", 0),
@@ -323,9 +439,14 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
               "nonfinite_dropped": sum(m.get("nonfinite_dropped", 0) for m in markers.values()),
               "regions": regions_info.get("regions", 0),
               "region_samples": markers.get("region_samples", {}).get("region_samples", 0)}
-    status = "complete" if stages == STAGES else f"stopped after {stop_after}"
+    status = "complete" if stages == STAGES else f"stopped after {stages[-1]}"
     store.update_manifest(row_counts=counts, status=status,
                           timings={"total_last_invocation": round(time.time() - started, 3)})
     regions = store.read_table("regions").to_pylist() if "regions" in stages else []
-    return CampaignResult(store.uri, run_id, counts, regions, search.class_names, skipped,
+    return CampaignResult(store.uri, store.run_id, counts, regions, search.class_names, skipped,
                           regions_info.get("message", ""))
+
+
+def _counts_text(info: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in info.items()
+                     if k != "seconds" and v not in ("", None) and not isinstance(v, (dict, list)))

@@ -55,6 +55,27 @@ class StorageError(OSError):
     """An output or input location could not be used. The message names the URI."""
 
 
+class StageError(RuntimeError):
+    """A stage of a run failed; nothing of it was marked complete, and rerunning the same command resumes."""
+
+    def __init__(self, stage: str, run_uri: str, cause: BaseException):
+        self.stage, self.run_uri = stage, run_uri
+        super().__init__(f"stage {stage} of run {run_uri} failed: {short_cause(cause)}")
+
+
+def short_cause(exc: BaseException) -> str:
+    """One line for an exception, from the innermost cause of a chain (Ray wraps a worker's error,
+    traceback and all, in its own exceptions)."""
+    while True:
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:400]
+
+
 def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for ``uri`` (local path, ``file://``, ``s3://``, ...).
 
@@ -77,6 +98,22 @@ def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspe
     except (ImportError, ValueError) as exc:
         raise StorageError(f"cannot open {uri!r}: {exc}") from exc
     return fs, path
+
+
+def resolve_uri(uri: str) -> str:
+    """A local path made absolute against this process's working directory; any other URI unchanged.
+
+    Ray workers (and Ray Tune trials) run in other working directories, so a relative path that the
+    driver hands them would name another place. Every path is resolved once, where it enters.
+
+    >>> resolve_uri("s3://bucket/runs")
+    's3://bucket/runs'
+    >>> resolve_uri("/tmp/x/../runs")
+    '/tmp/runs'
+    """
+    if fsspec.utils.get_protocol(uri) == "file" and not uri.startswith("file://"):
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
@@ -115,7 +152,7 @@ class RunStore:
     """
 
     def __init__(self, output: str, campaign: str, run_id: str, storage_options: dict | None = None):
-        self.output = output.rstrip("/")
+        self.output = resolve_uri(output).rstrip("/")
         self.campaign = campaign
         self.run_id = run_id
         self.storage_options = storage_options or {}
@@ -213,17 +250,39 @@ class RunStore:
 
     # ---- manifest --------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
+        """The run's manifest, or ``{}`` when the run has none yet; a StorageError when it cannot be read."""
         path = f"{self.path}/{MANIFEST}"
         self.fs.invalidate_cache(self.path)
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+        try:
+            if not self.fs.exists(path):
+                return {}
+            manifest = json.loads(self.fs.cat_file(path))
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read {self.uri}/{MANIFEST}: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise StorageError(f"{self.uri}/{MANIFEST} is not a JSON object")
+        return manifest
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write the whole manifest atomically (readers see the old one or the new one)."""
+        self.fs.makedirs(self.path, exist_ok=True)
+        write_bytes_atomic(self.fs, f"{self.path}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into manifest.json (dicts one level deep) and write it atomically."""
+        """Merge ``fields`` into the existing manifest.json (dicts one level deep) and write it whole.
+
+        Never merges into an absent or unreadable manifest: a run whose manifest vanished (an object
+        store that lost data) stops with a StorageError instead of writing a manifest that has lost
+        the config, classes and models that made its tables.
+        """
         manifest = self.read_manifest()
+        if not manifest.get("config"):
+            raise StorageError(f"{self.uri}/{MANIFEST} is missing or lost its config: not writing a partial "
+                               "manifest; check the storage, then rerun the same command to resume")
         for key, value in fields.items():
             if isinstance(value, dict) and isinstance(manifest.get(key), dict):
                 manifest[key] = {**manifest[key], **value}
             else:
                 manifest[key] = value
-        write_bytes_atomic(self.fs, f"{self.path}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
+        self.write_manifest(manifest)
         return manifest

@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from genstress_ray.storage import RunStore, StorageError
+from genstress_ray.storage import RunStore, StorageError, resolve_uri
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -20,10 +20,35 @@ def test_stage_lifecycle_markers_tables_and_manifest(store):
     assert store.is_complete("regions") and store.marker("regions")["regions"] == 2
     assert store.read_table("regions")["region_id"].to_pylist() == [0, 1]
     assert store.count_rows("regions") == 2
+    store.write_manifest({"config": {"campaign": "camp"}, "class_names": ["a"]})
     store.update_manifest(stages={"a": 1}, status="running")
     store.update_manifest(stages={"b": 2})
-    assert store.read_manifest()["stages"] == {"a": 1, "b": 2}
+    manifest = store.read_manifest()
+    assert manifest["stages"] == {"a": 1, "b": 2} and manifest["class_names"] == ["a"]
     assert store.uri.endswith("/camp/run-1")
+
+
+def test_a_lost_manifest_is_never_replaced_by_a_partial_one(store):
+    """The object store lost manifest.json mid-run: the next update stops instead of writing a manifest
+    that holds only the new fields (config, classes and models gone) and says 'complete'."""
+    store.write_manifest({"config": {"campaign": "camp"}, "class_names": ["a"]})
+    store.fs.rm(f"{store.path}/manifest.json")
+    with pytest.raises(StorageError, match="missing or lost its config"):
+        store.update_manifest(status="complete")
+    assert not store.fs.exists(f"{store.path}/manifest.json")
+
+
+def test_an_unreadable_manifest_is_an_error_that_names_it(store):
+    store.fs.makedirs(store.path, exist_ok=True)
+    store.fs.pipe_file(f"{store.path}/manifest.json", b"{not json")
+    with pytest.raises(StorageError, match="cannot read .*manifest.json"):
+        store.update_manifest(status="complete")
+
+
+def test_relative_outputs_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert RunStore("runs", "c", "r").uri == f"{tmp_path}/runs/c/r"
+    assert resolve_uri("s3://b/runs") == "s3://b/runs"
 
 
 def test_begin_stage_removes_what_an_interrupted_attempt_left(store):

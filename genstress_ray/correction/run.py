@@ -12,6 +12,7 @@ Two stages are added to the run:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,13 +22,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
-from genstress_ray.config import CampaignConfig, load_config
+from genstress_ray.config import CampaignConfig
 from genstress_ray.correction.finetune import FinetuneSettings, evaluate, selection_score
 from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import read_labels
+from genstress_ray.lease import RunLease
 from genstress_ray.pipeline import decode_region_samples, init_ray, load_split, model_ref, stage_constructor
+from genstress_ray.runs import run_config, with_overrides
 from genstress_ray.stages import ModelRef, load_classifier
 from genstress_ray.storage import RunStore, read_bytes, write_bytes_atomic
 
@@ -134,12 +138,17 @@ def _publish(store: RunStore, trial: dict, method: str) -> str:
     return f"{store.uri}/correction/{method}/{name}"
 
 
-def run_correction(run_uri: str, overrides: dict | None = None, storage_options: dict | None = None) -> CorrectionResult:
+def run_correction(run_uri: str, overrides: dict | None = None, storage_options: dict | None = None,
+                   config=None) -> CorrectionResult:
     """Fine-tune a labelled run's classifier to fix its failure regions and write the results into the run.
+
+    A finished correction with the same settings and the same labels is kept, not redone.
 
     Args:
         run_uri: ``<output>/<campaign>/<run_id>`` of a run with regions and labels.
         overrides: fields of the ``correction`` config section to replace (``{"lambdas": [1, 10]}``).
+        config: the campaign's own config, needed when the run names code to import
+            (``genstress_ray.runs.run_config``).
 
     Example:
         >>> print(run_correction("genstress-runs/demo/r1").summary())  # doctest: +SKIP
@@ -147,12 +156,41 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
     started = time.time()
     store = RunStore.from_uri(run_uri, storage_options)
     manifest = store.read_manifest()
-    raw = dict(manifest["config"])
-    raw["correction"] = {**raw.get("correction", {}), **(overrides or {})}
-    cfg = load_config(raw)  # validates the overrides before anything is touched
+    cfg = with_overrides(run_config(store, config, manifest), "correction", overrides)  # validated before any work
+    torch.set_num_threads(cfg.threads)
     class_names, image_shape = manifest["class_names"], manifest["image_shape"]
     labels = read_labels(store)
     failure_labels, n_labelled = _region_labels(labels, class_names)
+    # What decides the outcome: the settings and the labels (relabelling redoes the region sets too).
+    wanted = sorted([r, lab] for r, lab in failure_labels.items())
+    done_with = {"settings": cfg.correction.model_dump(mode="json"), "labels": labels_digest(labels)}
+    if store.is_complete("correction") and store.marker("correction").get("made_with") == done_with:
+        log.info("correction: already complete with these settings and labels, skipped")
+        return CorrectionResult(store.uri, json.loads(store.fs.cat_file(f"{store.stage_path('correction')}/results.json")))
+    with RunLease.for_store(store) as lease:
+        results = _correct(cfg, store, labels, failure_labels, n_labelled, wanted, class_names, image_shape,
+                           manifest, lease)
+        n_trials = results.pop("_trials")
+        results["seconds"] = round(time.time() - started, 3)
+        write_bytes_atomic(store.fs, f"{store.stage_path('correction')}/results.json",
+                           json.dumps(results, indent=2, default=float).encode())
+        lease.check()
+        store.complete_stage("correction", {"trials": n_trials, "made_with": done_with,
+                                            "n_failure_regions": len(failure_labels)})
+        store.update_manifest(correction=results, timings={"correction": results["seconds"]})
+    return CorrectionResult(store.uri, results)
+
+
+def labels_digest(labels: pa.Table) -> str:
+    """A fingerprint of the labels that decide a correction (which regions are failures, with what label)."""
+    rows = sorted((r["region_id"] if r["region_id"] is not None else -1, r["sample_id"] or "", r["label"] or "",
+                   bool(r["is_failure"])) for r in labels.select(["region_id", "sample_id", "label", "is_failure"])
+                  .to_pylist())
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def _correct(cfg: CampaignConfig, store: RunStore, labels: pa.Table, failure_labels: dict[int, int], n_labelled: int,
+             wanted: list, class_names: list[str], image_shape, manifest: dict, lease: RunLease) -> dict[str, Any]:
     refs = {"classifier": model_ref(cfg.classifier, manifest["models"]["classifier"]),
             "generator": model_ref(cfg.generator, manifest["models"]["generator"])}
     classifier = load_classifier(refs["classifier"], class_names, image_shape)
@@ -160,11 +198,12 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
     constructor = stage_constructor(cfg, refs, class_names, image_shape)
     results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
                                "n_failure_regions": len(failure_labels), "select_by": cfg.correction.select_by}
-    # The sets depend on which regions are failures and on their labels: relabelling redoes them.
-    wanted = sorted([r, lab] for r, lab in failure_labels.items())
     if failure_labels and not (store.is_complete("region_sets") and store.marker("region_sets").get("labels") == wanted):
+        lease.check()
         info = build_region_sets(cfg, store, failure_labels, constructor)
+        lease.check()
         store.complete_stage("region_sets", {**info, "labels": wanted})
+    lease.check()
     store.begin_stage("correction")
     if not failure_labels:
         results["message"] = "no failure regions were labelled: nothing to fine-tune"
@@ -188,12 +227,8 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
     if trials:  # the weights' URIs are in results.json; the table keeps the figures
         store.write_table("correction", pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"}
                                                               for t in trials]))
-    results["seconds"] = round(time.time() - started, 3)
-    write_bytes_atomic(store.fs, f"{store.stage_path('correction')}/results.json",
-                       json.dumps(results, indent=2, default=float).encode())
-    store.complete_stage("correction", {"trials": len(trials), "n_failure_regions": len(failure_labels)})
-    store.update_manifest(correction=results, timings={"correction": results["seconds"]})
-    return CorrectionResult(store.uri, results)
+    results["_trials"] = len(trials)
+    return results
 
 
 def _sweep(cfg: CampaignConfig, store: RunStore, data: dict, ref: ModelRef, methods: dict[str, str]) -> list[dict]:

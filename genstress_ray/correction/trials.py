@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from genstress_ray.correction.finetune import FinetuneSettings, evaluate, finetune
 from genstress_ray.models import load_module, save_checkpoint
+from genstress_ray.pipeline import verbose
 from genstress_ray.stages import ModelRef
 from genstress_ray.storage import filesystem_for, read_bytes, write_bytes_atomic
 
@@ -147,7 +148,7 @@ def run_trials(data: dict[str, np.ndarray], model: ModelRef, fine_sets: dict[str
             tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_trials
                                         or _max_concurrent(resources)),
             run_config=tune.RunConfig(name="lambda-sweep", storage_path=tempfile.mkdtemp(prefix="genstress-tune-"),
-                                      verbose=1),
+                                      verbose=1 if verbose() else 0),
         )
         rows = []
         for result in tuner.fit():

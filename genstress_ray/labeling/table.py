@@ -10,6 +10,7 @@ import time
 
 import pyarrow as pa
 
+from genstress_ray.lease import RunLease
 from genstress_ray.storage import RunStore
 
 STAGE = "labels"
@@ -72,11 +73,13 @@ def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> No
     """Validate, then replace the run's ``labels`` table in one atomic step: earlier labels stay
     readable until the new file is in place, and bad labels touch nothing."""
     validate_labels(table, region_ids(store), class_names)
-    store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
-    store.write_table(STAGE, table)
     regions = [r for r in table.to_pylist() if r["region_id"] is not None]
-    store.complete_stage(STAGE, {"labels": table.num_rows, "regions": len(regions),
-                                 "failure_regions": sum(bool(r["is_failure"]) for r in regions)})
+    sources = sorted({r["source"] for r in table.to_pylist()})
+    with RunLease.for_store(store):  # one writer per run: not while a campaign or correction writes it
+        store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
+        store.write_table(STAGE, table)
+        store.complete_stage(STAGE, {"labels": table.num_rows, "regions": len(regions), "sources": sources,
+                                     "failure_regions": sum(bool(r["is_failure"]) for r in regions)})
 
 
 def read_labels(store: RunStore) -> pa.Table:

@@ -10,7 +10,8 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from genstress_ray.models.registry import get_model
 from genstress_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1  # bump when training code changes what a cached model would be
+CACHE_FORMAT = 2  # bump when training code changes what a cached model would be
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -131,6 +132,22 @@ TRAINERS = {"classifier": train_classifier, "latent_generator": train_vae, "styl
             "diffusion_model": train_ddpm}
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch threads, restoring the previous count after.
+
+    Float reductions split across threads sum in another order, so a model trained on another thread
+    count comes out (slightly) different; and torch's default, one thread per core, oversubscribes a
+    machine that is also running Ray workers (a VAE epoch took minutes instead of seconds).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def cache_key(role: str, recipe: dict) -> str:
     """Hash of everything that determines a trained model (data, architecture, settings)."""
     blob = json.dumps({"role": role, "recipe": recipe, "format": CACHE_FORMAT}, sort_keys=True, default=str)
@@ -138,9 +155,13 @@ def cache_key(role: str, recipe: dict) -> str:
 
 
 def train_and_save(role: str, architecture: str, train: ImageSet, validation: ImageSet | None, uri: str,
-                   params: dict | None = None, settings: dict | None = None) -> dict[str, Any]:
-    """Train a built-in model and write it as a self-describing safetensors checkpoint at ``uri``."""
-    model, metrics = TRAINERS[role](train, validation, architecture=architecture, params=params, **(settings or {}))
+                   params: dict | None = None, settings: dict | None = None, threads: int = 1) -> dict[str, Any]:
+    """Train a built-in model on ``threads`` torch threads and write it as a self-describing
+    safetensors checkpoint at ``uri``."""
+    with torch_threads(threads):
+        model, metrics = TRAINERS[role](train, validation, architecture=architecture, params=params,
+                                        **(settings or {}))
+    metrics["threads"] = threads
     save_checkpoint(model, uri, architecture, metrics.pop("params"),
                     extra={"role": role, "class_names": train.class_names, "metrics": metrics})
     return metrics

@@ -17,6 +17,7 @@ from genstress_ray.data import to_uint8
 from genstress_ray.metrics import score_boundary, score_logits
 from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
 from genstress_ray.models.diffusion_generators import diffusion_generator
+from genstress_ray.storage import resolve_uri
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class ModelRef:
     architecture: str | None = None
     factory: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "uri", resolve_uri(self.uri))  # actors run in other working directories
 
     def load(self):
         module, _ = load_module(self.uri, self.format, self.architecture, self.factory, self.params)
@@ -57,6 +61,9 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     pil.save(buf, format="PNG", compress_level=1)  # level 1: the sink is I/O-bound anyway
     return buf.getvalue()
+
+
+ROWS_DONE = "rows_done"
 
 
 @ray.remote(num_cpus=0)
@@ -139,7 +146,9 @@ class _ModelStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.classifier is None:
             self._load()
-        return self.process_batch(batch)
+        out = self.process_batch(batch)
+        self._count({ROWS_DONE: len(next(iter(batch.values())))})  # the driver's progress line
+        return out
 
     def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         raise NotImplementedError

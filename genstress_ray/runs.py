@@ -1,0 +1,143 @@
+"""What a run folder says about itself, and what may be taken from it.
+
+- A run id means one config: ``config_differences`` names the fields where a rerun's config differs
+  from the one that made the run's tables (``RELOCATABLE`` fields may differ: they say where and on
+  what resources the run goes, not what it computes).
+- Nothing read from a run folder names code to import: ``run_config`` refuses a manifest whose config
+  names a ``factory`` unless the user supplies that config again.
+- ``list_runs`` and ``run_status`` are ``genstress runs`` and ``genstress status``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from genstress_ray.config import CampaignConfig, ConfigError, load_config
+from genstress_ray.lease import describe, read_lease
+from genstress_ray.storage import MANIFEST, RunStore, StorageError, filesystem_for, resolve_uri
+
+# Top-level fields a rerun may change: where the run is written and on what resources it runs.
+RELOCATABLE = ("output", "run_id", "resources", "ray", "storage_options")
+# Every stage a run can hold, in the order a campaign makes them, and the command that makes each.
+RUN_STAGES = {"identify": "genstress run", "regions": "genstress run", "region_samples": "genstress run",
+              "labels": "genstress label", "region_sets": "genstress correct", "correction": "genstress correct"}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ (``RELOCATABLE`` top-level fields excepted).
+
+    >>> config_differences({"strategy": {"draws": 50}, "output": "/a"}, {"strategy": {"draws": 20}, "output": "/b"})
+    ['strategy.draws (50 -> 20)']
+    """
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in RELOCATABLE:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})" if not (isinstance(a, dict) or isinstance(b, dict))
+                       else f"{prefix}{key}")
+    return out
+
+
+def named_code(raw: Any, prefix: str = "") -> dict[str, str]:
+    """Every ``factory`` (an import path) a config names, by field."""
+    found = {}
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if key == "factory" and value:
+                found[f"{prefix}{key}"] = str(value)
+            else:
+                found.update(named_code(value, f"{prefix}{key}."))
+    return found
+
+
+def run_config(store: RunStore, config=None, manifest: dict | None = None) -> CampaignConfig:
+    """The config that made the run in ``store``, safe to act on.
+
+    Args:
+        store: the run.
+        config: the campaign's config as the user has it (a YAML path, dict or ``CampaignConfig``);
+            needed when the run's config names code to import (a ``factory``), and then it must
+            match the run's config (relocatable fields aside).
+        manifest: the manifest, when the caller has read it already.
+
+    Raises:
+        ConfigError: the manifest names code and no matching config was given.
+    """
+    manifest = store.read_manifest() if manifest is None else manifest
+    if not manifest.get("config"):
+        raise StorageError(f"{store.uri}/{MANIFEST} holds no config: the run was not started, or its manifest "
+                           "was lost")
+    raw = manifest["config"]
+    if config is not None:
+        mine = load_config(config).model_dump(mode="json")
+        differences = config_differences(raw, mine)
+        if differences:
+            raise ConfigError(f"--config is not the config of run {store.uri}; it differs in: "
+                              + ", ".join(differences))
+    elif named_code(raw):
+        code = ", ".join(f"{k}: {v!r}" for k, v in named_code(raw).items())
+        raise ConfigError(f"run {store.uri} names code to import ({code}); code is never imported from a run "
+                          "folder, which anyone with write access to the storage can change. Pass the campaign's "
+                          "own config with --config (Python: config=) to confirm it")
+    return load_config(raw)
+
+
+def with_overrides(cfg: CampaignConfig, section: str, overrides: dict | None) -> CampaignConfig:
+    """``cfg`` with fields of one section replaced (``genstress correct --lambdas``), validated."""
+    if not overrides:
+        return cfg
+    raw = cfg.model_dump(mode="json")
+    raw[section] = {**raw.get(section, {}), **overrides}
+    return load_config(raw)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def run_status(store: RunStore, manifest: dict | None = None) -> dict[str, Any]:
+    """One run's state: status, stages done (with their row counts), lease holder, and what a rerun
+    of ``genstress run`` would do for each stage."""
+    manifest = store.read_manifest() if manifest is None else manifest
+    stages = {}
+    for stage, command in RUN_STAGES.items():
+        if store.is_complete(stage):
+            marker = store.marker(stage)
+            rows = {k: v for k, v in marker.items() if isinstance(v, int) and not isinstance(v, bool)}
+            stages[stage] = {"done": True, "rows": rows, "next": "kept (finished)"}
+        else:
+            stages[stage] = {"done": False, "next": f"made by {command}"}
+    lease = read_lease(store.fs, store.path)
+    created = manifest.get("created_at")
+    return {"uri": store.uri, "campaign": manifest.get("campaign", store.campaign),
+            "run_id": manifest.get("run_id", store.run_id), "status": manifest.get("status", "unknown"),
+            "age": _age(time.time() - created) if created else "?", "stages": stages,
+            "lease": describe(lease) if lease else None, "row_counts": manifest.get("row_counts", {})}
+
+
+def list_runs(output: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """Every run under ``output`` (``<output>/<campaign>/<run_id>/manifest.json``), newest first."""
+    output = resolve_uri(output).rstrip("/")
+    fs, path = filesystem_for(output, storage_options)
+    if not fs.exists(path):
+        raise StorageError(f"{output!r} does not exist")
+    runs = []
+    for manifest_path in fs.glob(f"{path}/*/*/{MANIFEST}"):
+        campaign, run_id = manifest_path.rsplit("/", 3)[1:3]
+        store = RunStore(output, campaign, run_id, storage_options)
+        try:
+            manifest = store.read_manifest()
+        except StorageError as exc:
+            runs.append({"uri": store.uri, "campaign": campaign, "run_id": run_id, "status": f"unreadable: {exc}",
+                         "stages": {}, "lease": None, "age": "?", "row_counts": {}, "created_at": 0})
+            continue
+        runs.append({**run_status(store, manifest), "created_at": manifest.get("created_at", 0)})
+    return sorted(runs, key=lambda r: -r["created_at"])
