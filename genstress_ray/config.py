@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from genstress_ray.data import SPLITS, list_sources
+from genstress_ray.data import SPLITS, list_sources, source_options
 from genstress_ray.models import FORMATS, list_models, model_kind
 from genstress_ray.storage import resolve_uri
 
@@ -63,6 +63,15 @@ class DataSpec(_Strict):
     @classmethod
     def _known_split(cls, v):
         return _one_of(v, SPLITS, "split")
+
+    @model_validator(mode="after")
+    def _known_options(self):
+        allowed = [o for o in source_options(self.kind) if o not in type(self).model_fields]
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"options: the {self.kind} source takes no option {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(allowed) or 'none'}")
+        return self
 
     def source_params(self) -> dict[str, Any]:
         return {"uri": self.uri, "split": self.split, "limit": self.limit, "seed": self.seed,
@@ -395,7 +404,11 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{where}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier() and field in ("options",):  # a validator that names the sub-field
+            where, msg = f"{where}.{field}", rest
+        lines.append(f"{where}: {msg}")
     return "invalid campaign config:\n  " + "\n  ".join(lines)
 
 

@@ -66,6 +66,7 @@ class _LocalSwap:
         return json.loads(data), hashlib.sha256(data).hexdigest()
 
     def create(self, data: bytes) -> str | None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

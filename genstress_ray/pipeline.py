@@ -70,8 +70,13 @@ class CampaignResult:
         return "\n".join(lines)
 
 
-def load_split(spec) -> ImageSet:
-    return get_source(spec.kind, **spec.source_params()).load()
+def load_split(spec, field: str = "data") -> ImageSet:
+    """The images of one ``DataSpec``; a DataError names the config ``field`` it came from."""
+    try:
+        return get_source(spec.kind, **spec.source_params()).load()
+    except DataError as exc:
+        msg = str(exc)
+        raise DataError(f"{field}.{msg[5:]}" if msg.startswith("data.") else f"{field}: {msg}") from None
 
 
 def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: ImageSet) -> ModelRef:
@@ -90,7 +95,8 @@ def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: Image
         log.info("%s: using cached %s", role, uri)
     else:
         log.info("%s: training built-in %s (cached at %s)", role, spec.architecture, uri)
-        train, val = load_split(train_spec), load_split(val_spec)
+        train = load_split(train_spec, "data.train" if cfg.data.train else "data.search")
+        val = load_split(val_spec, "data.validation" if cfg.data.validation else "data.search")
         if train.image_shape != search.image_shape or train.class_names != search.class_names:
             raise DataError(f"data.train: images {train.image_shape} / classes {train.class_names} differ from "
                             f"data.search: {search.image_shape} / {search.class_names}")
@@ -155,12 +161,13 @@ def _stderr_silenced():
 
 
 def _quiet_ray_data_logging() -> str:
-    """A Ray Data logging config (RAY_DATA_LOGGING_CONFIG) that keeps its log file and shows only errors."""
+    """A Ray Data logging config (RAY_DATA_LOGGING_CONFIG) that keeps its log file and prints nothing."""
     path = os.path.join(tempfile.gettempdir(), "genstress-ray-data-logging.yaml")
     config = {"formatters": {"ray": {"format": "%(asctime)s %(levelname)s %(filename)s:%(lineno)s -- %(message)s"}},
               "handlers": {"file": {"class": "ray.data._internal.logging.SessionFileHandler", "formatter": "ray",
                                     "filename": "ray-data.log"},
-                           "console": {"class": "logging.StreamHandler", "formatter": "ray", "level": "ERROR"}},
+                           # Failures reach the user once, as the stage's error line, not as Ray's traceback.
+                           "console": {"class": "logging.StreamHandler", "formatter": "ray", "level": "CRITICAL"}},
               "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"], "propagate": False}}}
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
@@ -385,7 +392,7 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
         if differences:
             raise ConfigError(f"run {store.uri} was made with another config; it differs in: "
                               f"{', '.join(differences)}. Use a new run id (README: 'Runs and resuming')")
-    search = load_split(cfg.data.search)
+    search = load_split(cfg.data.search, "data.search")
     if len(search) == 0:
         raise DataError("data.search: the split holds no images")
     refs = {role: prepare_model(role, spec, cfg, search)

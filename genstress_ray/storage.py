@@ -71,9 +71,13 @@ def short_cause(exc: BaseException) -> str:
         if not isinstance(inner, BaseException) or inner is exc:
             break
         exc = inner
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(exc).__name__}: {text}"[:400]
+    if isinstance(exc, OSError) and exc.strerror:  # Ray's wrapper keeps errno and path, not the message
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        text = lines[0] if lines else ""
+    name = type(exc).__name__.removeprefix("RayTaskError(").rstrip(")")
+    return f"{name}: {text}"[:400]
 
 
 def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -25,6 +25,19 @@ def list_sources() -> list[str]:
     return sorted(_SOURCES)
 
 
+def source_options(kind: str) -> list[str]:
+    """The parameters the source ``kind`` takes (what ``data.<split>.options`` may set)."""
+    import inspect
+
+    names = []
+    for klass in _SOURCES[kind].__mro__:
+        if "__init__" in vars(klass):
+            for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names:
+                    names.append(p.name)
+    return names
+
+
 def get_source(kind: str, **params) -> DatasetSource:
     """Build the registered source ``kind`` with ``params`` (uri, split, limit, seed, ...)."""
     if kind not in _SOURCES:
@@ -35,5 +48,6 @@ def get_source(kind: str, **params) -> DatasetSource:
 for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, ParquetSource):
     register_source(_cls)
 
-__all__ = ["SPLITS", "DataError", "class_name", "DatasetSource", "ImageSet", "decode_images", "get_source", "list_sources", "register_source",
+__all__ = ["SPLITS", "DataError", "class_name", "DatasetSource", "ImageSet", "decode_images", "get_source", "list_sources",
+           "register_source", "source_options",
            "split_indices", "to_float", "to_uint8"]

@@ -53,7 +53,8 @@ class ImageSet:
 
 
 def to_float(images_uint8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images_uint8)).float().div_(255.0)
+    # Arrays that come from Arrow are read-only; torch warns on a read-only buffer, so copy those.
+    return torch.from_numpy(np.require(images_uint8, requirements=["C", "W"])).float().div_(255.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -38,10 +38,12 @@ def export_tasks(region_samples: pa.Table, class_names: list[str], run_uri: str,
 
 
 def _choice(annotation: dict) -> str | None:
-    for result in annotation.get("result", []):
-        choices = result.get("value", {}).get("choices")
-        if choices:
-            return choices[0]
+    results = annotation.get("result", [])
+    for result in results if isinstance(results, list) else []:
+        value = result.get("value", {}) if isinstance(result, dict) else {}
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if isinstance(choices, list) and choices:
+            return str(choices[0])
     return None
 
 
@@ -53,7 +55,20 @@ def import_export(uri: str, run_uri: str) -> pa.Table:
         raise LabelError(f"cannot read Label Studio export {uri!r}: {exc}") from exc
     if not isinstance(tasks, list):
         raise LabelError(f"{uri!r} is not a Label Studio JSON export (expected a list of tasks)")
-    foreign = {t.get("data", {}).get("genstress_run") for t in tasks} - {run_uri}
+    for i, task in enumerate(tasks):
+        where = f"{uri!r}, task {i + 1}"
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise LabelError(f"{where}: a task must be an object with a 'data' object, got {type(task).__name__}; "
+                             "nothing imported")
+        rid = task["data"].get("region_id")
+        if rid is None:
+            raise LabelError(f"{where}: data.region_id is missing (not a task made by genstress label "
+                             "--export-label-studio); nothing imported")
+        if isinstance(rid, bool) or not (isinstance(rid, int) or (isinstance(rid, str) and rid.isdigit())):
+            raise LabelError(f"{where}: data.region_id {rid!r} is not a whole number; nothing imported")
+        if not isinstance(task.get("annotations", []), list):
+            raise LabelError(f"{where}: 'annotations' must be a list; nothing imported")
+    foreign = {t["data"].get("genstress_run") for t in tasks} - {run_uri}
     if foreign:
         raise LabelError(f"{uri!r} holds tasks from another project or run ({', '.join(map(str, foreign))}), "
                          f"not {run_uri}; nothing imported")
@@ -62,7 +77,7 @@ def import_export(uri: str, run_uri: str) -> pa.Table:
     for task in tasks:
         rid = int(task["data"]["region_id"])
         for annotation in task.get("annotations", []):
-            if annotation.get("was_cancelled"):
+            if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
                 continue
             choice = _choice(annotation)
             if choice is not None:

@@ -28,6 +28,7 @@ from genstress_ray.report.html import png_uri
 from genstress_ray.storage import RunStore
 
 LOOPBACK = "127.0.0.1"
+MAX_BODY = 16 * 1024  # a label is a few dozen bytes
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:72rem;color:#222}
 section{border-top:1px solid #ccc;padding:.5rem 0}.grid{display:flex;flex-wrap:wrap;gap:.4rem}
@@ -196,10 +197,22 @@ def _handler(server: ReviewServer):
             if path != "/api/label":
                 return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                region, label = int(body["region_id"]), str(body["label"])
+                length = int(self.headers.get("Content-Length", 0))
+            except ValueError:
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": "Content-Length is not a number"})
+            if length > MAX_BODY:  # never read a body of any size into memory
+                self.close_connection = True
+                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                  {"error": f"request body of {length} bytes; at most {MAX_BODY}"})
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+                region, label = body["region_id"], body["label"]
+                if isinstance(region, bool) or not isinstance(region, int):
+                    raise ValueError(f"region_id must be a whole number, got {region!r}")
+                if not isinstance(label, str):
+                    raise ValueError(f"label must be a string, got {label!r}")
                 server.review.save(region, label)
-            except (ValueError, KeyError, TypeError) as exc:  # LabelError is a ValueError
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # LabelError is a ValueError
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             self._json(HTTPStatus.OK, {"region_id": region, "label": label})
 

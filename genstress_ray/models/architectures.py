@@ -16,7 +16,8 @@ from genstress_ray.models.registry import register_model
 def _check_shape(in_shape) -> tuple[int, int, int]:
     c, h, w = (int(s) for s in in_shape)
     if h % 4 or w % 4:
-        raise ValueError(f"in_shape {in_shape}: height and width must be divisible by 4")
+        raise ValueError(f"images of {h}x{w}: height and width must be divisible by 4; resize them "
+                         f"(genstress train --resize {-(-max(h, w) // 4) * 4}, or data.resize in a config)")
     return c, h, w
 
 

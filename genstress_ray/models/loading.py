@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import zipfile
 from typing import Any, Callable
 
 import torch
@@ -37,13 +38,44 @@ def import_factory(path: str) -> Callable[..., nn.Module]:
         raise ModelError(f"factory {path!r} cannot be imported: {exc}") from exc
 
 
+def _zip_entries(data: bytes) -> list[str]:
+    try:
+        return zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return []
+
+
 def _guess_format(uri: str, data: bytes) -> str:
-    if uri.endswith(".safetensors"):
+    if uri.endswith(".safetensors") or _looks_like_safetensors(data):
         return "safetensors"
-    # TorchScript and torch.save both write zip archives; TorchScript's holds a constants.pkl.
-    if data[:2] == b"PK" and b"constants.pkl" in data[:4096 * 16]:
+    # TorchScript and torch.save both write zip archives; TorchScript's holds its code and a
+    # constants.pkl (entries listed in the archive's directory at its end: the tensors come first,
+    # so a look at the first bytes misses them in any model of size).
+    entries = _zip_entries(data) if data[:2] == b"PK" else []
+    if any(e.endswith("/constants.pkl") for e in entries) and any("/code/" in e for e in entries):
         return "torchscript"
     return "state_dict"
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    header_len = int.from_bytes(data[:8], "little")
+    return 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _describe(data: bytes) -> str:
+    """What a file that loads as no checkpoint looks like, for the error message."""
+    if not data:
+        return "an empty file"
+    if data[:2] == b"PK":
+        entries = _zip_entries(data)
+        return f"a zip archive with {len(entries)} entries ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
+    head = data[:64]
+    printable = sum(32 <= c < 127 or c in (9, 10, 13) for c in head) / len(head)
+    if printable > 0.95:
+        return f"a text file starting {data[:40].decode('ascii', 'replace')!r}"
+    return f"{len(data)} bytes of binary data starting {data[:8].hex()}"
 
 
 def save_checkpoint(module: nn.Module, uri: str, architecture: str, params: dict, extra: dict | None = None) -> None:
@@ -74,7 +106,8 @@ def load_module(uri: str, fmt: str = "auto", architecture: str | None = None, fa
         data = read_bytes(uri)
     except StorageError as exc:
         raise ModelError(f"checkpoint {uri!r} cannot be read: {exc}") from exc
-    fmt = _guess_format(uri, data) if fmt == "auto" else fmt
+    guessed = fmt == "auto"
+    fmt = _guess_format(uri, data) if guessed else fmt
     meta: dict[str, Any] = {}
     try:
         if fmt == "torchscript":
@@ -90,7 +123,10 @@ def load_module(uri: str, fmt: str = "auto", architecture: str | None = None, fa
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"checkpoint {uri!r} failed to load as {fmt}: {exc}") from exc
+        how = f"format auto: read as {fmt}" if guessed else f"format {fmt}"
+        raise ModelError(f"checkpoint {uri!r} is not a model checkpoint ({how} failed: {str(exc).splitlines()[0]}); "
+                         f"it is {_describe(data)}. Formats: TorchScript (.pt), safetensors, a torch.save "
+                         "state dict, a diffusers folder (format: diffusers)") from exc
     architecture = architecture or meta.get("architecture")
     params = {**meta.get("params", {}), **(params or {})}
     if factory:

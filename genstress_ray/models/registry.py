@@ -37,4 +37,7 @@ def model_kind(name: str) -> str:
 def get_model(name: str, **params) -> nn.Module:
     """A freshly initialised ``name`` architecture built with ``params``."""
     model_kind(name)
-    return _MODELS[name][1](**params)
+    try:
+        return _MODELS[name][1](**params)
+    except (TypeError, ValueError) as exc:  # a wrong or unknown parameter, an image size it cannot take
+        raise ModelError(f"architecture {name!r} cannot be built with {params}: {exc}") from None

@@ -115,7 +115,8 @@ class SmallStyleGAN(nn.Module):
         super().__init__()
         c, h, w = (int(s) for s in in_shape)
         if h != w or h % 4:
-            raise ValueError(f"in_shape {in_shape}: images must be square with a side divisible by 4")
+            raise ValueError(f"in_shape {in_shape}: images must be square with a side divisible by 4; resize them "
+                             "(genstress train --resize, or data.resize in a config)")
         self.synthesis = SynthesisNetwork(w_dim, c, h, tuple(channels))
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim, num_classes, w_dim, self.num_ws, mapping_layers)

@@ -1,0 +1,236 @@
+"""Runs people can trust: one writer, one config, no code from the run folder, findable, clean exits."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from genstress_ray.cli import main
+from genstress_ray.config import ConfigError
+from genstress_ray.lease import LeaseHeld, RunLease, read_lease
+from genstress_ray.pipeline import run_campaign
+from genstress_ray.runs import config_differences, list_runs, run_status
+from genstress_ray.storage import RunStore
+
+
+def _cli(args, cwd, timeout=300, **popen):
+    """``genstress ARGS`` as a user types it, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "genstress_ray.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture
+def config_file(tiny_config, tmp_path):
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    return path
+
+
+# ---- one writer per run -----------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_driver_is_refused_while_the_lease_is_held(where, tiny_config, tmp_path, request):
+    """A process holds the run's lease; `genstress run` on the same run id exits 2 naming the holder and
+    when its lease expires, and writes nothing."""
+    output = tiny_config["output"] if where == "local" else request.getfixturevalue("s3_bucket") + "/runs"
+    cfg = {**tiny_config, "output": output}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    store = RunStore(output, cfg["campaign"], cfg["run_id"])
+    with RunLease.for_store(store) as held:
+        proc = _cli(["run", str(path)], tmp_path, env=os.environ)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"is being written by {held.holder}" in proc.stderr and "lease expires" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not store.fs.exists(store.stage_path("identify"))
+    assert read_lease(store.fs, store.path) is None  # released
+
+
+def test_two_drivers_started_together_write_each_row_once(config_file, tiny_config, tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(config_file)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(rc for rc, _, _ in outs)
+    refused = [err for rc, _, err in outs if rc == 2]
+    # Either the second was refused by the lease, or it started after the first had finished and
+    # found every stage complete. Both drivers never write.
+    assert codes in ([0, 2], [0, 0]), [err[-1500:] for _, _, err in outs]
+    if codes == [0, 0]:
+        assert any("resumed: skipped finished stages identify, regions, region_samples" in out for _, out, _ in outs)
+    else:
+        assert "is being written by" in refused[0]
+    store = RunStore(tiny_config["output"], "test", "r1")
+    ids = store.read_table("identify", columns=["sample_id"])["sample_id"]
+    assert len(ids) == len(pc.unique(ids)) == store.marker("identify")["samples"]
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_commit(tmp_path):
+    store = RunStore(str(tmp_path), "c", "r")
+    store.fs.makedirs(store.path, exist_ok=True)
+    crashed = RunLease.for_store(store, ttl=0.5).acquire()
+    crashed._stop.set()  # its heartbeat stops, as when the driver dies
+    with pytest.raises(LeaseHeld, match="lease expires"):
+        RunLease.for_store(store).acquire()
+    time.sleep(0.7)
+    with RunLease.for_store(store) as successor:
+        assert read_lease(store.fs, store.path)["holder"] == successor.holder
+        with pytest.raises(LeaseHeld, match="lost the lease"):
+            crashed.check()
+        successor.check()
+
+
+def test_a_lease_on_s3_is_taken_over_only_once(s3_bucket):
+    store = RunStore(s3_bucket + "/runs", "c", "r")
+    old = RunLease.for_store(store, ttl=0.3).acquire()
+    old._stop.set()
+    time.sleep(0.5)
+    first = RunLease.for_store(store)
+    first.acquire()
+    with pytest.raises(LeaseHeld):
+        RunLease.for_store(store).acquire()
+    with pytest.raises(LeaseHeld):
+        old.check()
+    first.release()
+    assert read_lease(store.fs, store.path) is None
+
+
+# ---- a run id means one config ---------------------------------------------------------------
+@pytest.mark.usefixtures("ray_cluster")
+def test_rerunning_a_run_id_with_another_config_is_refused_and_changes_nothing(tiny_config):
+    result = run_campaign(tiny_config)
+    store = RunStore.from_uri(result.run_uri)
+    before = store.read_manifest()
+    changed = {**tiny_config, "strategy": {**tiny_config["strategy"], "draws": 5}}
+    with pytest.raises(ConfigError, match=r"differs in: strategy.draws \(8 -> 5\)"):
+        run_campaign(changed)
+    assert store.read_manifest() == before
+    # Where it runs and on what resources may change.
+    moved = {**tiny_config, "resources": {"search": {"actors": 1, "num_cpus": 0.25, "batch_size": 8}}}
+    assert run_campaign(moved).skipped == ["identify", "regions", "region_samples"]
+
+
+def test_config_differences_skip_only_relocatable_fields():
+    old = {"output": "/a", "run_id": "r", "resources": {"x": 1}, "strategy": {"a": 1, "b": 2}, "seed": 0}
+    new = {"output": "s3://b", "run_id": "r2", "resources": {"x": 2}, "strategy": {"a": 1, "b": 3}, "seed": 1}
+    assert config_differences(old, new) == ["seed (0 -> 1)", "strategy.b (2 -> 3)"]
+
+
+# ---- no code from a run folder ------------------------------------------------------------------
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_factory_planted_in_a_manifest_is_never_imported(tiny_config, tmp_path, capsys):
+    """Whoever can write the bucket plants `factory: os:system` in the run's config; labelling,
+    correcting and assessing the run refuse it and run nothing."""
+    result = run_campaign(tiny_config)
+    store = RunStore.from_uri(result.run_uri)
+    marker = tmp_path / "pwned"
+    manifest = store.read_manifest()
+    manifest["config"]["oracle"] = {"uri": "x.pt", "format": "state_dict", "factory": "os:system",
+                                    "params": {"command": f"touch {marker}"}, "architecture": None, "train": {}}
+    store.write_manifest(manifest)
+    for command in (["label", result.run_uri, "--oracle"], ["correct", result.run_uri], ["assess", result.run_uri]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "names code to import (oracle.factory: 'os:system')" in err and "--config" in err, err
+    assert not marker.exists()
+    # A config of the user's own that differs from the run's is no way around it.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(tiny_config))
+    assert main(["label", result.run_uri, "--oracle", "--config", str(mine)]) == 2
+    assert "differs in: oracle" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+# ---- runs can be found again ------------------------------------------------------------------------
+@pytest.mark.usefixtures("ray_cluster")
+def test_runs_and_status_list_what_a_rerun_would_do(tiny_config, capsys):
+    run_campaign(tiny_config, stop_after="identify")
+    runs = list_runs(tiny_config["output"])
+    assert [(r["campaign"], r["run_id"], r["status"]) for r in runs] == [("test", "r1", "stopped after identify")]
+    status = run_status(RunStore(tiny_config["output"], "test", "r1"))
+    assert status["stages"]["identify"]["done"] and status["stages"]["identify"]["rows"]["samples"] > 0
+    assert status["stages"]["regions"]["next"] == "made by genstress run"
+    assert main(["runs", tiny_config["output"]]) == 0
+    out = capsys.readouterr().out
+    assert "r1" in out and "stopped after identify" in out and "identify" in out
+    assert main(["status", f"{tiny_config['output']}/test/r1"]) == 0
+    out = capsys.readouterr().out
+    assert "lease: free" in out and "regions         not done" in out
+
+
+# ---- interrupts, failures and processes -----------------------------------------------------------
+def _session_processes(sid: int) -> list[str]:
+    """Command lines of the live processes in session ``sid`` (the run's own session)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+                    status = open(f"/proc/{entry}/status").read()
+                    if "State:\tZ" not in status:  # zombies are gone already, bar their parent's wait
+                        found.append(cmdline)
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                pass
+    return found
+
+
+def test_ctrl_c_ends_within_seconds_with_one_line_and_the_resume_command(config_file, tiny_config, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-stage: one line that names
+    the exact resuming command, within seconds, and no process of the run outlives it."""
+    cfg = {**tiny_config, "run_id": None, "strategy": {**tiny_config["strategy"], "draws": 4000}}
+    config_file.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(config_file)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((tmp_path / "runs" / "test").glob("*/identify")):
+        time.sleep(0.2)
+    time.sleep(2)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    took = time.time() - t0
+    assert proc.returncode == 130, err[-2000:]
+    assert took < 15, took
+    assert "Traceback" not in err, err[-3000:]
+    run_id = next((tmp_path / "runs" / "test").iterdir()).name
+    assert f"interrupted; to resume, run: genstress run {config_file} --run-id {run_id}" in err
+    time.sleep(3)
+    assert not _session_processes(proc.pid), _session_processes(proc.pid)
+
+
+def test_a_finished_run_leaves_no_process_behind(config_file, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(config_file)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    time.sleep(3)
+    assert not _session_processes(proc.pid), _session_processes(proc.pid)
+    # Readable output: no Ray progress blocks, core-worker lines or tracebacks by default.
+    assert "Traceback" not in err and "core_worker" not in err and "Running Dataset" not in err
+    assert "genstress: stage identify: done" in err and "identify: 48/48 rows (100%)" in err
+
+
+def test_a_storage_failure_mid_stage_is_one_error_line_with_the_resume_command(config_file, tiny_config, tmp_path):
+    """The stage's folder becomes unwritable while the stage runs: one error line naming the stage and
+    the run, the command that resumes, and nothing marked complete."""
+    run_dir = tmp_path / "runs" / "test" / "r1"
+    proc = subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(config_file)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "identify").exists():
+        time.sleep(0.05)
+    (run_dir / "identify").rmdir()
+    (run_dir / "identify").write_text("the store lost the folder")  # every write below it now fails
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"stage identify of run {run_dir} failed" in errors[0], err[-2000:]
+    assert f"to resume, run: genstress run {config_file} --run-id r1" in err
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
+    assert not list(run_dir.glob("*/_COMPLETE"))
