@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from genstress_ray.cli import main
+from genstress_ray.cli import build_parser, main
 from genstress_ray.models import load_module
 
 
@@ -48,6 +48,30 @@ def test_demo_end_to_end_on_bundled_digits(tmp_path):
     after = float(re.search(r"defuse +[\d.]+ +([\d.]+)", out).group(1))
     assert after > before
     assert f"report: {run_dir}/report/index.html" in out and (run_dir / "report" / "index.html").exists()
+
+
+def test_train_on_images_no_architecture_can_take_is_one_error_line(tmp_path, capsys):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "signs" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (35, 35), (40 * i, 0, 0)).save(tmp_path / "signs" / label / f"{i}.png")
+    assert main(["train", "classifier", "--data", "image_folder", "--data-uri", str(tmp_path / "signs"),
+                 "--output", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "error: architecture 'small_cnn' cannot be built" in err and "35x35" in err and "--resize 36" in err
+
+
+def test_version_and_help_text_for_every_argument():
+    proc = subprocess.run([sys.executable, "-m", "genstress_ray.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("genstress_ray ")
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices.values():
+        for arg in action._actions:
+            assert arg.help, f"{action.prog} {arg.dest} has no help"
+            assert "``" not in arg.help and "this machine" not in arg.help
+    assert "``" not in (parser.description or "")
 
 
 def test_train_with_an_unknown_dataset_kind_exits_2_and_lists_the_kinds(tmp_path, capsys):

@@ -71,3 +71,19 @@ def test_cluster_yaml_is_a_valid_ray_launcher_config_with_a_gpu_worker():
     cfg = prepare_config(yaml.safe_load((JOBS.parent / "cluster.yaml").read_text()))
     validate_config(cfg)  # raises on schema errors
     assert any(n["node_config"]["InstanceType"].startswith(("g", "p")) for n in cfg["available_node_types"].values())
+
+
+def test_unknown_data_options_are_named_with_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"data.search.options: the digits source takes no option 'bogus'; "
+                                          r"allowed: class_names"):
+        load_config({"data": {"search": {"kind": "digits", "options": {"bogus": 1}}}})
+    assert load_config({"data": {"search": {"kind": "mnist", "uri": "/x", "options": {"split_from": "test"}}}})
+
+
+def test_local_paths_become_absolute_when_the_config_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config({"data": {"search": {"kind": "mnist", "uri": "data/mnist"}},
+                       "classifier": {"uri": "models/cnn.pt"}})
+    assert cfg.output == f"{tmp_path}/genstress-runs" and cfg.data.search.uri == f"{tmp_path}/data/mnist"
+    assert cfg.classifier.uri == f"{tmp_path}/models/cnn.pt"
+    assert load_config({"output": "s3://bucket/runs"}).output == "s3://bucket/runs"

@@ -249,7 +249,7 @@ def _nothing_complete(cfg):
 
 def test_missing_data_path(tiny_config):
     tiny_config["data"]["search"] = {"kind": "mnist", "uri": "/nonexistent/mnist"}
-    with pytest.raises(DataError, match="/nonexistent/mnist"):
+    with pytest.raises(DataError, match=r"^data\.search\.uri: .*/nonexistent/mnist"):
         run_campaign(tiny_config)
     assert _nothing_complete(tiny_config)
 

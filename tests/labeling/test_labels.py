@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -146,4 +147,21 @@ def test_a_label_studio_export_from_another_project_is_refused(run_with_regions,
     export.write_text(json.dumps([{"data": {"region_id": 0, "genstress_run": "s3://other/c/r"}, "annotations": []}]))
     with pytest.raises(LabelError, match="from another project or run.*nothing imported"):
         import_export(str(export), run_with_regions.uri)
+    assert not run_with_regions.is_complete("labels")
+
+
+@pytest.mark.parametrize("export, message", [
+    (["a", "b"], "task 1: a task must be an object with a 'data' object, got str"),
+    ([{"data": {"genstress_run": "x"}, "annotations": []}], "task 1: data.region_id is missing"),
+    ([{"data": {"region_id": "one"}, "annotations": []}], "task 1: data.region_id 'one' is not a whole number"),
+    ([{"data": {"region_id": 1.5}, "annotations": []}], "task 1: data.region_id 1.5 is not a whole number"),
+    ([{"data": {"region_id": 0}, "annotations": "yes"}], "task 1: 'annotations' must be a list"),
+])
+def test_malformed_label_studio_exports_are_named_not_tracebacks(run_with_regions, tmp_path, export, message):
+    from genstress_ray.labeling import import_export
+
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    with pytest.raises(LabelError, match=f"export.json', {re.escape(message)}.*nothing imported"):
+        import_export(str(path), run_with_regions.uri)
     assert not run_with_regions.is_complete("labels")

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from genstress_ray.labeling import NOT_A_FAILURE, read_labels
-from genstress_ray.labeling.review import ReviewServer
+from genstress_ray.labeling.review import MAX_BODY, ReviewServer
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import RunStore
 
@@ -91,3 +91,16 @@ def test_the_page_refuses_a_missing_token_another_host_and_bad_labels(served_run
     assert not server.review.store.is_complete("labels")  # nothing half-written
     status, body = _request(post, json.dumps({"region_id": 0, "label": "3"}).encode())
     assert status == 200 and _labels(server)[0]["label"] == "3"
+
+
+def test_the_page_caps_request_bodies_and_type_checks_fields(served_run):
+    """A 300 MB POST was read whole (RSS +600 MB) and region_id 1.9 was taken as region 1."""
+    server = served_run
+    post = f"http://127.0.0.1:{server.port}/api/label?token={server.token}"
+    status, body = _request(post, b"x" * (MAX_BODY + 1))
+    assert status == 413 and "at most" in body["error"]
+    for bad in ({"region_id": 1.9, "label": "3"}, {"region_id": True, "label": "3"}, {"region_id": "1", "label": "3"},
+                {"region_id": 1, "label": 3}, [1, 2]):
+        status, body = _request(post, json.dumps(bad).encode())
+        assert status == 400, (bad, body)
+    assert not server.review.store.is_complete("labels")

@@ -103,7 +103,7 @@ def test_state_dict_loading_never_unpickles_arbitrary_objects(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"w": Evil()}, path)
-    with pytest.raises(ModelError, match="failed to load as state_dict"):
+    with pytest.raises(ModelError, match="read as state_dict failed"):
         load_module(str(path), architecture="small_cnn", params=TINY_CNN)
 
 
@@ -111,8 +111,26 @@ def test_unreadable_checkpoint_names_the_uri(tmp_path):
     with pytest.raises(ModelError, match="missing.safetensors"):
         load_module(str(tmp_path / "missing.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match="junk.safetensors.*failed to load"):
+    with pytest.raises(ModelError, match="junk.safetensors.*not a model checkpoint"):
         load_module(str(tmp_path / "junk.safetensors"))
+
+
+def test_a_text_file_as_checkpoint_says_what_was_tried_and_what_the_file_is(tmp_path):
+    (tmp_path / "notes.pt").write_text("my model notes\n")
+    with pytest.raises(ModelError, match=r"notes.pt' is not a model checkpoint \(format auto: read as state_dict "
+                                         r"failed.*it is a text file starting 'my model notes.*Formats: TorchScript"):
+        load_module(str(tmp_path / "notes.pt"))
+
+
+def test_format_auto_recognises_a_large_torchscript_archive(tmp_path):
+    """TorchScript's constants.pkl sits behind the tensors: in a model of size, past the first 64 KB."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2048), torch.nn.Linear(2048, 10)).eval()
+    path = tmp_path / "big.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    assert path.stat().st_size > 500_000
+    module, _ = load_module(str(path))
+    x = torch.rand(2, 1, 8, 8)
+    assert isinstance(module, torch.jit.ScriptModule) and torch.allclose(module(x), net(x))
 
 
 def test_cache_key_depends_on_every_part_of_the_recipe():
