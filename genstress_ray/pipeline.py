@@ -136,7 +136,13 @@ def init_ray(cfg: CampaignConfig) -> None:
         # Read when Ray starts or runs a dataset. The C++ core's error-level note that actor
         # constructor arguments live in the object store is no error of ours.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter prints nothing at verbose 0
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _quiet_ray_data_logging())
+        # Ray Data reads that config when it is first imported; if Ray Train imported it already,
+        # quieten the console handlers it made (its log file keeps everything).
+        for handler in logging.getLogger("ray.data").handlers:
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+                handler.setLevel(logging.CRITICAL)
     with contextlib.nullcontext() if loud else _stderr_silenced():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, log_to_driver=loud, logging_level=level)

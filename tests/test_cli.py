@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,29 +26,42 @@ def test_train_classifier_writes_a_loadable_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_bundled_digits(tmp_path):
-    """`genstress demo` from a fresh cache: the whole loop, from training to the report."""
+def test_the_readmes_first_command_as_a_user_types_it(tmp_path):
+    """`genstress demo`, exactly as the README's first line says: no arguments, from a fresh working
+    directory (so the default output is the relative ./genstress-runs), with an empty model cache.
+    Then the same run again: everything it finished is kept, labels and correction included."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "pip install -e . && genstress demo " in readme.splitlines()[3]
     env = {**os.environ, "GENSTRESS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "genstress_ray.cli", "demo", "--output", str(tmp_path / "runs"),
-                           "--run-id", "e2e"], capture_output=True, text=True, env=env, timeout=900)
+    work = tmp_path / "fresh"
+    work.mkdir()
+    proc = subprocess.run(["genstress", "demo"], cwd=work, capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    run_dir = tmp_path / "runs" / "demo" / "e2e"
-    assert f"run: {run_dir}" in out
+    out, err = proc.stdout, proc.stderr
+    run_dir = Path(re.search(r"^run: (.+)$", out, re.M).group(1))
+    assert run_dir.parent == work / "genstress-runs" / "demo"
     candidates, faults = map(int, re.search(r"candidates (\d+), faults (\d+)", out).groups())
     assert candidates == 359 * 100 and 0 < faults < candidates
     n_regions = int(re.search(r"regions: (\d+)", out).group(1))
     assert n_regions >= 1 and len(re.findall(r"region \d+: weight", out)) == n_regions
     stages = ("identify", "regions", "region_samples", "labels", "region_sets", "correction")
     assert all((run_dir / s / "_COMPLETE").exists() for s in stages)
-    assert "train classifier: epoch" in proc.stderr  # progress is visible while it runs
-    # The oracle found failure regions and correction raised their accuracy.
+    assert "train classifier: epoch" in err and "identify: 35,900/35,900 rows (100%)" in err
+    assert "Traceback" not in err and "core_worker" not in err and "Dataset" not in err and "INFO" not in err
     n_failures = int(re.search(r"(\d+) failure regions of", out).group(1))
     assert n_failures >= 1
     before = float(re.search(r"before +[\d.]+ +([\d.]+)", out).group(1))
     after = float(re.search(r"defuse +[\d.]+ +([\d.]+)", out).group(1))
     assert after > before
     assert f"report: {run_dir}/report/index.html" in out and (run_dir / "report" / "index.html").exists()
+
+    again = subprocess.run(["genstress", "demo", "--run-id", run_dir.name], cwd=work, capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed: skipped finished stages identify, regions, region_samples" in again.stdout
+    assert "labels: already made by the oracle, kept" in again.stderr
+    assert "correction: already complete with these settings and labels, skipped" in again.stderr
+    assert re.search(r"defuse +[\d.]+ +([\d.]+)", again.stdout).group(1) == f"{after:.4f}"
 
 
 def test_train_on_images_no_architecture_can_take_is_one_error_line(tmp_path, capsys):

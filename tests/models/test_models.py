@@ -144,3 +144,20 @@ def test_training_the_small_cnn_on_digits_beats_chance_by_far():
     val = get_source("digits", split="validation").load()
     _, metrics = train_classifier(train, val, epochs=12)
     assert metrics["val_acc"] > 0.9
+
+
+def test_a_trained_model_does_not_depend_on_the_callers_thread_count(tmp_path):
+    """Weights depend on torch's thread count (reductions sum in another order); training sets it, so
+    a machine with more cores, or a caller that changed it, trains the same model."""
+    from genstress_ray.data import get_source
+    from genstress_ray.models import train_and_save
+
+    train = get_source("digits", split="train", limit=256).load()
+    weights = []
+    for i, outer in enumerate((4, 1)):
+        torch.set_num_threads(outer)
+        train_and_save("latent_generator", "beta_vae", train, None, str(tmp_path / f"v{i}.safetensors"),
+                       {"latent_dim": 4, "width": 8, "hidden": 32}, {"epochs": 2})
+        weights.append(load_module(str(tmp_path / f"v{i}.safetensors"))[0].state_dict())
+        assert torch.get_num_threads() == outer  # restored
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
