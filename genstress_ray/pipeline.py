@@ -23,10 +23,10 @@ import torch
 import yaml
 
 from genstress_ray.config import CampaignConfig, ConfigError, ModelSpec, load_config
-from genstress_ray.data import DataError, ImageSet, class_name, get_source
+from genstress_ray.data import DataError, ImageSet, get_source
 from genstress_ray.metrics import class_subset, fit_temperature
 from genstress_ray.models import ModelError, cached_model_uri, model_kind, train_and_save
-from genstress_ray.regions import fit_regions, sample_regions
+from genstress_ray.regions import fit_regions, region_pairs, sample_regions
 from genstress_ray.progress import Progress, StageProgress
 from genstress_ray.stages import (SEARCH_STAGES, RegionDecode, ModelRef, StageCounters, load_classifier,
                                   load_generator)
@@ -62,9 +62,8 @@ class CampaignResult:
                  f"samples rows {c.get('samples', 0)}, non-finite dropped {c.get('nonfinite_dropped', 0)}",
                  f"regions: {len(self.regions)}" + (f" ({self.message})" if self.message else "")]
         for r in self.regions:
-            src, prd = class_name(self.class_names, r["dominant_source_label"]), self.class_names[r["dominant_pred"]]
             lines.append(f"  region {r['region_id']}: weight {r['weight']:.3f}, {r['n_members']} faults, "
-                         f"true {src} ({r['dominant_source_share']:.0%}) -> predicted {prd} ({r['dominant_pred_share']:.0%})")
+                         f"{region_pairs(r, self.class_names)}")
         if self.skipped:
             lines.append(f"resumed: skipped finished stages {', '.join(self.skipped)}")
         return "\n".join(lines)

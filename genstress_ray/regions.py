@@ -7,6 +7,7 @@ then sample each region N(mu, tau * Sigma) for labelling.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,47 @@ def _dominant(values: np.ndarray) -> tuple[int, float]:
         return -1, 0.0
     counts = np.bincount(known)
     return int(counts.argmax()), float(counts.max() / len(values))
+
+
+def top_pairs(source_labels: np.ndarray, preds: np.ndarray, k: int = 3) -> list[list]:
+    """The ``k`` most common (true, predicted) pairs with their shares, most common first.
+
+    >>> top_pairs(np.array([1, 1, 7, 7, 7]), np.array([7, 7, 1, 1, 1]))
+    [[7, 1, 0.6], [1, 7, 0.4]]
+    """
+    pairs, counts = np.unique(np.stack([source_labels, preds], 1), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:k]
+    return [[int(pairs[i, 0]), int(pairs[i, 1]), round(float(counts[i] / len(preds)), 4)] for i in order]
+
+
+def region_pairs(region: dict, class_names: list[str], k: int = 2) -> str:
+    """``true 3 -> predicted 9 (62%), true 8 -> predicted 9 (21%)`` for a row of the regions table."""
+    from genstress_ray.data import class_name
+
+    pairs = json.loads(region["top_pairs"]) if region.get("top_pairs") else \
+        [[region["dominant_source_label"], region["dominant_pred"], region["dominant_pred_share"]]]
+    return ", ".join(f"true {class_name(class_names, t)} -> predicted {class_name(class_names, p)} ({share:.0%})"
+                     for t, p, share in pairs[:k])
+
+
+def region_log_density(regions: pa.Table, latents: np.ndarray) -> np.ndarray:
+    """log(weight x N(latent; mean, cov)) of every latent (N, d) under every region: (N, R).
+
+    Densities are taken in the space each region was fitted in (its principal-component ``basis``
+    when it has one), so they are comparable across regions of one fit.
+    """
+    latents = np.asarray(latents, np.float64)
+    out = np.full((len(latents), regions.num_rows), -np.inf)
+    for j, row in enumerate(regions.to_pylist()):
+        mean = np.asarray(row["mean"], np.float64)
+        basis = np.asarray(row.get("basis") or np.eye(len(mean)), np.float64).reshape(-1, len(mean))
+        cov = np.asarray(row["cov"], np.float64).reshape(len(basis), len(basis))
+        diff = (latents - mean) @ basis.T
+        chol = np.linalg.cholesky(cov + 1e-9 * np.eye(len(cov)))
+        z = np.linalg.solve(chol, diff.T)
+        log_det = 2 * np.log(np.diag(chol)).sum()
+        out[:, j] = np.log(row["weight"]) - 0.5 * ((z ** 2).sum(0) + log_det + len(cov) * np.log(2 * np.pi))
+    return out
 
 
 def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarray, max_components: int = 100,
@@ -100,7 +142,8 @@ def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarra
                      "cov": gmm.covariances_[c].astype(np.float32).ravel().tolist(),
                      "basis": None if basis is None else basis.astype(np.float32).ravel().tolist(),
                      "n_members": int(in_c.sum()), "dominant_source_label": src, "dominant_source_share": src_share,
-                     "dominant_pred": prd, "dominant_pred_share": prd_share})
+                     "dominant_pred": prd, "dominant_pred_share": prd_share,
+                     "top_pairs": json.dumps(top_pairs(source_labels[in_c], preds[in_c]))})
     table = pa.Table.from_pylist(rows, schema=REGIONS_SCHEMA) if rows else empty
     msg = "" if rows else f"no mixture component has weight > {weight_threshold}"
     return RegionFit(table, n, len(fit_on), message=msg, converged=bool(gmm.converged_), components=k)

@@ -45,6 +45,10 @@ REGIONS_SCHEMA = pa.schema([
     # generator) the mixture is fitted on a PCA projection: ``basis`` holds its (r, d) rows, ``cov`` is
     # then r x r in that basis, and ``mean`` stays in the latent space.
     ("basis", pa.list_(pa.float32())),
+    # The most common (true class, predicted class) pairs among the members, as JSON
+    # [[true, predicted, share], ...]: the two dominant classes alone can read "true 1, predicted 1"
+    # for a region that mixes 1s called 7 with 7s called 1.
+    ("top_pairs", pa.string()),
 ])
 STAGE_SCHEMAS = {"identify": SAMPLES_SCHEMA, "regions": REGIONS_SCHEMA, "region_samples": REGION_SAMPLES_SCHEMA}
 # Stages written by Ray Data come back sorted by this column (see ``RunStore.read_table``).

@@ -51,3 +51,30 @@ def test_region_samples_follow_mean_and_tau_scaled_covariance():
         np.testing.assert_allclose(np.cov(mine.T), 0.25 * cov, atol=0.02)
     again_ids, again = sample_regions(regions, 4000, tau=0.25, seed=3)
     assert np.array_equal(again, draws)
+
+
+def test_regions_name_their_true_to_predicted_pairs():
+    """A region mixing 1s called 7 with 7s called 1 read "true 1 (50%) predicted as 1 (50%)"."""
+    import json
+
+    from genstress_ray.regions import region_pairs
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 0.1, (100, 2))
+    true = np.array([1] * 50 + [7] * 50)
+    fit = fit_regions(z, true, 8 - true, max_components=3)
+    row = fit.table.to_pylist()[0]
+    assert sorted(json.loads(row["top_pairs"])) == [[1, 7, 0.5], [7, 1, 0.5]]
+    names = [str(i) for i in range(10)]
+    assert region_pairs(row, names) == "true 1 -> predicted 7 (50%), true 7 -> predicted 1 (50%)"
+
+
+def test_region_log_density_puts_points_in_their_own_region():
+    from genstress_ray.regions import region_log_density
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(-5, .1, (50, 2)), rng.normal(5, .1, (50, 2))])
+    fit = fit_regions(z, np.zeros(100, int), np.ones(100, int), max_components=5)
+    member = region_log_density(fit.table, z).argmax(1)
+    means = np.asarray(fit.table["mean"].to_pylist())[member]
+    assert np.all(np.sign(means[:, 0]) == np.sign(z[:, 0]))

@@ -39,6 +39,20 @@ def evaluate(model: nn.Module, data: dict[str, np.ndarray], device: torch.device
             for metric, name in EVAL_SETS.items() if f"{name}_x" in data}
 
 
+def region_accuracy(models: dict[str, nn.Module], data: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Accuracy of each model on each failure region's own test samples (``region_test_region``
+    names the region of each): ``{"3": {"n": 256, "before": 0.1, "defuse": 0.98}, ...}``."""
+    regions = data.get("region_test_region")
+    if regions is None:
+        return {}
+    out = {}
+    for rid in np.unique(regions):
+        mask = regions == rid
+        x, y = data["region_test_x"][mask], data["region_test_y"][mask]
+        out[str(int(rid))] = {"n": int(mask.sum()), **{name: accuracy(m, x, y) for name, m in models.items()}}
+    return out
+
+
 def selection_score(metrics: dict[str, float], select_by: str) -> float:
     """What chooses lambda: ``combined`` = mean of D's and the regions' validation accuracy."""
     if select_by == "validation" or np.isnan(metrics.get("region_val_acc", float("nan"))):

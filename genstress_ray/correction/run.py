@@ -25,11 +25,12 @@ import pyarrow.compute as pc
 import torch
 
 from genstress_ray.config import CampaignConfig
-from genstress_ray.correction.finetune import FinetuneSettings, evaluate, selection_score
+from genstress_ray.correction.finetune import FinetuneSettings, evaluate, region_accuracy, selection_score
 from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import read_labels
 from genstress_ray.lease import RunLease
+from genstress_ray.models import load_module
 from genstress_ray.pipeline import decode_region_samples, init_ray, load_split, model_ref, stage_constructor
 from genstress_ray.runs import run_config, with_overrides
 from genstress_ray.stages import ModelRef, load_classifier
@@ -112,7 +113,7 @@ def correction_data(cfg: CampaignConfig, store: RunStore, labels: pa.Table,
     """Every array the trials need: D's splits, the region sets and the baseline's labelled faults."""
     c = cfg.correction
     data = dataset_splits(cfg)
-    sets = store.read_table("region_sets", columns=["sample_id", "image", "draw", "source_label"])
+    sets = store.read_table("region_sets", columns=["sample_id", "image", "draw", "source_label", "region_id"])
     draw = sets["draw"].to_numpy()
     n_val = max(1, int(round(c.finetune_per_region * c.region_validation_fraction)))
     parts = {"finetune": draw < c.finetune_per_region - n_val,
@@ -122,6 +123,7 @@ def correction_data(cfg: CampaignConfig, store: RunStore, labels: pa.Table,
         part = sets.filter(pa.array(mask))
         data[f"{name}_x"] = _images(part, "region sample")
         data[f"{name}_y"] = part["source_label"].to_numpy().astype(np.int64)
+    data["region_test_region"] = sets.filter(pa.array(parts["region_test"]))["region_id"].to_numpy()
     if c.baseline:
         x, y = _fault_labels(store, labels, class_names, len(data["finetune_y"]), cfg.seed)
         if x is not None:
@@ -224,6 +226,10 @@ def _correct(cfg: CampaignConfig, store: RunStore, labels: pa.Table, failure_lab
             results[method] = {**{k: best[k] for k in RESULT_KEYS}, "lam": best["lam"],
                                "checkpoint": _publish(store, best, method)}
         _drop_trial_checkpoints(store)
+        ref = refs["classifier"]
+        chosen = {m: load_module(results[m]["checkpoint"], "auto", ref.architecture, ref.factory, ref.params)[0]
+                  for m in methods}
+        results["per_region"] = region_accuracy({"before": classifier.net, **chosen}, data)
     if trials:  # the weights' URIs are in results.json; the table keeps the figures
         store.write_table("correction", pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"}
                                                               for t in trials]))

@@ -1,8 +1,9 @@
 """One self-contained HTML report per run: every image and plot is inlined, so it opens offline.
 
-Sections: the campaign summary, the fault and region-size plots, the correction (before / baseline /
-Defuse table and the lambda trade-off plot), and one section per region with a grid of its samples
-(the classifier's prediction and, once labelled, the region's label on each).
+Sections: the failure regions (a table linking to their sections), the correction (before / baseline
+/ Defuse table and the lambda trade-off plot), the campaign summary, the fault and region-size plots,
+the assessment, and one section per region, failure regions first: its faults next to the images
+they were made from, and samples drawn from the region.
 """
 
 from __future__ import annotations
@@ -17,20 +18,28 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on batch machines
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from genstress_ray.data import class_name  # noqa: E402
 
 from genstress_ray.labeling.oracle import reviewed_samples  # noqa: E402
 from genstress_ray.labeling.table import STAGE as LABELS_STAGE  # noqa: E402
+from genstress_ray.regions import region_log_density, region_pairs  # noqa: E402
 from genstress_ray.storage import RunStore, write_bytes_atomic  # noqa: E402
 
 REPORT_STAGE = "report"
+TILE = 112  # pixels: the smallest side of an image tile
 CORRECTION_STAGE = "correction"
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:.5rem}.cell{text-align:center;font-size:.8rem}
-.cell img{width:84px;height:84px;image-rendering:pixelated;border:1px solid #999;display:block}
-.failure{color:#b00020;font-weight:600}.plots img{max-width:34rem}
+.cell img,.pair img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #999;display:block}
+.pair{display:flex;gap:.2rem;align-items:flex-end;font-size:.8rem;border:1px solid #ddd;padding:.2rem}
+.pair span{max-width:7rem}caption{text-align:left;font-weight:600;padding:.3rem 0}
+.failure{color:#b00020;font-weight:600}.plots img{max-width:34rem;vertical-align:top}
 """
 
 
@@ -38,11 +47,18 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _bar_plot(labels: list[str], values: list[float], title: str, xlabel: str, ylabel: str) -> str:
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    ax.bar(range(len(values)), values, color="#4c72b0")
-    ax.set_xticks(range(len(values)), labels, rotation=90 if len(labels) > 12 else 0, fontsize=8)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+def _bar_plot(labels: list[str], values: list[float], title: str, xlabel: str, most: int = 25) -> str:
+    """Horizontal bars, largest first: names stay readable at 43 classes or 100 regions. Past ``most``
+    bars the rest are summed into one."""
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    shown = [(labels[i], values[i]) for i in order[:most]]
+    if len(order) > most:
+        shown.append((f"{len(order) - most} others", sum(values[i] for i in order[most:])))
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.24 * len(shown)), dpi=100)
+    ax.barh(range(len(shown)), [v for _, v in shown], color="#4c72b0")
+    ax.set_yticks(range(len(shown)), [lab for lab, _ in shown], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel=xlabel)
     return _figure_uri(fig)
 
 
@@ -142,11 +158,92 @@ def _sweep_table(a: dict) -> str:
     return f"<table><caption>{caption}</caption>{header}{''.join(body)}</table>"
 
 
+def _tile(data: bytes, side: int = TILE) -> str:
+    """A small image scaled up by a whole factor with nearest-neighbour pixels (crisp, not blurred),
+    so that 8x8 or 28x28 images are large enough to see in any viewer."""
+    image = Image.open(io.BytesIO(data))
+    factor = max(1, -(-side // max(image.size)))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return png_uri(buf.getvalue())
+
+
+def _region_examples(store: RunStore, manifest: dict, regions, per_region: int) -> dict[int, list[dict]]:
+    """For each region, its most typical faults (highest density under the region) with the source
+    image each was made from: what the image was, what it became, what the classifier said."""
+    faults = store.read_table("identify", columns=["sample_id", "source_id", "latent"], filter=pc.field("fault"))
+    if faults.num_rows == 0 or regions.num_rows == 0:
+        return {}
+    latents = faults["latent"].combine_chunks().flatten().to_numpy().reshape(faults.num_rows, -1)
+    density = region_log_density(regions, latents)
+    member = density.argmax(1)
+    chosen: dict[str, int] = {}
+    for j, rid in enumerate(regions["region_id"].to_pylist()):
+        idx = np.flatnonzero(member == j)
+        for i in idx[np.argsort(-density[idx, j])][:per_region]:
+            chosen[faults["sample_id"][int(i)].as_py()] = rid
+    rows = store.read_table("identify", columns=["sample_id", "source_id", "source_label", "pred", "image"],
+                            filter=pc.field("sample_id").isin(list(chosen))).to_pylist()
+    sources = _source_images(manifest, {r["source_id"] for r in rows})
+    out: dict[int, list[dict]] = {}
+    for r in rows:
+        out.setdefault(chosen[r["sample_id"]], []).append({**r, "source_image": sources.get(r["source_id"])})
+    return out
+
+
+def _source_images(manifest: dict, ids: set[str]) -> dict[str, bytes]:
+    """PNG bytes of the search images with these source ids (none for seeds of a generator)."""
+    if not ids or all(i.startswith("seed:") for i in ids):
+        return {}
+    from genstress_ray.config import load_config
+    from genstress_ray.data import get_source
+    from genstress_ray.stages.base import png_bytes
+
+    spec = load_config(manifest["config"]).data.search  # data only: nothing is imported or built
+    try:
+        search = get_source(spec.kind, **spec.source_params()).load()
+    except Exception:  # the data moved or is unreadable here: the report shows the faults alone
+        return {}
+    index = {sid: i for i, sid in enumerate(search.source_ids) if sid in ids}
+    return {sid: png_bytes(search.images[i]) for sid, i in index.items()}
+
+
+def _failure_table(regions: list[dict], labels: dict, per_region: dict, name, class_names) -> str:
+    """The report's opening table: failure regions (all regions while none is labelled), largest first."""
+    failures = [r for r in regions if labels.get(r["region_id"], {}).get("is_failure")]
+    labelled = bool(labels)
+    listed = sorted(failures if labelled else regions, key=lambda r: -r["n_members"])
+    if not listed:
+        return ("<p id='failure-regions'>No failure regions: " + ("every labelled region was judged not a failure."
+                if labelled else "the search found no regions.") + "</p>")
+    methods = [m for m in ("defuse", "baseline") if any(m in v for v in per_region.values())]
+    head = ["region", "faults", "true -> predicted", "label", "region accuracy before"] + \
+        [f"after {m}" for m in methods]
+    body = []
+    for r in listed:
+        rid = r["region_id"]
+        label = labels.get(rid, {}).get("label") or "not labelled yet"
+        acc = per_region.get(str(rid), {})
+        cells = [f"<a href='#region-{rid}'>{rid}</a>", r["n_members"], html.escape(region_pairs(r, class_names)),
+                 html.escape(label)] + [f"{acc[k]:.1%}" if k in acc else "-" for k in ["before", *methods]]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    title = "Failure regions" if labelled else "Regions (not labelled yet; label them to find the failures)"
+    return (f"<table id='failure-regions'><caption>{title}, largest first</caption><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
+
+
 def build_report(store: RunStore, per_region: int = 16) -> str:
-    """The report's HTML for the run in ``store`` (its stages must have finished)."""
+    """The report's HTML for the run in ``store`` (its stages must have finished).
+
+    It opens with the failure regions (size, true -> predicted, label, region accuracy before and
+    after correction) linking to their sections; each section shows source images next to the faults
+    made from them, and samples drawn from the region.
+    """
     manifest = store.read_manifest()
     names = manifest.get("class_names") or []
-    name = (lambda i: names[i] if 0 <= i < len(names) else str(i))
+    name = (lambda i: class_name(names, i))
     counts = manifest.get("row_counts", {})
     rate = counts.get("faults", 0) / counts["candidates"] if counts.get("candidates") else 0.0
     strategy = manifest.get("config", {}).get("strategy", {})
@@ -162,44 +259,65 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     plotted = ("true class", "kept faults by true class")
     if faults.num_rows and set(by_class) == {-1}:  # KLDB's boundary samples have no intended class
         by_class, plotted = Counter(faults["pred"].to_pylist()), ("predicted class", "boundary samples by predicted class")
-    regions = store.read_table("regions").to_pylist()
+    region_table = store.read_table("regions")
+    regions = region_table.to_pylist()
     plots = [(plotted[1], _bar_plot([name(c) for c in range(len(names))],
-                                    [by_class.get(c, 0) for c in range(len(names))], plotted[1], plotted[0], "faults"))]
+                                    [by_class.get(c, 0) for c in range(len(names))], plotted[1], "faults"))]
     if regions:
-        plots.append(("region sizes", _bar_plot([str(r["region_id"]) for r in regions], [r["n_members"] for r in regions],
-                                                "region sizes", "region", "faults in region")))
+        plots.append(("region sizes", _bar_plot([f"region {r['region_id']}" for r in regions],
+                                                [r["n_members"] for r in regions], "region sizes", "faults in region")))
 
     labels = {}
     if store.is_complete(LABELS_STAGE):
         labels = {r["region_id"]: r for r in store.read_table(LABELS_STAGE).to_pylist() if r["region_id"] is not None}
+    per_region_acc = {}
+    if store.is_complete(CORRECTION_STAGE):
+        per_region_acc = json.loads(store.fs.cat_file(f"{store.stage_path(CORRECTION_STAGE)}/results.json")
+                                    ).get("per_region", {})
     shown: dict[int, list[dict]] = {}
     samples = store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"])
     for s in reviewed_samples(samples, per_region).to_pylist():
         shown.setdefault(s["region_id"], []).append(s)
+    examples = _region_examples(store, manifest, region_table, max(1, per_region // 2))
+    # Failure regions first, then the rest; larger first within each.
+    ordered = sorted(regions, key=lambda r: (not labels.get(r["region_id"], {}).get("is_failure"), -r["n_members"]))
     sections = []
-    for r in regions:
+    for r in ordered:
         rid = r["region_id"]
         label = labels.get(rid)
+        failure = bool(label and label["is_failure"])
         verdict = "not labelled yet" if label is None else (
-            f"<span class='failure'>failure region, label {html.escape(label['label'])}</span>" if label["is_failure"]
+            f"<span class='failure'>failure region, label {html.escape(label['label'])}</span>" if failure
             else "labelled: not a failure")
+        pairs = "".join(
+            "<div class='pair'>" + (f"<img src='{_tile(e['source_image'])}' alt='source {html.escape(e['source_id'])}'>"
+                                    if e["source_image"] else "")
+            + f"<img src='{_tile(e['image'])}' alt='fault {html.escape(e['sample_id'])}'>"
+            f"<span>{'source, then fault: ' if e['source_image'] else ''}true {html.escape(name(e['source_label']))}"
+            f", predicted {html.escape(name(e['pred']))}</span></div>" for e in examples.get(rid, []))
         cells = "".join(
-            f"<div class='cell'><img src='{png_uri(s['image'])}' alt='region {rid} sample {s['draw']}'>"
-            f"pred {html.escape(name(s['pred']))}"
-            + (f"<br>label {html.escape(label['label'])}" if label else "") + "</div>" for s in shown.get(rid, []))
+            f"<div class='cell'><img src='{_tile(s['image'])}' alt='region {rid} sample {s['draw']}'>"
+            f"predicted {html.escape(name(s['pred']))}</div>" for s in shown.get(rid, []))
+        acc = per_region_acc.get(str(rid), {})
+        accuracy = ("; region accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if k != "n")) if acc else ""
         sections.append(
             f"<section id='region-{rid}'><h3>Region {rid}</h3>"
-            f"<p>weight {r['weight']:.3f}, {r['n_members']} faults; true {html.escape(name(r['dominant_source_label']))} "
-            f"({r['dominant_source_share']:.0%}) predicted as {html.escape(name(r['dominant_pred']))} "
-            f"({r['dominant_pred_share']:.0%}); {verdict}</p><div class='grid'>{cells}</div></section>")
+            f"<p>weight {r['weight']:.3f}, {r['n_members']} faults; {html.escape(region_pairs(r, names, 3))}; "
+            f"{verdict}{accuracy}</p>"
+            + (f"<h4>Faults found, next to the image each was made from</h4><div class='grid'>{pairs}</div>"
+               if pairs else "")
+            + (f"<h4>Samples drawn from the region{' (label ' + html.escape(label['label']) + ')' if failure else ''}"
+               f"</h4><div class='grid'>{cells}</div>" if cells else "") + "</section>")
     if not regions:
         sections.append("<p>No regions: too few faults to cluster.</p>")
     plot_html = "".join(f"<img src='{uri}' alt='{html.escape(title, quote=True)}'>" for title, uri in plots)
     title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{title}</h1><h2>Summary</h2>{summary}"
+            f"<style>{STYLE}</style></head><body><h1>{title}</h1>"
+            f"{_failure_table(regions, labels, per_region_acc, name, names)}"
+            f"<h2>Correction</h2>{_correction_section(store)}<h2>Summary</h2>{summary}"
             f"<h2>Plots</h2><div class='plots'>{plot_html}</div><h2>Assessment</h2>{_assessment_section(store)}"
-            f"<h2>Correction</h2>{_correction_section(store)}<h2>Regions</h2>{''.join(sections)}</body></html>")
+            f"<h2>Regions</h2>{''.join(sections)}</body></html>")
 
 
 def write_report(store: RunStore, per_region: int = 16) -> str:

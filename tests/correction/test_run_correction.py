@@ -2,7 +2,10 @@
 
 import json
 
+import io
+
 import pytest
+from PIL import Image
 
 from genstress_ray.cli import main
 from genstress_ray.config import ConfigError
@@ -59,10 +62,15 @@ def test_correction_writes_trials_selection_checkpoints_and_results(labelled_run
         assert store.fs.exists(results[method]["checkpoint"])
     assert not store.fs.exists(f"{store.path}/correction/trials")  # only the selected weights are kept
     assert store.read_manifest()["correction"]["n_failure_regions"] == 1
+    # Region accuracy per failure region, before and with each method's chosen model.
+    [(rid, acc)] = results["per_region"].items()
+    assert acc["n"] > 0 and set(acc) == {"n", "before", "defuse", "baseline"}
+    assert acc["defuse"] == pytest.approx(results["defuse"]["region_test_acc"])
     # The report now has the before/after table and the trade-off plot.
     assert main(["report", store.uri]) == 0
     html = store.fs.cat_file(f"{store.path}/report/index.html").decode()
     assert "id='before-after'" in html and "alt='lambda trade-off'" in html
+    assert "<th>after defuse</th>" in html and f"<a href='#region-{rid}'>" in html
     # Relabelling changes the failure regions: the region sets are drawn again for the new ones.
     write_labels(store, labels_table([{"region_id": 0, "label": "3", "is_failure": True, "source": "human"},
                                       {"region_id": 1, "label": "8", "is_failure": True, "source": "human"}]),
@@ -80,9 +88,15 @@ def _check_in_browser(page, path):
     """The report opens offline with no console errors, and every image renders at a non-zero size."""
     page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:"))
                else route.continue_())
+    page.set_viewport_size({"width": 1280, "height": 800})
     page.goto(f"file://{path}")
     page.wait_for_load_state("load")
     assert page.console_errors == []
+    # The first screen shows the failure-region table, whole.
+    shot = page.screenshot()
+    assert Image.open(io.BytesIO(shot)).size == (1280, 800)
+    box = page.locator("#failure-regions").bounding_box()
+    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 800
     sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
     assert len(sizes) >= 4
     assert all(done and w > 0 and h > 0 for done, w, h in sizes)

@@ -19,12 +19,15 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.sections, self.external = [], [], []
+        self.images, self.alts, self.sections, self.external, self.links = [], [], [], [], []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "img":
             self.images.append(attrs["src"])
+            self.alts.append(attrs.get("alt", ""))
+        if tag == "a":
+            self.links.append(attrs.get("href"))
         if tag == "section":
             self.sections.append(attrs.get("id"))
         for key in ("src", "href"):
@@ -43,17 +46,27 @@ def test_report_is_self_contained_with_a_section_and_grid_per_region(tiny_config
     path = tmp_path / "runs" / "test" / "r1" / "report" / "index.html"
     assert str(path) in capsys.readouterr().out
     page = _Page()
-    page.feed(path.read_text())
+    text = path.read_text()
+    page.feed(text)
     assert page.external == []
-    assert page.sections == [f"region-{i}" for i in range(n_regions)]
-    # one plot of faults by class, one of region sizes, and 3 samples (of 4) per region
-    assert len(page.images) == 2 + 3 * n_regions
-    for src in page.images:
+    # The failure region comes first, in the opening table (linking to its section) and in the sections.
+    assert text.index("id='failure-regions'") < text.index("<h2>Correction")
+    assert page.links[0] == "#region-0" and page.sections[0] == "region-0"
+    assert sorted(page.sections) == sorted(f"region-{i}" for i in range(n_regions))
+    # one plot of faults by class, one of region sizes, 3 samples (of 4) per region, and per region its
+    # most typical fault next to the digit it was made from
+    samples = [a for a in page.alts if " sample " in a]
+    faults = [a for a in page.alts if a.startswith("fault ")]
+    sources = [a for a in page.alts if a.startswith("source digits:test:")]
+    assert len(samples) == 3 * n_regions and len(faults) == len(sources) == n_regions
+    assert len(page.images) == 2 + len(samples) + len(faults) + len(sources)
+    for src, alt in zip(page.images, page.alts):
         assert src.startswith("data:image/png;base64,")
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-        assert image.size[0] > 0 and image.size[1] > 0
-    text = path.read_text()
-    assert "failure region, label 3" in text and text.count("label 3") >= 3
+        if alt.startswith(("fault", "source")) or " sample " in alt:  # 8x8 digits, scaled up crisply
+            assert min(image.size) >= 112 and len(set(image.getdata())) <= 64  # nearest-neighbour: no new values
+    assert "failure region, label 3" in text and "Samples drawn from the region (label 3)" in text
+    assert "label not a failure" not in text
 
 
 def test_report_of_a_run_with_no_regions_says_so(tiny_config):
@@ -64,3 +77,14 @@ def test_report_of_a_run_with_no_regions_says_so(tiny_config):
     assert result.counts["regions"] == 0
     html = build_report(RunStore.from_uri(result.run_uri))
     assert "No regions: too few faults to cluster." in html
+
+
+def test_plots_stay_readable_with_many_classes():
+    """At 43 classes (GTSRB) every class was a crammed, rotated tick: now horizontal bars, largest
+    first, at most 25 and the rest summed."""
+    from genstress_ray.report.html import _bar_plot
+
+    values = list(range(43))
+    uri = _bar_plot([f"class {i}" for i in range(43)], values, "faults by class", "faults")
+    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert image.size[1] >= 100 * (1.2 + 0.24 * 26) - 5  # a bar row of 24 px for each of 26 bars
