@@ -22,6 +22,7 @@ import ray
 import torch
 import yaml
 
+from genstress_ray.cleanup import watch_started_processes
 from genstress_ray.config import CampaignConfig, ConfigError, ModelSpec, load_config
 from genstress_ray.data import DataError, ImageSet, get_source
 from genstress_ray.metrics import class_subset, fit_temperature
@@ -148,6 +149,7 @@ def init_ray(cfg: CampaignConfig) -> None:
     for name in ("ray", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(level)
     ray.data.DataContext.get_current().enable_progress_bars = loud
+    watch_started_processes(ray.get_runtime_context().get_node_id())  # a SIGKILLed driver cannot shut Ray down: a watchdog ends what it started
 
 
 @contextlib.contextmanager

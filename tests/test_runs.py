@@ -1,6 +1,7 @@
 """Runs people can trust: one writer, one config, no code from the run folder, findable, clean exits."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -162,6 +163,24 @@ def test_runs_and_status_list_what_a_rerun_would_do(tiny_config, capsys):
     assert "lease: free" in out and "regions         not done" in out
 
 
+@pytest.mark.usefixtures("ray_cluster")
+def test_api_users_see_progress_through_a_callback_or_the_logger(tiny_config, caplog):
+    events = []
+    with caplog.at_level(logging.INFO, logger="genstress_ray"):
+        run_campaign(tiny_config, progress=events.append)
+    finals = {e.stage: e for e in events if e.final}
+    assert set(finals) == {"identify", "region_samples"}
+    assert finals["identify"].done == finals["identify"].total == 48 and "48/48 rows (100%)" in finals["identify"].line()
+    assert all(0 <= e.done <= e.total for e in events)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("genstress_ray")]
+    assert any(m.startswith("stage identify: done") for m in messages)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="genstress_ray"):
+        run_campaign({**tiny_config, "run_id": "r2"})  # no callback: the progress lines are log records
+    assert any(r.name == "genstress_ray.progress" and "identify: 48/48 rows (100%)" in r.getMessage()
+               for r in caplog.records)
+
+
 # ---- interrupts, failures and processes -----------------------------------------------------------
 def _session_processes(sid: int) -> list[str]:
     """Command lines of the live processes in session ``sid`` (the run's own session)."""
@@ -201,6 +220,40 @@ def test_ctrl_c_ends_within_seconds_with_one_line_and_the_resume_command(config_
     assert f"interrupted; to resume, run: genstress run {config_file} --run-id {run_id}" in err
     time.sleep(3)
     assert not _session_processes(proc.pid), _session_processes(proc.pid)
+
+
+def test_a_sigkilled_driver_leaves_no_process_behind(config_file, tiny_config, tmp_path):
+    """SIGKILL gives the driver no chance to shut Ray down; its watchdog ends what the run started
+    (Ray's dashboard and runtime-env agents lived on for minutes before)."""
+    cfg = {**tiny_config, "strategy": {**tiny_config["strategy"], "draws": 4000}}
+    config_file.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(config_file)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "runs" / "test" / "r1" / "identify").exists():
+        time.sleep(0.2)
+    time.sleep(2)
+    assert _session_processes(proc.pid)  # Ray's processes run in the driver's session
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 20
+    while time.time() < deadline and _session_processes(proc.pid):
+        time.sleep(0.5)
+    assert not _session_processes(proc.pid), _session_processes(proc.pid)
+
+    def watchdogs():
+        return [p for p in os.listdir("/proc") if p.isdigit() and f"genstress_ray.cleanup {proc.pid} " in _cmdline(p)]
+
+    while time.time() < deadline + 10 and watchdogs():
+        time.sleep(0.5)
+    assert not watchdogs()  # the watchdog itself ends once its work is done
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_a_finished_run_leaves_no_process_behind(config_file, tmp_path):
