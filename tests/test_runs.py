@@ -52,7 +52,11 @@ def test_a_second_driver_is_refused_while_the_lease_is_held(where, tiny_config, 
     assert read_lease(store.fs, store.path) is None  # released
 
 
-def test_two_drivers_started_together_write_each_row_once(config_file, tiny_config, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_drivers_started_together_write_each_row_once(where, config_file, tiny_config, tmp_path, request):
+    if where == "s3":
+        tiny_config = {**tiny_config, "output": request.getfixturevalue("s3_bucket") + "/runs"}
+        config_file.write_text(yaml.safe_dump(tiny_config))
     procs = [subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(config_file)], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
