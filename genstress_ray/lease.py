@@ -190,10 +190,15 @@ class RunLease:
                 log.warning("lease heartbeat on %s failed: %s", self.uri, exc)
 
     def renew(self) -> None:
+        """Extend the lease; marks it lost when another driver holds it now. A StorageError when the
+        lease file cannot be reached."""
         with self._lock:
             if self.lost or self.tag is None:
                 return
-            tag = self.swap.replace(self.tag, self._record())
+            try:
+                tag = self.swap.replace(self.tag, self._record())
+            except (OSError, ValueError) as exc:
+                raise StorageError(f"cannot renew the lease {self.uri}: {exc}") from exc
             if tag is None:
                 current, _ = self.swap.read()
                 self.lost = describe(current) if current else "nobody (the lease file is gone)"

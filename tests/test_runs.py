@@ -167,8 +167,18 @@ def test_runs_and_status_list_what_a_rerun_would_do(tiny_config, capsys):
     assert "lease: free" in out and "regions         not done" in out
 
 
+@pytest.fixture
+def library_log(caplog):
+    """caplog on the genstress_ray logger itself (an in-process CLI call stops it propagating)."""
+    library = logging.getLogger("genstress_ray")
+    library.addHandler(caplog.handler)
+    yield caplog
+    library.removeHandler(caplog.handler)
+
+
 @pytest.mark.usefixtures("ray_cluster")
-def test_api_users_see_progress_through_a_callback_or_the_logger(tiny_config, caplog):
+def test_api_users_see_progress_through_a_callback_or_the_logger(tiny_config, library_log):
+    caplog = library_log
     events = []
     with caplog.at_level(logging.INFO, logger="genstress_ray"):
         run_campaign(tiny_config, progress=events.append)

@@ -25,7 +25,7 @@ from genstress_ray.labeling.oracle import reviewed_samples
 from genstress_ray.labeling.table import (NOT_A_FAILURE, STAGE, labels_table, region_ids, validate_labels,
                                           write_labels)
 from genstress_ray.report.html import png_uri
-from genstress_ray.storage import RunStore
+from genstress_ray.storage import RunStore, StorageError
 
 LOOPBACK = "127.0.0.1"
 MAX_BODY = 16 * 1024  # a label is a few dozen bytes
@@ -214,6 +214,8 @@ def _handler(server: ReviewServer):
                 server.review.save(region, label)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:  # LabelError is a ValueError
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            except StorageError as exc:  # e.g. a campaign or correction holds the run's lease
+                return self._json(HTTPStatus.CONFLICT, {"error": str(exc)})
             self._json(HTTPStatus.OK, {"region_id": region, "label": label})
 
     return Handler

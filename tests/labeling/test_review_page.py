@@ -104,3 +104,15 @@ def test_the_page_caps_request_bodies_and_type_checks_fields(served_run):
         status, body = _request(post, json.dumps(bad).encode())
         assert status == 400, (bad, body)
     assert not server.review.store.is_complete("labels")
+
+
+def test_a_click_while_another_driver_writes_the_run_is_refused_not_lost_silently(served_run):
+    from genstress_ray.lease import RunLease
+
+    server = served_run
+    post = f"http://127.0.0.1:{server.port}/api/label?token={server.token}"
+    with RunLease.for_store(server.review.store):
+        status, body = _request(post, json.dumps({"region_id": 0, "label": "3"}).encode())
+    assert status == 409 and "is being written by" in body["error"]
+    status, _ = _request(post, json.dumps({"region_id": 0, "label": "3"}).encode())
+    assert status == 200 and _labels(server)[0]["label"] == "3"
