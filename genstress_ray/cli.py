@@ -335,6 +335,31 @@ class _ProgressHandler(logging.StreamHandler):
         self.flush()
 
 
+class _HideRayNotices:
+    """Standard output without Ray's raylet notice that many worker processes were started (on 2
+    cores a correction sweep starts ~18 for its trials: expected, not an error). Ray prints it from a
+    thread straight to sys.stdout; it stays in Ray's log files. Everything else passes through."""
+
+    NOTICE = "worker processes have been started"
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.dropped = False
+
+    def write(self, text: str) -> int:
+        if "(raylet" in text and self.NOTICE in text:
+            self.dropped = True  # print() writes the line, then its newline
+            return len(text)
+        if self.dropped and text == "\n":
+            self.dropped = False
+            return len(text)
+        self.dropped = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _configure_output(verbose: bool) -> None:
     """By default: the library's own log lines and one progress line per stage; Ray's progress bars,
     worker logs and info lines only with --verbose."""
@@ -365,6 +390,9 @@ def _shutdown_ray() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.verbose)
+    stdout = sys.stdout
+    if not args.verbose:
+        sys.stdout = _HideRayNotices(stdout)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
@@ -381,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _shutdown_ray()
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":
