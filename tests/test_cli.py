@@ -49,6 +49,8 @@ def test_the_readmes_first_command_as_a_user_types_it(tmp_path):
     assert "train classifier: epoch" in err and "identify: 359/359 rows (100%)" in err
     assert "Traceback" not in err and "core_worker" not in err and "Dataset" not in err and "INFO" not in err
     assert "(raylet)" not in out and "Trial" not in out  # Ray's notices and Tune's tables stay in Ray's logs
+    for noise in ("Exception ignored", "PlacementGroupCleaner", "not writable", "Warning"):
+        assert noise not in out + err, noise
     n_failures = int(re.search(r"(\d+) failure regions of", out).group(1))
     assert n_failures >= 1
     before = float(re.search(r"before +[\d.]+ +([\d.]+)", out).group(1))
