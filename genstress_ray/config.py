@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -20,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from genstress_ray.data import SPLITS, list_sources, source_options
 from genstress_ray.models import FORMATS, list_models, model_kind
-from genstress_ray.storage import resolve_uri
+from genstress_ray.storage import default_cache, resolve_uri
 
 # A path or URI: a local path is made absolute when the config is loaded (see ``resolve_uri``), so
 # Ray workers, whose working directories differ from the driver's, read and write the same place.
@@ -351,10 +350,6 @@ class RayConfig(_Strict):
     object_store_memory: Annotated[int, Field(gt=0)] | None = None
 
 
-def _default_cache() -> str:
-    return os.environ.get("GENSTRESS_CACHE", str(Path.home() / ".cache" / "genstress_ray"))
-
-
 class CampaignConfig(_Strict):
     """A whole campaign: what to search, with which models and strategy, where to write, on what resources."""
 
@@ -365,7 +360,7 @@ class CampaignConfig(_Strict):
     threads: Annotated[int, Field(gt=0)] = 1
     output: Location = Field(default="genstress-runs", validate_default=True)
     run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
-    cache: Location = Field(default_factory=_default_cache, validate_default=True)
+    cache: Location = Field(default_factory=default_cache, validate_default=True)
     storage_options: dict[str, Any] = {}
     data: DataConfig = DataConfig()
     classifier: ModelSpec = ModelSpec(architecture="small_cnn", train={"epochs": 5})

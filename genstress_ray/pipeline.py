@@ -288,7 +288,7 @@ def stage_constructor(cfg: CampaignConfig, refs: dict[str, ModelRef], class_name
     ``boundary_spec``'s for the search stages of a KLDB run (correction judges against labels instead)."""
     return {"classifier": refs["classifier"], "generator": refs["generator"], "class_names": class_names,
             "image_shape": tuple(image_shape), "seed": cfg.seed, "generator_kind": cfg.strategy.generator_kind,
-            "boundary": boundary}
+            "boundary": boundary, "strategy": cfg.strategy.name}
 
 
 def boundary_spec(cfg: CampaignConfig, classifier: ModelRef, search: ImageSet) -> dict | None:

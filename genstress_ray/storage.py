@@ -55,6 +55,16 @@ STAGE_SCHEMAS = {"identify": SAMPLES_SCHEMA, "regions": REGIONS_SCHEMA, "region_
 ROW_ORDER = {"identify": "sample_id", "region_samples": "sample_id", "region_sets": "sample_id"}
 
 
+def sample_id(strategy: str, seed: int, source: object, draw: int) -> str:
+    """The deterministic id of a generated row, ``<strategy>:<seed>:<source>:<draw>``: the same
+    config always makes the same ids, so counts can be checked exactly and reruns never duplicate.
+
+    >>> sample_id("defuse", 0, "digits:test:12", 3)
+    'defuse:0:digits:test:12:3'
+    """
+    return f"{strategy}:{seed}:{source}:{draw}"
+
+
 class StorageError(OSError):
     """An output or input location could not be used. The message names the URI."""
 
@@ -106,6 +116,12 @@ def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspe
     except (ImportError, ValueError) as exc:
         raise StorageError(f"cannot open {uri!r}: {exc}") from exc
     return fs, path
+
+
+def default_cache() -> str:
+    """Where built-in models (and copies of remote diffusers folders) are cached: ``$GENSTRESS_CACHE``,
+    else ``~/.cache/genstress_ray``."""
+    return os.environ.get("GENSTRESS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "genstress_ray"))
 
 
 def resolve_uri(uri: str) -> str:

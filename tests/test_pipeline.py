@@ -67,6 +67,7 @@ def test_regions_and_region_samples_follow_the_faults(tiny_config):
     assert region_samples.schema.equals(REGION_SAMPLES_SCHEMA)
     assert region_samples.num_rows == 4 * regions.num_rows
     assert set(region_samples["region_id"].to_pylist()) == set(regions["region_id"].to_pylist())
+    assert set(region_samples["strategy"].to_pylist()) == {"defuse"}
 
 
 def test_keep_all_writes_every_candidate(tiny_config):

@@ -108,6 +108,7 @@ def test_regions_and_region_samples_run_on_mixing_output(style_config):
     samples = store.read_table("region_samples")
     assert samples.num_rows == regions.num_rows * cfg["reduce"]["samples_per_region"]
     assert len(samples["latent"][0].as_py()) == latent_dim
+    assert set(samples["strategy"].to_pylist()) == {"mixing"}  # the run's strategy (was "defuse_region")
     # Region samples decode through the style generator's protocol like any latent.
     _, pred = _recompute(cfg, samples)
     assert pred.tolist() == samples["pred"].to_pylist()

@@ -7,8 +7,8 @@ Example:
     ((1, 8, 8), 10)
 """
 
-from genstress_ray.data.base import (SPLITS, DataError, DatasetSource, ImageSet, class_name, split_indices, to_float,
-                                     to_uint8)
+from genstress_ray.data.base import (SPLITS, DataError, DatasetSource, ImageSet, class_name, png_bytes, png_uri,
+                                     split_indices, to_float, to_uint8)
 from genstress_ray.data.sources import (DigitsSource, FashionMnistSource, ImageFolderSource, MnistSource,
                                         ParquetSource, decode_images)
 
@@ -17,6 +17,8 @@ _SOURCES: dict[str, type[DatasetSource]] = {}
 
 def register_source(cls: type[DatasetSource]) -> type[DatasetSource]:
     """Register a ``DatasetSource`` subclass under its ``name`` (usable as a decorator)."""
+    if cls.name in _SOURCES:
+        raise ValueError(f"dataset kind {cls.name!r} is already registered (registered: {', '.join(list_sources())})")
     _SOURCES[cls.name] = cls
     return cls
 
@@ -49,5 +51,5 @@ for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, P
     register_source(_cls)
 
 __all__ = ["SPLITS", "DataError", "class_name", "DatasetSource", "ImageSet", "decode_images", "get_source", "list_sources",
-           "register_source", "source_options",
+           "png_bytes", "png_uri", "register_source", "source_options",
            "split_indices", "to_float", "to_uint8"]

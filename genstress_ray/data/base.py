@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 SPLITS = ("train", "validation", "test")
 
@@ -59,6 +62,19 @@ def to_float(images_uint8: np.ndarray) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG bytes of one uint8 (C, H, W) image."""
+    pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=1)  # level 1: the sinks are I/O-bound anyway
+    return buf.getvalue()
+
+
+def png_uri(data: bytes) -> str:
+    """A data: URI of PNG bytes, for self-contained HTML pages."""
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:

@@ -20,11 +20,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
 
-from genstress_ray.data import class_name
+from genstress_ray.data import class_name, png_uri
 from genstress_ray.labeling.oracle import reviewed_samples
 from genstress_ray.labeling.table import (NOT_A_FAILURE, STAGE, labels_table, region_ids, validate_labels,
                                           write_labels)
-from genstress_ray.report.html import png_uri
 from genstress_ray.storage import RunStore, StorageError
 
 LOOPBACK = "127.0.0.1"

@@ -27,7 +27,7 @@ from torch import nn
 
 from genstress_ray.models.diffusion import NOISE_SCHEDULE
 from genstress_ray.models.protocols import ModelError
-from genstress_ray.storage import StorageError, filesystem_for
+from genstress_ray.storage import StorageError, default_cache, filesystem_for
 
 # The sub-folders of a diffusers Stable Diffusion folder this project loads (the safety checker and
 # feature extractor are not needed to sample).
@@ -181,9 +181,8 @@ def _local_folder(uri: str) -> Path:
     fs, path = filesystem_for(uri)
     if isinstance(fs, LocalFileSystem):
         return Path(path)
-    from genstress_ray.config import _default_cache
 
-    local = Path(_default_cache()) / "diffusers" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    local = Path(default_cache()) / "diffusers" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (local / "_COMPLETE").exists():
         try:
             fs.get(path.rstrip("/") + "/", str(local), recursive=True)

@@ -18,6 +18,8 @@ def register_model(name: str, kind: str):
         raise ValueError(f"kind must be one of {KINDS}")
 
     def wrap(fn):
+        if name in _MODELS:
+            raise ValueError(f"architecture {name!r} is already registered (registered: {', '.join(list_models())})")
         _MODELS[name] = (kind, fn)
         return fn
 

@@ -8,7 +8,6 @@ they were made from, and samples drawn from the region.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -22,7 +21,7 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from genstress_ray.data import class_name  # noqa: E402
+from genstress_ray.data import class_name, png_bytes, png_uri  # noqa: E402
 
 from genstress_ray.labeling.oracle import reviewed_samples  # noqa: E402
 from genstress_ray.labeling.table import STAGE as LABELS_STAGE  # noqa: E402
@@ -41,10 +40,6 @@ table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;paddin
 .pair span{max-width:7rem}caption{text-align:left;font-weight:600;padding:.3rem 0}
 .failure{color:#b00020;font-weight:600}.plots img{max-width:34rem;vertical-align:top}
 """
-
-
-def png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def _bar_plot(labels: list[str], values: list[float], title: str, xlabel: str, most: int = 25) -> str:
@@ -199,7 +194,6 @@ def _source_images(manifest: dict, ids: set[str]) -> dict[str, bytes]:
         return {}
     from genstress_ray.config import load_config
     from genstress_ray.data import get_source
-    from genstress_ray.stages.base import png_bytes
 
     spec = load_config(manifest["config"]).data.search  # data only: nothing is imported or built
     try:

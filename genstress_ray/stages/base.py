@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,9 +10,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from PIL import Image
 
-from genstress_ray.data import to_uint8
+from genstress_ray.data import png_bytes, to_uint8
 from genstress_ray.metrics import score_boundary, score_logits
 from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
 from genstress_ray.models.diffusion_generators import diffusion_generator
@@ -53,14 +51,6 @@ GENERATOR_PROTOCOLS = {
 def load_generator(ref: ModelRef, image_shape, kind: str = "latent_generator", num_classes: int | None = None):
     """The generator at ``ref`` behind the protocol of ``kind`` (see ``GENERATOR_PROTOCOLS``)."""
     return GENERATOR_PROTOCOLS[kind](ref.load(), image_shape, num_classes).eval()
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG bytes of one uint8 (C, H, W) image."""
-    pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=1)  # level 1: the sink is I/O-bound anyway
-    return buf.getvalue()
 
 
 ROWS_DONE = "rows_done"
@@ -107,8 +97,9 @@ class _ModelStage:
 
     def __init__(self, classifier: ModelRef, generator: ModelRef, class_names: list[str], image_shape,
                  seed: int, threads: int = 1, chunk_size: int = 512, counters=None,
-                 generator_kind: str = "latent_generator", boundary: dict | None = None):
+                 generator_kind: str = "latent_generator", boundary: dict | None = None, strategy: str = "defuse"):
         self.refs = (classifier, generator)
+        self.strategy = strategy
         # KLDB runs: {"subset": class indices of C, "threshold": boundary_kldb, "temperature": T}. Their
         # candidates are scored against C (``score_boundary``), the region samples' too.
         self.boundary = boundary

@@ -11,7 +11,7 @@ import torch
 
 from genstress_ray.data import to_float
 from genstress_ray.stages.base import _ModelStage, candidate_table
-from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA
+from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA, sample_id
 from genstress_ray.strategies import beta_noise, perturb_latents, select_candidates
 
 
@@ -54,7 +54,7 @@ class DefuseSearch(_ModelStage):
         idx = keep.nonzero().squeeze(1)
         rows, draws = idx // q, idx % q
         columns = {
-            "sample_id": [f"defuse:{self.seed}:{ids[r]}:{d}" for r, d in zip(rows.tolist(), draws.tolist())],
+            "sample_id": [sample_id("defuse", self.seed, ids[r], d) for r, d in zip(rows.tolist(), draws.tolist())],
             "source_id": [ids[r] for r in rows.tolist()],
             "source_label": labels[rows].numpy(),
             "strategy": ["defuse"] * len(idx),
@@ -82,10 +82,10 @@ class RegionDecode(_ModelStage):
         idx = keep.nonzero().squeeze(1)
         sel = idx.numpy()
         columns = {
-            "sample_id": [f"region:{self.seed}:{r}:{d}" for r, d in zip(region[sel], draw[sel])],
+            "sample_id": [sample_id("region", self.seed, r, d) for r, d in zip(region[sel], draw[sel])],
             "source_id": [f"region:{r}" for r in region[sel]],
             "source_label": labels[idx].numpy(),
-            "strategy": ["defuse_region"] * len(sel),
+            "strategy": [self.strategy] * len(sel),  # the run's strategy; region_id marks a region sample
             "params": [json.dumps({"region_id": int(r)}) for r in region[sel]],
             "draw": draw[sel], "seed": np.full(len(sel), self.seed, np.int64), "region_id": region[sel],
         }

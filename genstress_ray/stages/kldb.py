@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from genstress_ray.stages.base import _ModelStage, candidate_table
-from genstress_ray.storage import SAMPLES_SCHEMA
+from genstress_ray.storage import SAMPLES_SCHEMA, sample_id
 from genstress_ray.strategies import seed_noise
 from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler
 
@@ -64,7 +64,7 @@ class KldbSearch(_ModelStage):
         rows = idx.tolist()
         schedule = {k: p[k] for k in ("steps", "guidance_every", "scheduler", "classes")}
         columns = {
-            "sample_id": [f"kldb:{self.seed}:{ids[r]}:{draw[r]}" for r in rows],
+            "sample_id": [sample_id("kldb", self.seed, ids[r], draw[r]) for r in rows],
             "source_id": [ids[r] for r in rows],
             "source_label": np.full(len(rows), -1, np.int64),
             "strategy": ["kldb"] * len(rows),

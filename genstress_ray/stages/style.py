@@ -20,7 +20,7 @@ import torch
 from genstress_ray.data import to_float, to_uint8
 from genstress_ray.metrics import score_logits
 from genstress_ray.stages.base import _ModelStage, candidate_table
-from genstress_ray.storage import SAMPLES_SCHEMA
+from genstress_ray.storage import SAMPLES_SCHEMA, sample_id
 from genstress_ray.strategies import (boundary_search, clip_codes, default_layer_sets, layer_masks, mix_styles,
                                       runner_up_classes, seed_codes, truncate, truncation_plan)
 
@@ -48,7 +48,7 @@ class _StyleSearch(_ModelStage):
     def _table(self, strategy: str, ids: list[str], rows: torch.Tensor, draws: torch.Tensor, intended: torch.Tensor,
                params: list[str], latents: torch.Tensor, images: torch.Tensor, scores: dict) -> pa.Table:
         columns = {
-            "sample_id": [f"{strategy}:{self.seed}:{ids[r]}:{d}" for r, d in zip(rows.tolist(), draws.tolist())],
+            "sample_id": [sample_id(strategy, self.seed, ids[r], d) for r, d in zip(rows.tolist(), draws.tolist())],
             "source_id": [ids[r] for r in rows.tolist()],
             "source_label": intended.cpu().numpy(),
             "strategy": [strategy] * len(rows),

@@ -161,3 +161,13 @@ def test_a_trained_model_does_not_depend_on_the_callers_thread_count(tmp_path):
         weights.append(load_module(str(tmp_path / f"v{i}.safetensors"))[0].state_dict())
         assert torch.get_num_threads() == outer  # restored
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_registries_refuse_a_name_twice_and_list_what_is_registered():
+    from genstress_ray.data import DigitsSource, register_source
+    from genstress_ray.models import register_model
+
+    with pytest.raises(ValueError, match=r"architecture 'small_cnn' is already registered \(registered: .*beta_vae"):
+        register_model("small_cnn", "classifier")(lambda **p: None)
+    with pytest.raises(ValueError, match=r"dataset kind 'digits' is already registered \(registered: .*mnist"):
+        register_source(DigitsSource)
