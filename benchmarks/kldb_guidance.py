@@ -60,7 +60,7 @@ def choose(sweep: list[dict], beta: float) -> dict:
 def _models(cfg: dict):
     from genstress_ray.config import load_config
     from genstress_ray.pipeline import load_split, prepare_model
-    from genstress_ray.stages import load_classifier, load_generator
+    from genstress_ray.models import load_classifier, load_generator
 
     c = load_config(cfg)
     search = load_split(c.data.search)

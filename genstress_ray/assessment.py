@@ -28,7 +28,7 @@ from genstress_ray.metrics import (class_subset, distinct_class_pairs, entropy, 
                                    top_in_subset)
 from genstress_ray.pipeline import load_split, model_ref, prepare_model
 from genstress_ray.runs import run_config, with_overrides
-from genstress_ray.stages import load_classifier, load_generator
+from genstress_ray.models import load_classifier, load_generator
 from genstress_ray.storage import RunStore, write_bytes_atomic
 from genstress_ray.strategies import seed_codes
 

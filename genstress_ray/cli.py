@@ -160,7 +160,7 @@ def _label(args) -> int:
         return 0
     if args.oracle:
         from genstress_ray.pipeline import config_oracle
-        from genstress_ray.stages import ModelRef, load_classifier
+        from genstress_ray.models import ModelRef, load_classifier
 
         reference = config_oracle(store, args.config) if args.oracle == CONFIG_ORACLE else \
             load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])

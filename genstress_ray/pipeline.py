@@ -26,11 +26,11 @@ from genstress_ray.cleanup import watch_started_processes
 from genstress_ray.config import CampaignConfig, ConfigError, ModelSpec, load_config
 from genstress_ray.data import DataError, ImageSet, get_source
 from genstress_ray.metrics import class_subset, fit_temperature
-from genstress_ray.models import ModelError, cached_model_uri, model_kind, train_and_save
+from genstress_ray.models import (ModelError, ModelRef, cached_model_uri, load_classifier, load_generator, model_kind,
+                                  train_and_save)
 from genstress_ray.regions import fit_regions, region_pairs, sample_regions
 from genstress_ray.progress import Progress, StageProgress
-from genstress_ray.stages import (SEARCH_STAGES, RegionDecode, ModelRef, StageCounters, load_classifier,
-                                  load_generator)
+from genstress_ray.stages import SEARCH_STAGES, RegionDecode, StageCounters
 from genstress_ray.stages.base import ROWS_DONE
 from genstress_ray.strategies import layer_masks
 from genstress_ray.lease import RunLease

@@ -1,9 +1,9 @@
-"""What every Ray Data stage shares: model references and loading, counters, the Arrow output."""
+"""What every Ray Data stage shares: counters, the model-holding base class, the Arrow output.
+Models are referenced and loaded through ``genstress_ray.models.refs`` (no Ray there)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,44 +13,7 @@ import torch
 
 from genstress_ray.data import png_bytes, to_uint8
 from genstress_ray.metrics import score_boundary, score_logits
-from genstress_ray.models import Classifier, LatentGenerator, StyleGenerator, load_module
-from genstress_ray.models.diffusion_generators import diffusion_generator
-from genstress_ray.storage import resolve_uri
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Everything an actor needs to load a model by itself."""
-
-    uri: str
-    format: str = "auto"
-    architecture: str | None = None
-    factory: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        object.__setattr__(self, "uri", resolve_uri(self.uri))  # actors run in other working directories
-
-    def load(self):
-        module, _ = load_module(self.uri, self.format, self.architecture, self.factory, self.params)
-        return module
-
-
-def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Classifier:
-    return Classifier(ref.load(), class_names, image_shape).eval()
-
-
-# Generator kind (a strategy's ``generator_kind``) -> its protocol wrapper (module, image shape, classes).
-GENERATOR_PROTOCOLS = {
-    "latent_generator": lambda net, shape, classes: LatentGenerator(net, shape),
-    "style_generator": StyleGenerator,
-    "diffusion_model": diffusion_generator,
-}
-
-
-def load_generator(ref: ModelRef, image_shape, kind: str = "latent_generator", num_classes: int | None = None):
-    """The generator at ``ref`` behind the protocol of ``kind`` (see ``GENERATOR_PROTOCOLS``)."""
-    return GENERATOR_PROTOCOLS[kind](ref.load(), image_shape, num_classes).eval()
+from genstress_ray.models.refs import ModelRef, load_classifier, load_generator
 
 
 ROWS_DONE = "rows_done"
