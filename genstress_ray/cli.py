@@ -78,10 +78,11 @@ def _run(args) -> int:
     from genstress_ray.pipeline import new_run_id, run_campaign
 
     # The run id is fixed here, so an interrupted or failed run can say which command resumes it.
-    run_id = args.run_id or load_config(args.config).run_id or new_run_id()
+    cfg = load_config(args.config, output=args.output, run_id=args.run_id)
+    run_id = cfg.run_id or new_run_id()
     args.resume = f"genstress run {args.config}" + (f" --output {args.output}" if args.output else "") + \
         f" --run-id {run_id}"
-    result = run_campaign(args.config, output=args.output, run_id=run_id, stop_after=args.until)
+    result = run_campaign(cfg, run_id=run_id, stop_after=args.until)
     print(result.summary())
     return 0
 

@@ -34,7 +34,7 @@ from genstress_ray.stages import SEARCH_STAGES, RegionDecode, StageCounters
 from genstress_ray.stages.base import ROWS_DONE
 from genstress_ray.strategies import layer_masks
 from genstress_ray.lease import RunLease
-from genstress_ray.runs import config_differences, run_config
+from genstress_ray.runs import manifest_config, refuse_differences, run_config
 from genstress_ray.storage import STAGES, RunStore, StageError, StorageError, library_versions
 
 log = logging.getLogger(__name__)
@@ -392,13 +392,9 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
     manifest = store.read_manifest()
     config_json = cfg.model_dump(mode="json")
     if manifest:
-        if not manifest.get("config"):
-            raise StorageError(f"{store.uri}/manifest.json lost its config (the run's tables cannot be traced to "
-                               "what made them): start a new run id")
-        differences = config_differences(manifest["config"], config_json)
-        if differences:
-            raise ConfigError(f"run {store.uri} was made with another config; it differs in: "
-                              f"{', '.join(differences)}. Use a new run id (README: 'Runs and resuming')")
+        refuse_differences(manifest_config(store, manifest), config_json,
+                           f"run {store.uri} was made with another config",
+                           ". Use a new run id (README: 'Runs and resuming')")
     search = load_split(cfg.data.search, "data.search")
     if len(search) == 0:
         raise DataError("data.search: the split holds no images")

@@ -67,6 +67,14 @@ def region_pairs(region: dict, class_names: list[str], k: int = 2) -> str:
                      for t, p, share in pairs[:k])
 
 
+def _gaussian(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A regions-table row as (mean (d,), basis (r, d), cov (r, r)); the basis is the identity for a
+    region fitted in the latent space itself."""
+    mean = np.asarray(row["mean"], np.float64)
+    basis = np.asarray(row.get("basis") or np.eye(len(mean)), np.float64).reshape(-1, len(mean))
+    return mean, basis, np.asarray(row["cov"], np.float64).reshape(len(basis), len(basis))
+
+
 def region_log_density(regions: pa.Table, latents: np.ndarray) -> np.ndarray:
     """log(weight x N(latent; mean, cov)) of every latent (N, d) under every region: (N, R).
 
@@ -76,9 +84,7 @@ def region_log_density(regions: pa.Table, latents: np.ndarray) -> np.ndarray:
     latents = np.asarray(latents, np.float64)
     out = np.full((len(latents), regions.num_rows), -np.inf)
     for j, row in enumerate(regions.to_pylist()):
-        mean = np.asarray(row["mean"], np.float64)
-        basis = np.asarray(row.get("basis") or np.eye(len(mean)), np.float64).reshape(-1, len(mean))
-        cov = np.asarray(row["cov"], np.float64).reshape(len(basis), len(basis))
+        mean, basis, cov = _gaussian(row)
         diff = (latents - mean) @ basis.T
         chol = np.linalg.cholesky(cov + 1e-9 * np.eye(len(cov)))
         z = np.linalg.solve(chol, diff.T)
@@ -159,9 +165,7 @@ def sample_regions(regions: pa.Table, per_region: int, tau: float = 1.0, seed: i
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     ids, draws = [], []
     for row in regions.to_pylist():
-        mean = np.asarray(row["mean"], np.float64)
-        basis = np.asarray(row.get("basis") or np.eye(len(mean)), np.float64).reshape(-1, len(mean))
-        cov = np.asarray(row["cov"], np.float64).reshape(len(basis), len(basis))
+        mean, basis, cov = _gaussian(row)
         rng = np.random.default_rng([seed, row["region_id"]])
         offsets = rng.multivariate_normal(np.zeros(len(basis)), tau * cov, size=per_region, method="cholesky")
         draws.append(mean + offsets @ basis)

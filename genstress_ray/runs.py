@@ -43,6 +43,21 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     return out
 
 
+def manifest_config(store: RunStore, manifest: dict) -> dict[str, Any]:
+    """The config a run was made with; a StorageError when its manifest has none (never started, or lost)."""
+    if not manifest.get("config"):
+        raise StorageError(f"{store.uri}/{MANIFEST} holds no config: the run was not started, or its manifest "
+                           "was lost (its tables cannot be traced to what made them)")
+    return manifest["config"]
+
+
+def refuse_differences(old: dict[str, Any], new: dict[str, Any], what: str, hint: str = "") -> None:
+    """A ConfigError ``<what>; it differs in: <fields>`` when the configs differ beyond ``RELOCATABLE``."""
+    differences = config_differences(old, new)
+    if differences:
+        raise ConfigError(f"{what}; it differs in: {', '.join(differences)}{hint}")
+
+
 def named_code(raw: Any, prefix: str = "") -> dict[str, str]:
     """Every ``factory`` (an import path) a config names, by field."""
     found = {}
@@ -69,16 +84,10 @@ def run_config(store: RunStore, config=None, manifest: dict | None = None) -> Ca
         ConfigError: the manifest names code and no matching config was given.
     """
     manifest = store.read_manifest() if manifest is None else manifest
-    if not manifest.get("config"):
-        raise StorageError(f"{store.uri}/{MANIFEST} holds no config: the run was not started, or its manifest "
-                           "was lost")
-    raw = manifest["config"]
+    raw = manifest_config(store, manifest)
     if config is not None:
-        mine = load_config(config).model_dump(mode="json")
-        differences = config_differences(raw, mine)
-        if differences:
-            raise ConfigError(f"--config is not the config of run {store.uri}; it differs in: "
-                              + ", ".join(differences))
+        refuse_differences(raw, load_config(config).model_dump(mode="json"),
+                           f"--config is not the config of run {store.uri}")
     elif named_code(raw):
         code = ", ".join(f"{k}: {v!r}" for k, v in named_code(raw).items())
         raise ConfigError(f"run {store.uri} names code to import ({code}); code is never imported from a run "

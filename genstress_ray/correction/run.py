@@ -30,10 +30,9 @@ from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import read_labels
 from genstress_ray.lease import RunLease
-from genstress_ray.models import load_module
 from genstress_ray.pipeline import decode_region_samples, init_ray, load_split, model_ref, stage_constructor
 from genstress_ray.runs import run_config, with_overrides
-from genstress_ray.models import ModelRef, load_classifier
+from genstress_ray.models import ModelRef, load_classifier, load_module
 from genstress_ray.storage import RunStore, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,8 @@ from ray import train, tune
 from ray.train.torch import TorchTrainer
 
 from genstress_ray.correction.finetune import FinetuneSettings, evaluate, finetune
-from genstress_ray.models import load_module, save_checkpoint
+from genstress_ray.models import ModelRef, load_module, save_checkpoint
 from genstress_ray.pipeline import verbose
-from genstress_ray.models import ModelRef
 from genstress_ray.storage import filesystem_for, read_bytes, write_bytes_atomic
 
 CHECKPOINT_FILE = "model"

@@ -73,8 +73,9 @@ def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> No
     """Validate, then replace the run's ``labels`` table in one atomic step: earlier labels stay
     readable until the new file is in place, and bad labels touch nothing."""
     validate_labels(table, region_ids(store), class_names)
-    regions = [r for r in table.to_pylist() if r["region_id"] is not None]
-    sources = sorted({r["source"] for r in table.to_pylist()})
+    rows = table.to_pylist()
+    regions = [r for r in rows if r["region_id"] is not None]
+    sources = sorted({r["source"] for r in rows})
     with RunLease.for_store(store):  # one writer per run: not while a campaign or correction writes it
         store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
         store.write_table(STAGE, table)

@@ -204,7 +204,7 @@ def _source_images(manifest: dict, ids: set[str]) -> dict[str, bytes]:
     return {sid: png_bytes(search.images[i]) for sid, i in index.items()}
 
 
-def _failure_table(regions: list[dict], labels: dict, per_region: dict, name, class_names) -> str:
+def _failure_table(regions: list[dict], labels: dict, per_region: dict, class_names: list[str]) -> str:
     """The report's opening table: failure regions (all regions while none is labelled), largest first."""
     failures = [r for r in regions if labels.get(r["region_id"], {}).get("is_failure")]
     labelled = bool(labels)
@@ -308,7 +308,7 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style></head><body><h1>{title}</h1>"
-            f"{_failure_table(regions, labels, per_region_acc, name, names)}"
+            f"{_failure_table(regions, labels, per_region_acc, names)}"
             f"<h2>Correction</h2>{_correction_section(store)}<h2>Summary</h2>{summary}"
             f"<h2>Plots</h2><div class='plots'>{plot_html}</div><h2>Assessment</h2>{_assessment_section(store)}"
             f"<h2>Regions</h2>{''.join(sections)}</body></html>")

@@ -73,6 +73,7 @@ class _ModelStage:
         self.image_shape = tuple(image_shape)
         self.seed = seed
         self.counters = counters
+        self._pending: Counter = Counter()  # this batch's totals, see __call__
         self.classifier = self.generator = None
 
     def _load(self) -> None:
@@ -100,17 +101,19 @@ class _ModelStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.classifier is None:
             self._load()
+        self._pending = Counter({ROWS_DONE: len(next(iter(batch.values())))})  # the driver's progress line
         out = self.process_batch(batch)
-        self._count({ROWS_DONE: len(next(iter(batch.values())))})  # the driver's progress line
+        if self.counters is not None:
+            # One call per batch, waited for, so the totals are complete once the dataset is written.
+            ray.get(self.counters.add.remote(dict(self._pending)))
         return out
 
     def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         raise NotImplementedError
 
     def _count(self, counts: dict[str, int]) -> None:
-        if self.counters is not None:
-            # Waited for, so the totals are complete once the dataset is written.
-            ray.get(self.counters.add.remote(counts))
+        """Add to this batch's totals (sent to the counters once the batch is done)."""
+        self._pending.update(counts)
 
     @torch.no_grad()
     def _decode_and_score(self, latents: torch.Tensor, intended: torch.Tensor):
