@@ -1,10 +1,14 @@
 """Ending the local Ray cluster a command started, even when the command is killed.
 
 Every normal exit path calls ``ray.shutdown()``. A driver killed with SIGKILL cannot: its raylet and
-GCS die with it, but Ray's dashboard and runtime-env agents live on (about 180 MB). So after starting
-a local cluster the driver hands the PIDs of the processes it started (with their start times, so a
-reused PID is never touched) to a small watchdog process; when the driver is gone, the watchdog ends
-whichever of them are still alive, then exits. It only ever signals processes this run started.
+GCS die with it, but Ray's dashboard and runtime-env agents live on (about 180 MB), and so, now and
+then, does a worker. So after starting a local cluster the driver starts a small watchdog process.
+While the driver lives, the watchdog keeps a record of every process below it (with start times, so a
+reused PID is never touched): workers are the raylet's children, and once the raylet is gone they are
+orphans, and they rename themselves to ``ray::IDLE``, so neither their parent nor their command line
+finds them afterwards. When the driver is gone, the watchdog ends whichever recorded processes are
+still alive (and any worker still starting, found by its node id), then exits. It only ever signals
+processes this run started.
 
 Linux only (it reads /proc); elsewhere nothing is watched.
 """
@@ -66,16 +70,18 @@ def _node_workers(node_id: str) -> list[tuple[int, str]]:
 
 
 def watch_started_processes(node_id: str) -> None:
-    """Start the watchdog for the processes this driver has started (call after ray.init); workers
-    the node starts later are found by ``node_id`` when the driver is gone."""
+    """Start the watchdog for the processes this driver starts (call after ray.init); a worker still
+    starting when the driver dies is found by ``node_id``."""
     if not os.path.isdir("/proc"):
         return
     me = os.getpid()
     started = descendants(me)
     if not started:  # joined a running cluster: nothing of ours to end
         return
-    subprocess.Popen([sys.executable, "-m", "genstress_ray.cleanup", str(me), _start_time(me) or "", node_id,
-                      json.dumps(started)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    # Run as a file, not ``-m``: the package's imports (torch) take seconds on a loaded machine, and a
+    # driver killed in those seconds must not escape the record; what runs now is passed along too.
+    subprocess.Popen([sys.executable, "-I", __file__, str(me), _start_time(me) or "", node_id, json.dumps(started)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
 
@@ -83,12 +89,15 @@ def _alive(pid: int, start: str) -> bool:
     return _start_time(pid) == start
 
 
-def _watch(driver: int, driver_start: str, node_id: str, started: list[tuple[int, str]], poll: float = 0.5) -> None:
+def _watch(driver: int, driver_start: str, node_id: str, started: set[tuple[int, str]], poll: float = 0.25) -> None:
+    me = os.getpid()
     while _alive(driver, driver_start):
+        started.update((pid, start) for pid, start in descendants(driver) if pid != me)
+        if started and not any(_alive(pid, start) for pid, start in started):
+            return  # ray.shutdown() ended them
         time.sleep(poll)
-        if not any(_alive(pid, start) for pid, start in started):
-            return  # ray.shutdown() already ended them
-    left = [(pid, start) for pid, start in started + _node_workers(node_id) if _alive(pid, start)]
+    started.update(_node_workers(node_id))
+    left = [(pid, start) for pid, start in started if _alive(pid, start)]
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -106,4 +115,4 @@ def _watch(driver: int, driver_start: str, node_id: str, started: list[tuple[int
 
 
 if __name__ == "__main__":
-    _watch(int(sys.argv[1]), sys.argv[2], sys.argv[3], [tuple(p) for p in json.loads(sys.argv[4])])
+    _watch(int(sys.argv[1]), sys.argv[2], sys.argv[3], {tuple(p) for p in json.loads(sys.argv[4])})

@@ -256,7 +256,7 @@ def test_a_sigkilled_driver_leaves_no_process_behind(config_file, tiny_config, t
     assert not _session_processes(proc.pid), _session_processes(proc.pid)
 
     def watchdogs():
-        return [p for p in os.listdir("/proc") if p.isdigit() and f"genstress_ray.cleanup {proc.pid} " in _cmdline(p)]
+        return [p for p in os.listdir("/proc") if p.isdigit() and f"cleanup.py {proc.pid} " in _cmdline(p)]
 
     while time.time() < deadline + 10 and watchdogs():
         time.sleep(0.5)
