@@ -53,11 +53,11 @@ def campaign_config(images: int, draws: int, batch_size: int, actors: int, threa
 def prepared(cfg: dict):
     """Search images and the trained (cached) model references, as the pipeline prepares them."""
     from genstress_ray.config import load_config
-    from genstress_ray.pipeline import load_split, prepare_model
+    from genstress_ray.context import load_split, prepare_model
 
     c = load_config(cfg)
     search = load_split(c.data.search)
-    refs = {role: prepare_model(role, spec, c, search) for role, spec in
+    refs = {role: prepare_model(role, spec, c, search.class_names, search.image_shape) for role, spec in
             (("classifier", c.classifier), ("generator", c.generator))}
     return c, search, refs
 

@@ -59,15 +59,15 @@ def choose(sweep: list[dict], beta: float) -> dict:
 
 def _models(cfg: dict):
     from genstress_ray.config import load_config
-    from genstress_ray.pipeline import load_split, prepare_model
+    from genstress_ray.context import load_split, prepare_model
     from genstress_ray.models import load_classifier, load_generator
 
     c = load_config(cfg)
     search = load_split(c.data.search)
     names, shape = search.class_names, search.image_shape
-    classifier = load_classifier(prepare_model("classifier", c.classifier, c, search), names, shape)
-    oracle = load_classifier(prepare_model("oracle", c.oracle, c, search), names, shape)
-    generator = load_generator(prepare_model("generator", c.generator, c, search), shape, "diffusion_model", len(names))
+    classifier = load_classifier(prepare_model("classifier", c.classifier, c, names, shape), names, shape)
+    oracle = load_classifier(prepare_model("oracle", c.oracle, c, names, shape), names, shape)
+    generator = load_generator(prepare_model("generator", c.generator, c, names, shape), shape, "diffusion_model", len(names))
     return c, names, classifier, oracle, generator
 
 

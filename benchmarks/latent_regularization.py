@@ -54,12 +54,12 @@ def gan_validity(cfg: dict, per_class: int = 100) -> dict:
     from genstress_ray.config import load_config
     from genstress_ray.models import load_module
     from genstress_ray.models.gan_training import sample_validity
-    from genstress_ray.pipeline import load_split, prepare_model
+    from genstress_ray.context import load_split, prepare_model
 
     c = load_config(cfg)
     search = load_split(c.data.search)
-    reference, _ = load_module(prepare_model("oracle", c.oracle, c, search).uri)
-    generator, meta = load_module(prepare_model("generator", c.generator, c, search).uri)
+    reference, _ = load_module(prepare_model("oracle", c.oracle, c, search.class_names, search.image_shape).uri)
+    generator, meta = load_module(prepare_model("generator", c.generator, c, search.class_names, search.image_shape).uri)
     return {"validity": sample_validity(generator, reference, per_class), "per_class": per_class,
             "train_seconds": meta.get("metrics", {}).get("train_seconds"),
             "epochs": meta.get("metrics", {}).get("epochs_run")}

@@ -35,7 +35,8 @@ def main() -> int:
 
     from genstress_ray import labeling
     from genstress_ray.correction import run_correction
-    from genstress_ray.pipeline import config_oracle, run_campaign
+    from genstress_ray.context import RunContext
+    from genstress_ray.pipeline import run_campaign
     from genstress_ray.report import write_report
     from genstress_ray.storage import RunStore
 
@@ -44,7 +45,7 @@ def main() -> int:
     print(campaign.summary(), flush=True)
     searched = time.time()
     store = RunStore.from_uri(campaign.run_uri)
-    labels = labeling.label_run(store, config_oracle(store), rho=args.rho, per_region=10, fault_labels=5000)
+    labels = labeling.label_run(store, RunContext.open(store.uri).oracle(), rho=args.rho, per_region=10, fault_labels=5000)
     labeling.write_labels(store, labels, campaign.class_names)
     labelled = time.time()
     correction = run_correction(campaign.run_uri)

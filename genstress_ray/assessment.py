@@ -26,14 +26,13 @@ from genstress_ray.data.sources import decode_images
 from genstress_ray.metrics import (class_subset, distinct_class_pairs, entropy, fault_detection, frechet_distance,
                                    kldb, mean_pairwise_distance, penultimate_features, reconstruction_error, ssim,
                                    top_in_subset)
-from genstress_ray.pipeline import load_split, model_ref, prepare_model
-from genstress_ray.runs import run_config, with_overrides
-from genstress_ray.models import load_classifier, load_generator
-from genstress_ray.storage import RunStore, write_bytes_atomic
+from genstress_ray.context import RunContext, load_split, model_ref
+from genstress_ray.models import load_generator
+from genstress_ray.registry import resolve
+from genstress_ray.storage import RunStore
 from genstress_ray.strategies import seed_codes
 
 log = logging.getLogger(__name__)
-ASSESSMENT = "assessment.json"
 
 
 def _faults(store: RunStore, limit: int, seed: int):
@@ -61,35 +60,32 @@ def assess_run(run_uri: str, storage_options: dict | None = None, overrides: dic
     (``genstress_ray.runs.run_config``). Returns the summary that was written.
     """
     started = time.time()
-    store = RunStore.from_uri(run_uri, storage_options)
-    manifest = store.read_manifest()
-    cfg = with_overrides(run_config(store, config, manifest), "assessment", overrides)
-    torch.set_num_threads(cfg.threads)
-    if not store.is_complete("identify"):
-        raise ValueError(f"run {store.uri}: the identify stage is not complete; run the campaign first")
-    class_names, image_shape = manifest["class_names"], tuple(manifest["image_shape"])
-    search = load_split(cfg.data.search)
-    classifier = load_classifier(model_ref(cfg.classifier, manifest["models"]["classifier"]), class_names, image_shape)
-    assess = assess_sweep if cfg.strategy.name == "kldb" else assess_search
-    summary = {"run": store.uri, "strategy": cfg.strategy.name, **assess(store, cfg, classifier, search)}
+    ctx = RunContext.open(run_uri, config, storage_options, {"assessment": overrides} if overrides else None)
+    if not ctx.store.is_complete("identify"):
+        raise ValueError(f"run {ctx.store.uri}: the identify stage is not complete; run the campaign first")
+    summary = {"run": ctx.store.uri, "strategy": ctx.cfg.strategy.name,
+               **resolve(ctx.strategy.assess)(ctx, ctx.classifier())}
     summary["seconds"] = round(time.time() - started, 3)
-    write_bytes_atomic(store.fs, f"{store.path}/{ASSESSMENT}", json.dumps(summary, indent=2).encode())
+    ctx.store.write_json("assessment", summary)
     return summary
 
 
-def assess_search(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
+def _fault_images(ctx: RunContext):
+    """The assessed faults (a seeded sample of at most ``max_faults``) and their images as floats."""
+    faults = _faults(ctx.store, ctx.cfg.assessment.max_faults, ctx.cfg.seed)
+    fault_x = to_float(decode_images(faults["image"].to_pylist(), faults["source_id"].to_pylist(), None)) \
+        if faults.num_rows else torch.zeros(0, *ctx.image_shape)
+    return faults, fault_x
+
+
+def assess_search(ctx: RunContext, classifier) -> dict[str, Any]:
     """Fault detection, diversity, validity and Frechet distance of a search's faults (README, "Metrics")."""
-    manifest = store.read_manifest()
-    a = cfg.assessment
-    class_names, image_shape = manifest["class_names"], tuple(manifest["image_shape"])
+    store, cfg, a = ctx.store, ctx.cfg, ctx.cfg.assessment
     counts = store.marker("identify")
-    detector = load_generator(prepare_model("detector", a.detector, cfg, search), image_shape)
+    detector = load_generator(ctx.prepare("detector", a.detector), ctx.image_shape)
     real = load_split(cfg.data.validation_spec())
     real_x = to_float(real.images)
-
-    faults = _faults(store, a.max_faults, cfg.seed)
-    fault_x = to_float(decode_images(faults["image"].to_pylist(), faults["source_id"].to_pylist(), None)) \
-        if faults.num_rows else torch.zeros(0, *image_shape)
+    faults, fault_x = _fault_images(ctx)
     intended = torch.tensor(faults["source_label"].to_numpy(zero_copy_only=False), dtype=torch.long)
     pred = torch.tensor(faults["pred"].to_numpy(zero_copy_only=False), dtype=torch.long)
 
@@ -111,18 +107,26 @@ def assess_search(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
         "frechet_distance": frechet_distance(fault_features, real_features),
         "real_images": len(real),
     }
-    if cfg.strategy.name == "mixing" and faults.num_rows:
-        generator = load_generator(model_ref(cfg.generator, manifest["models"]["generator"]), image_shape,
-                                   cfg.strategy.generator_kind, len(class_names))
-        params = [json.loads(p) for p in faults["params"].to_pylist()]
-        seed_classes = torch.tensor([p["seed_class"] for p in params])
-        originals = seed_images(generator, faults["source_id"].to_pylist(), seed_classes, cfg.seed)
-        summary["validity"]["ssim_to_seed"] = float(ssim(fault_x, originals).mean())
-        iterations = np.array([p["iterations"] for p in params])
-        summary["bisection"] = {"mean_iterations": float(iterations.mean()), "median_iterations": float(np.median(iterations)),
-                                "max_iterations": int(iterations.max()),
-                                "searches_budget_stopped": counts.get("searches_budget_stopped", 0),
-                                "seeds_skipped": counts.get("seeds_skipped", 0)}
+    return summary
+
+
+def assess_mixing(ctx: RunContext, classifier) -> dict[str, Any]:
+    """``assess_search``, plus how far each fault moved from its seed's image (SSIM) and how the
+    bisection on the mixing weight went."""
+    summary = assess_search(ctx, classifier)
+    faults, fault_x = _fault_images(ctx)
+    if not faults.num_rows:
+        return summary
+    counts = ctx.store.marker("identify")
+    params = [json.loads(p) for p in faults["params"].to_pylist()]
+    seed_classes = torch.tensor([p["seed_class"] for p in params])
+    originals = seed_images(ctx.generator(), faults["source_id"].to_pylist(), seed_classes, ctx.cfg.seed)
+    summary["validity"]["ssim_to_seed"] = float(ssim(fault_x, originals).mean())
+    iterations = np.array([p["iterations"] for p in params])
+    summary["bisection"] = {"mean_iterations": float(iterations.mean()), "median_iterations": float(np.median(iterations)),
+                            "max_iterations": int(iterations.max()),
+                            "searches_budget_stopped": counts.get("searches_budget_stopped", 0),
+                            "seeds_skipped": counts.get("seeds_skipped", 0)}
     return summary
 
 
@@ -148,13 +152,12 @@ def feature_extractor(cfg, classifier):
     return embed
 
 
-def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
+def assess_sweep(ctx: RunContext, classifier) -> dict[str, Any]:
     """Per (alpha, beta) of a KLDB sweep: median KLDB, median entropy, top-|C| rate and the Frechet
     distance (on the classifier's penultimate features) to real validation images of the classes in
     C; with an ``oracle`` in the config, KLDB and the top-|C| rate judged by it too (a classifier that
     never guided anything: a boundary only the guiding model sees is an adversarial artefact)."""
-    manifest = store.read_manifest()
-    class_names = manifest["class_names"]
+    store, cfg, class_names = ctx.store, ctx.cfg, ctx.class_names
     subset = class_subset(cfg.strategy.classes, class_names)
     table = store.read_table("identify", columns=["source_id", "image", "params", "fault", "probs"])
     images = to_float(decode_images(table["image"].to_pylist(), table["source_id"].to_pylist(), None))
@@ -164,9 +167,7 @@ def assess_sweep(store: RunStore, cfg, classifier, search) -> dict[str, Any]:
     # The stored probabilities are the guiding classifier's (after any calibration temperature).
     guiding_logits = torch.from_numpy(np.stack(table["probs"].to_numpy(zero_copy_only=False))).clamp_min(1e-30).log() \
         if table.num_rows else torch.zeros(0, len(class_names))
-    judge = None
-    if cfg.oracle is not None:
-        judge = load_classifier(prepare_model("oracle", cfg.oracle, cfg, search), class_names, search.image_shape)
+    judge = ctx.oracle() if cfg.oracle is not None else None
     real = load_split(cfg.data.validation_spec())
     in_c = subset[torch.from_numpy(real.labels.astype(np.int64))]
     embed = feature_extractor(cfg, classifier)

@@ -33,7 +33,6 @@ DEMO_CONFIG = {
     "oracle": {"architecture": "small_cnn", "train": {"epochs": 25, "seed": 1}},
     "correction": {"lambdas": [1e-10, 1.0, 100.0]},
 }
-CONFIG_ORACLE = "<config>"
 USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError)
 log = logging.getLogger("genstress_ray.cli")
 
@@ -42,7 +41,7 @@ def _demo(args) -> int:
     """The whole loop on the bundled digits: identify -> regions -> oracle labels -> correction -> report."""
     from genstress_ray import labeling
     from genstress_ray.correction import run_correction
-    from genstress_ray.pipeline import config_oracle, new_run_id, run_campaign
+    from genstress_ray.pipeline import new_run_id, run_campaign
     from genstress_ray.report import write_report
     from genstress_ray.storage import RunStore
 
@@ -56,7 +55,8 @@ def _demo(args) -> int:
         if store.is_complete("labels") and "oracle" in store.marker("labels").get("sources", []):
             log.info("labels: already made by the oracle, kept")
         else:  # the oracle is a second CNN (another seed, more epochs)
-            labeling.write_labels(store, labeling.label_run(store, config_oracle(store)), result.class_names)
+            table = labeling.LABELLERS.get("oracle").label(store, labeling.CONFIG_ORACLE, {})
+            labeling.write_labels(store, table, result.class_names)
         print(run_correction(result.run_uri).summary(), flush=True)
     print(f"report: {write_report(store)}")
     print(f"wall time {time.time() - t0:.1f}s")
@@ -87,30 +87,39 @@ def _run(args) -> int:
     return 0
 
 
-# ``genstress train <model>``: the registry kind and default architecture of each built-in.
-TRAINABLE = {"classifier": ("classifier", "small_cnn"), "vae": ("latent_generator", "beta_vae"),
-             "stylegan": ("style_generator", "small_stylegan"), "ddpm": ("diffusion_model", "small_ddpm")}
+def _trainable() -> dict:
+    """``genstress train <command>``: every registered model kind, by its command name."""
+    from genstress_ray.models import MODEL_KINDS
+
+    return {kind.command: kind for kind in MODEL_KINDS.values()}
+
+
+# The options of ``genstress train`` a kind may take (``ModelKind.train_options``), as training settings.
+TRAIN_OPTIONS = {
+    "beta": lambda value: {"beta": value},
+    "max_minutes": lambda value: {"max_seconds": 60 * value} if value else {},
+    "reference": lambda value: {"reference": _load_module(value)} if value else {},
+}
+
+
+def _load_module(uri: str):
+    from genstress_ray.models import load_module
+
+    return load_module(uri)[0]
 
 
 def _train(args) -> int:
-    from genstress_ray.models import load_module
-
-    role, default_architecture = TRAINABLE[args.model]
+    kind = _trainable()[args.model]
     data = {"uri": args.data_uri, "resize": args.resize, "seed": args.seed}
     if args.split_from:
         data["split_from"] = args.split_from
     train = get_source(args.data, split="train", **data).load()
     val = get_source(args.data, split="validation", **data).load()
     settings = {"seed": args.seed, **({"epochs": args.epochs} if args.epochs else {})}
-    if args.model == "vae":
-        settings["beta"] = args.beta
-    if args.model in ("stylegan", "ddpm") and args.max_minutes:
-        settings["max_seconds"] = 60 * args.max_minutes
-    if args.model == "stylegan":
-        if args.reference:
-            settings["reference"], _ = load_module(args.reference)
-    metrics = train_and_save(role, args.architecture or default_architecture, train, val, args.output, None, settings,
-                             args.threads)
+    for option in kind.train_options:
+        settings.update(TRAIN_OPTIONS[option](getattr(args, option)))
+    metrics = train_and_save(kind.name, args.architecture or kind.default["architecture"], train, val, args.output,
+                             None, settings, args.threads)
     print(f"wrote {args.output}: {metrics}")
     return 0
 
@@ -126,10 +135,8 @@ def _assess(args) -> int:
 
 
 def _label(args) -> int:
-    import json
-
     from genstress_ray import labeling
-    from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
+    from genstress_ray.storage import RunStore
 
     store = RunStore.from_uri(args.run)
     manifest = store.read_manifest()
@@ -137,44 +144,48 @@ def _label(args) -> int:
         raise LabelError(f"run {store.uri} was made by an older genstress_ray (no class_names in its manifest); "
                          "rerun it with the same run id to record them")
     class_names = manifest["class_names"]
-    if not (args.file or args.import_label_studio) and not store.is_complete("region_samples"):
+    method = next((name for name in labeling.LABELLERS if getattr(args, name)), None)
+    if method not in ("file", "import_label_studio") and not store.is_complete("region_samples"):
         raise LabelError(f"run {store.uri} has no finished region_samples stage to label")
     if args.export_label_studio:
-        tasks = labeling.export_tasks(store.read_table("region_samples"), class_names, store.uri, args.per_region)
-        fs, path = filesystem_for(args.export_label_studio)
-        write_bytes_atomic(fs, path, json.dumps(tasks).encode())
-        config_path = path.rsplit(".", 1)[0] + ".xml"
-        write_bytes_atomic(fs, config_path, labeling.labeling_config(class_names).encode())
-        print(f"wrote {len(tasks)} Label Studio tasks to {args.export_label_studio} "
-              f"and the labeling config to {config_path}")
-        return 0
-    if not (args.oracle or args.file or args.import_label_studio):
-        from genstress_ray.labeling.review import ReviewServer
-
-        server = ReviewServer(store, args.port, per_region=args.per_region)
-        print(f"review page for {store.uri} (labels are saved as you click; Ctrl-C stops):\n  {server.url}",
-              flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        return 0
-    if args.oracle:
-        from genstress_ray.pipeline import config_oracle
-        from genstress_ray.models import ModelRef, load_classifier
-
-        reference = config_oracle(store, args.config) if args.oracle == CONFIG_ORACLE else \
-            load_classifier(ModelRef(args.oracle), class_names, manifest["image_shape"])
-        table = labeling.label_run(store, reference, args.rho, args.per_region, args.fault_labels)
-    elif args.file:
-        table = labeling.read_label_file(args.file)
-    else:
-        table = labeling.import_export(args.import_label_studio, store.uri)
-    labeling.write_labels(store, table, class_names)
+        return _export_label_studio(store, class_names, args)
+    if method is None:
+        return _serve_review_page(store, args)
+    options = {"rho": args.rho, "per_region": args.per_region, "fault_labels": args.fault_labels, "config": args.config}
+    labeling.write_labels(store, labeling.LABELLERS.get(method).label(store, getattr(args, method), options),
+                          class_names)
     info = store.marker("labels")
     faults = info["labels"] - info["regions"]
     print(f"labels: {info['regions']} regions labelled, {info['failure_regions']} failure regions"
           + (f", {faults} faults labelled one by one" if faults else "") + f" -> {store.uri}/labels")
+    return 0
+
+
+def _export_label_studio(store, class_names: list[str], args) -> int:
+    import json
+
+    from genstress_ray import labeling
+    from genstress_ray.storage import filesystem_for, write_bytes_atomic
+
+    tasks = labeling.export_tasks(store.read_table("region_samples"), class_names, store.uri, args.per_region)
+    fs, path = filesystem_for(args.export_label_studio)
+    write_bytes_atomic(fs, path, json.dumps(tasks).encode())
+    config_path = path.rsplit(".", 1)[0] + ".xml"
+    write_bytes_atomic(fs, config_path, labeling.labeling_config(class_names).encode())
+    print(f"wrote {len(tasks)} Label Studio tasks to {args.export_label_studio} "
+          f"and the labeling config to {config_path}")
+    return 0
+
+
+def _serve_review_page(store, args) -> int:
+    from genstress_ray.labeling.review import ReviewServer
+
+    server = ReviewServer(store, args.port, per_region=args.per_region)
+    print(f"review page for {store.uri} (labels are saved as you click; Ctrl-C stops):\n  {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -225,26 +236,27 @@ CONFIG_HELP = ("the campaign's own config file; needed when the run's config nam
                "'factory'), which is never taken from the run folder")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from genstress_ray import __version__
-
-    parser = argparse.ArgumentParser(prog="genstress", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"genstress_ray {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show everything Ray prints (its progress bars, worker logs and warnings)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the whole Defuse loop on scikit-learn's bundled digits (no data needed): "
                                        "identify, regions, oracle labels, correction, report")
     demo.add_argument("--output", help="output folder or URI (default: ./genstress-runs)")
     demo.add_argument("--run-id", help="the run's id (default: the start time); an existing run id resumes")
     demo.set_defaults(func=_demo)
-    run = sub.add_parser("run", help="run or resume a campaign from a YAML config")
+
+
+def _add_run(sub) -> None:
+    from genstress_ray.strategies import STRATEGIES
+
+    run = sub.add_parser("run", help="run or resume a campaign from a YAML config (strategies: "
+                                     f"{', '.join(STRATEGIES)})")
     run.add_argument("config", help="the campaign's YAML config")
     run.add_argument("--output", help="overrides the config's output (local path or fsspec URI)")
     run.add_argument("--run-id", help="overrides the config's run id; an existing run id resumes")
-    run.add_argument("--until", choices=STAGES,
-                     help="stop after this stage (a later run without it resumes)")
+    run.add_argument("--until", choices=STAGES, help="stop after this stage (a later run without it resumes)")
     run.set_defaults(func=_run)
+
+
+def _add_inspection(sub) -> None:
     runs = sub.add_parser("runs", help="list the runs under an output folder or URI")
     runs.add_argument("output", nargs="?", default="genstress-runs", help="default: ./genstress-runs")
     runs.set_defaults(func=_runs)
@@ -257,15 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--quantile", type=float, help="validity: quantile of real reconstruction errors (0.99)")
     assess.add_argument("--config", help=CONFIG_HELP)
     assess.set_defaults(func=_assess)
+    report = sub.add_parser("report", help="write the run's self-contained HTML report into the run")
+    report.add_argument("run", help=RUN_HELP)
+    report.add_argument("--per-region", type=int, default=16, help="images shown per region")
+    report.set_defaults(func=_report)
+
+
+def _add_label(sub) -> None:
+    from genstress_ray.labeling import LABELLERS
+
     label = sub.add_parser("label", help="label a run's regions, one label per region: with no option, serve the "
                                          "review page on 127.0.0.1")
     label.add_argument("run", help=RUN_HELP)
     how = label.add_mutually_exclusive_group()
-    how.add_argument("--oracle", metavar="CHECKPOINT", nargs="?", const=CONFIG_ORACLE,
-                     help="a reference classifier labels the region samples (no CHECKPOINT: the config's oracle)")
-    how.add_argument("--file", help="import region labels from a CSV/JSON file (region_id,label[,is_failure])")
+    for labeller in LABELLERS.values():
+        how.add_argument(labeller.option, metavar=labeller.metavar, help=labeller.help,
+                         **({"nargs": "?", "const": labeller.default} if labeller.default else {}))
     how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
-    how.add_argument("--import-label-studio", metavar="EXPORT_JSON", help="import Label Studio's JSON export")
     label.add_argument("--config", help=CONFIG_HELP)
     label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
     label.add_argument("--per-region", type=int, default=10, help="samples reviewed (or shown) per region")
@@ -273,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--fault-labels", type=int, default=5000, metavar="N",
                        help="oracle: also label N random faults one by one, for the correction baseline (0: none)")
     label.set_defaults(func=_label)
+
+
+def _add_correct(sub) -> None:
     correct = sub.add_parser("correct", help="fine-tune the classifier on the labelled failure regions "
                                              "(Ray Train, lambda sweep, Defuse and baseline)")
     correct.add_argument("run", help=RUN_HELP)
@@ -283,19 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     correct.add_argument("--no-baseline", action="store_true", help="skip the individually-labelled-faults baseline")
     correct.add_argument("--config", help=CONFIG_HELP)
     correct.set_defaults(func=_correct)
-    report = sub.add_parser("report", help="write the run's self-contained HTML report into the run")
-    report.add_argument("run", help=RUN_HELP)
-    report.add_argument("--per-region", type=int, default=16, help="images shown per region")
-    report.set_defaults(func=_report)
+
+
+def _add_train(sub) -> None:
+    from genstress_ray.data import list_sources
+
+    kinds = _trainable()
     train = sub.add_parser("train", help="train a built-in model and write it as safetensors")
-    train.add_argument("model", choices=list(TRAINABLE), help="which built-in: " + ", ".join(TRAINABLE))
-    train.add_argument("--data", default="digits", help="dataset kind (digits, mnist, fashion_mnist, ...)")
+    train.add_argument("model", choices=list(kinds), help="which built-in: " + ", ".join(
+        f"{command} ({kind.default['architecture']})" for command, kind in kinds.items()))
+    train.add_argument("--data", default="digits", help=f"dataset kind: {', '.join(list_sources())}")
     train.add_argument("--data-uri", help="where the dataset lives (folder or fsspec URI)")
     train.add_argument("--resize", type=int, help="resize images to this side (square) before training")
     train.add_argument("--architecture", help="a registered architecture of that kind (default: the built-in)")
     train.add_argument("--split-from", choices=["test", "train"],
                        help="carve train/validation/test out of one file set (for data sets shipped as one file set)")
-    train.add_argument("--epochs", type=int, help="default: 5 (classifier), 20 (vae), 4 (stylegan), 10 (ddpm)")
+    train.add_argument("--epochs", type=int, help="default: " + ", ".join(
+        f"{kind.default['train']['epochs']} ({command})" for command, kind in kinds.items()))
     train.add_argument("--beta", type=float, default=4.0, help="vae: KL weight")
     train.add_argument("--reference", metavar="CHECKPOINT",
                        help="stylegan: a classifier trained on real data; its accuracy on generated images against "
@@ -306,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads (default 1; the weights depend on it, so keep it to reproduce a model)")
     train.add_argument("--output", required=True, help="checkpoint URI (.safetensors)")
     train.set_defaults(func=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genstress_ray import __version__
+
+    parser = argparse.ArgumentParser(prog="genstress", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"genstress_ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything Ray prints (its progress bars, worker logs and warnings)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_run, _add_inspection, _add_label, _add_correct, _add_train):
+        add(sub)
     return parser
 
 

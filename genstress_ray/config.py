@@ -12,14 +12,15 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genstress_ray.data import SPLITS, list_sources, source_options
-from genstress_ray.models import FORMATS, list_models, model_kind
+from genstress_ray.models import FORMATS, MODEL_KINDS, list_models, model_kind
 from genstress_ray.storage import default_cache, resolve_uri
+from genstress_ray.strategies import STRATEGIES
 
 # A path or URI: a local path is made absolute when the config is loaded (see ``resolve_uri``), so
 # Ray workers, whose working directories differ from the driver's, read and write the same place.
@@ -117,120 +118,14 @@ class ModelSpec(_Strict):
         return v if v is None else _one_of(v, list_models(), "architecture")
 
 
-class DefuseParams(_Strict):
-    """Defuse identification: ``draws`` Beta(a, b) noise vectors per image added to its latent mean."""
-
-    generator_kind: ClassVar[str] = "latent_generator"
-    name: Literal["defuse"] = "defuse"
-    a: Annotated[float, Field(gt=0)] = 0.75
-    b: Annotated[float, Field(gt=0)] = 0.75
-    draws: Annotated[int, Field(gt=0)] = 50
-    centred: bool = False
-    keep: Literal["faults", "all"] = "faults"
-    max_faults_per_image: Annotated[int, Field(gt=0)] = 5
-    # Count no faults around an image whose own reconstruction the classifier already gets wrong:
-    # those are the generator's failures, not the classifier's.
-    only_correct_reconstructions: bool = False
+def _strategy_union():
+    """Every registered strategy's parameters, told apart by ``name`` (a discriminated union names the
+    allowed values in its errors)."""
+    params = tuple(strategy.params for strategy in STRATEGIES.values())
+    return Annotated[Union[params], Field(discriminator="name")] if len(params) > 1 else params[0]
 
 
-class _StyleSearchParams(_Strict):
-    """What the style-based strategies share: the seed list and the per-seed generator-call budget.
-
-    Seed i is class ``i % num_classes`` (for a conditional generator) with a code drawn from its own
-    stream, so a seed list is the same for every strategy and every way of batching it.
-    """
-
-    generator_kind: ClassVar[str] = "style_generator"
-    seeds: Annotated[int, Field(gt=0)] = 1000
-    # Generator calls (images synthesised) per seed.
-    budget_calls: Annotated[int, Field(gt=0)] = 60
-    keep: Literal["faults", "all"] = "faults"
-
-
-class TruncationParams(_StyleSearchParams):
-    """Random truncation: ``budget_calls`` samples per seed's class, truncated toward w_avg by the psi
-    schedule and, with ``clip_probability``, with z clipped to a bound drawn from ``clip_range``."""
-
-    name: Literal["truncation"] = "truncation"
-    psi: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
-    clip_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = (1.0, 3.0)
-    clip_probability: Annotated[float, Field(ge=0, le=1)] = 0.5
-
-    @field_validator("clip_range")
-    @classmethod
-    def _ordered(cls, v):
-        if v is not None and v[0] > v[1]:
-            raise ValueError(f"clip_range {list(v)}: the low bound must not exceed the high one")
-        return v
-
-
-class MixingParams(_StyleSearchParams):
-    """Latent code mixing toward the classifier's ``top_k`` runner-up classes over ``layer_sets``
-    (default: every single layer and the coarse/middle/fine thirds), with a binary search on the
-    mixing weight of at most ``max_iterations`` steps down to a bracket of ``tolerance``.
-    ``budget_seconds`` stops a seed's searches after that long (a safety stop: past it, results
-    depend on the machine's speed). ``target_tries`` codes per seed look for runner-up class codes
-    when the generator is unconditional."""
-
-    name: Literal["mixing"] = "mixing"
-    top_k: Annotated[int, Field(gt=0)] = 2
-    layer_sets: list[list[Annotated[int, Field(ge=0)]]] | None = None
-    max_iterations: Annotated[int, Field(gt=0, le=64)] = 20
-    tolerance: Annotated[float, Field(gt=0, lt=1)] = 1e-3
-    budget_seconds: Annotated[float, Field(gt=0)] = 60.0
-    target_tries: Annotated[int, Field(gt=0)] = 8
-
-
-# The paper's grid (Gomes et al.): alpha = 0 is the prompt-only baseline.
-PAPER_ALPHAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0]
-PAPER_BETAS = [3.0, 6.0, 9.0]
-
-
-class KldbParams(_Strict):
-    """KLDB-guided diffusion toward the decision boundary of the classes named in ``classes``.
-
-    Every (alpha, beta) of the sweep samples the same ``seeds`` initial noises, so grid points differ only
-    by the guidance. ``alphas`` scale the KLDB step (0 = prompt only), applied every ``guidance_every``
-    (k) of ``steps`` denoising steps of a deterministic ``scheduler``; ``betas`` are classifier-free
-    guidance scales. The prompt conditions on the classes of C: the pixel model alternates over their
-    class embeddings step by step; Stable Diffusion gets ``prompt`` ("{classes}" is replaced by the
-    names joined with "and"). A sample is kept as a boundary candidate (``fault``) when its KLDB, on
-    the classifier under test, is at most ``boundary_kldb`` (0.1 is about a 70/30 split of 2 classes).
-    """
-
-    generator_kind: ClassVar[str] = "diffusion_model"
-    name: Literal["kldb"] = "kldb"
-    classes: Annotated[list[str], Field(min_length=2)]
-    seeds: Annotated[int, Field(gt=0)] = 200
-    alphas: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = PAPER_ALPHAS
-    betas: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = PAPER_BETAS
-    steps: Annotated[int, Field(gt=0)] = 40
-    guidance_every: Annotated[int, Field(ge=1)] = 5
-    scheduler: str = "lms"
-    prompt: str = "a photo of a {classes}"
-    negative_prompt: str = ""
-    boundary_kldb: Annotated[float, Field(gt=0)] = 0.1
-    # Fit a temperature for the classifier on data.validation before guiding (the reference code's advice).
-    calibrate: bool = False
-    keep: Literal["boundary", "all"] = "all"
-
-    @field_validator("classes")
-    @classmethod
-    def _distinct(cls, v):
-        if len(set(v)) != len(v):
-            raise ValueError(f"classes {v}: a class is named twice")
-        return v
-
-    @field_validator("scheduler")
-    @classmethod
-    def _deterministic(cls, v):
-        from genstress_ray.strategies.guided_diffusion import check_scheduler
-
-        return check_scheduler(v)
-
-
-# New strategies join this union (a discriminated union names the allowed values in its errors).
-StrategyConfig = Annotated[Union[DefuseParams, TruncationParams, MixingParams, KldbParams], Field(discriminator="name")]
+StrategyConfig = _strategy_union()
 
 
 class ReduceConfig(_Strict):
@@ -312,11 +207,9 @@ class CorrectionConfig(_Strict):
         return v
 
 
-DEFAULT_GENERATORS = {
-    "latent_generator": ModelSpec(architecture="beta_vae", train={"epochs": 20, "beta": 4.0}),
-    "style_generator": ModelSpec(architecture="small_stylegan", train={"epochs": 4}),
-    "diffusion_model": ModelSpec(architecture="small_ddpm", train={"epochs": 8}),
-}
+def default_model(kind: str) -> ModelSpec:
+    """The built-in model of a kind (``MODEL_KINDS``), used when a config names none."""
+    return ModelSpec.model_validate(MODEL_KINDS.get(kind).default)
 
 
 class AssessmentConfig(_Strict):
@@ -328,7 +221,7 @@ class AssessmentConfig(_Strict):
     ``features`` optionally replaces the classifier's penultimate features in KLDB's Frechet distance.
     """
 
-    detector: ModelSpec = DEFAULT_GENERATORS["latent_generator"]
+    detector: ModelSpec = Field(default_factory=lambda: default_model("latent_generator"))
     quantile: Annotated[float, Field(gt=0, le=1)] = 0.99
     max_faults: Annotated[int, Field(gt=1)] = 5000
     # The feature network of KLDB's Frechet distance, e.g. Inception as TorchScript: a module that takes
@@ -363,13 +256,13 @@ class CampaignConfig(_Strict):
     cache: Location = Field(default_factory=default_cache, validate_default=True)
     storage_options: dict[str, Any] = {}
     data: DataConfig = DataConfig()
-    classifier: ModelSpec = ModelSpec(architecture="small_cnn", train={"epochs": 5})
-    # None: the strategy's built-in generator (DEFAULT_GENERATORS), trained once and cached.
+    classifier: ModelSpec = Field(default_factory=lambda: default_model("classifier"))
+    # None: the built-in generator of the strategy's generator kind, trained once and cached.
     generator: ModelSpec | None = None
     # The reference classifier that labels regions in benchmarks and nightly scans (``genstress label
     # RUN --oracle``); a built-in is trained once and cached like the other models.
     oracle: ModelSpec | None = None
-    strategy: StrategyConfig = DefuseParams()
+    strategy: StrategyConfig = Field(default_factory=lambda: STRATEGIES.get("defuse").params())
     reduce: ReduceConfig = ReduceConfig()
     correction: CorrectionConfig = CorrectionConfig()
     assessment: AssessmentConfig = AssessmentConfig()
@@ -383,7 +276,7 @@ class CampaignConfig(_Strict):
     @model_validator(mode="after")
     def _models_are_buildable(self):
         if self.generator is None:
-            self.generator = DEFAULT_GENERATORS[self.strategy.generator_kind].model_copy(deep=True)
+            self.generator = default_model(self.strategy.generator_kind)
         for role, spec in (("classifier", self.classifier), ("generator", self.generator), ("oracle", self.oracle)):
             if spec is not None and spec.uri is None and spec.architecture is None:
                 raise ValueError(f"{role}: give a checkpoint 'uri' or a built-in 'architecture' to train "

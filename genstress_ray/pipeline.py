@@ -23,18 +23,17 @@ import torch
 import yaml
 
 from genstress_ray.cleanup import watch_started_processes
-from genstress_ray.config import CampaignConfig, ConfigError, ModelSpec, load_config
-from genstress_ray.data import DataError, ImageSet, get_source
-from genstress_ray.metrics import class_subset, fit_temperature
-from genstress_ray.models import (ModelError, ModelRef, cached_model_uri, load_classifier, load_generator, model_kind,
-                                  train_and_save)
-from genstress_ray.regions import fit_regions, region_pairs, sample_regions
-from genstress_ray.progress import Progress, StageProgress
-from genstress_ray.stages import SEARCH_STAGES, RegionDecode, StageCounters
-from genstress_ray.stages.base import ROWS_DONE
-from genstress_ray.strategies import layer_masks
+from genstress_ray.config import CampaignConfig, ConfigError, load_config
+from genstress_ray.context import RunContext
+from genstress_ray.data import DataError
 from genstress_ray.lease import RunLease
-from genstress_ray.runs import manifest_config, refuse_differences, run_config
+from genstress_ray.models import ModelError
+from genstress_ray.progress import Progress, StageProgress
+from genstress_ray.regions import fit_regions, region_pairs, sample_regions
+from genstress_ray.registry import resolve
+from genstress_ray.runs import manifest_config, refuse_differences
+from genstress_ray.stages import RegionDecode, StageCounters
+from genstress_ray.stages.base import ROWS_DONE
 from genstress_ray.storage import STAGES, RunStore, StageError, StorageError, library_versions
 
 log = logging.getLogger(__name__)
@@ -68,56 +67,6 @@ class CampaignResult:
         if self.skipped:
             lines.append(f"resumed: skipped finished stages {', '.join(self.skipped)}")
         return "\n".join(lines)
-
-
-def load_split(spec, field: str = "data") -> ImageSet:
-    """The images of one ``DataSpec``; a DataError names the config ``field`` it came from."""
-    try:
-        return get_source(spec.kind, **spec.source_params()).load()
-    except DataError as exc:
-        msg = str(exc)
-        raise DataError(f"{field}.{msg[5:]}" if msg.startswith("data.") else f"{field}: {msg}") from None
-
-
-def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, search: ImageSet) -> ModelRef:
-    """The checkpoint to use for ``role``: the configured one, or a built-in trained once and cached."""
-    expected = {"generator": cfg.strategy.generator_kind, "detector": "latent_generator"}.get(role, "classifier")
-    if spec.architecture and model_kind(spec.architecture) != expected:
-        raise ModelError(f"{role}.architecture: {spec.architecture!r} is a {model_kind(spec.architecture)}, "
-                         f"not a {expected}")
-    if spec.uri:
-        return model_ref(spec, spec.uri)
-    train_spec, val_spec = cfg.data.train_spec(), cfg.data.validation_spec()
-    recipe = {"architecture": spec.architecture, "params": spec.params, "train": spec.train,
-              "data": train_spec.model_dump(), "validation": val_spec.model_dump(), "threads": cfg.threads}
-    uri, cached = cached_model_uri(cfg.cache, expected, recipe)
-    if cached:
-        log.info("%s: using cached %s", role, uri)
-    else:
-        log.info("%s: training built-in %s (cached at %s)", role, spec.architecture, uri)
-        train = load_split(train_spec, "data.train" if cfg.data.train else "data.search")
-        val = load_split(val_spec, "data.validation" if cfg.data.validation else "data.search")
-        if train.image_shape != search.image_shape or train.class_names != search.class_names:
-            raise DataError(f"data.train: images {train.image_shape} / classes {train.class_names} differ from "
-                            f"data.search: {search.image_shape} / {search.class_names}")
-        metrics = train_and_save(expected, spec.architecture, train, val, uri, spec.params, spec.train, cfg.threads)
-        log.info("%s: trained %s", role, metrics)
-    return model_ref(spec, uri)
-
-
-def config_oracle(store: RunStore, config=None):
-    """The run config's ``oracle`` classifier (trained and cached on first use), ready to label.
-
-    ``config``: the campaign's config as the user has it, needed when the run names code to import
-    (see ``genstress_ray.runs.run_config``)."""
-    manifest = store.read_manifest()
-    cfg = run_config(store, config, manifest)
-    torch.set_num_threads(cfg.threads)
-    if cfg.oracle is None:
-        raise ModelError(f"run {store.uri}: its config has no 'oracle' section; give a checkpoint to --oracle")
-    search = load_split(cfg.data.search)
-    ref = prepare_model("oracle", cfg.oracle, cfg, search)
-    return load_classifier(ref, manifest["class_names"], manifest["image_shape"])
 
 
 def verbose() -> bool:
@@ -181,26 +130,6 @@ def _quiet_ray_data_logging() -> str:
     return path
 
 
-def _source_table(cfg: CampaignConfig, images: ImageSet, conditional: bool) -> pa.Table:
-    """The rows the search starts from: the search images, or, for the style-based strategies, the
-    seed list (seed i is class i % K for a conditional generator, -1 = the generator decides), or, for
-    KLDB guidance, every seed at every (alpha, beta) of the sweep (``draw`` = the grid point)."""
-    s = cfg.strategy
-    if s.generator_kind == "diffusion_model":
-        grid = [(a, b) for b in s.betas for a in s.alphas]
-        point, seed = np.divmod(np.arange(len(grid) * s.seeds), s.seeds)
-        return pa.table({"source_id": [f"seed:{i}" for i in seed], "source_label": np.full(len(seed), -1),
-                         "alpha": np.asarray([grid[g][0] for g in point], np.float64),
-                         "beta": np.asarray([grid[g][1] for g in point], np.float64), "draw": point})
-    if cfg.strategy.generator_kind == "style_generator":
-        n, k = cfg.strategy.seeds, len(images.class_names)
-        labels = np.arange(n) % k if conditional else np.full(n, -1)
-        return pa.table({"source_id": [f"seed:{i}" for i in range(n)], "source_label": labels.astype(np.int64)})
-    flat = images.images.reshape(len(images), -1)
-    return pa.table({"source_id": images.source_ids, "source_label": images.labels,
-                     "image": [row.tobytes() for row in flat]})
-
-
 def _source_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     """Source rows as Ray blocks of exactly one batch each, so batches do not depend on the pool size."""
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
@@ -225,13 +154,13 @@ def _run_model_stage(store: RunStore, stage: str, ds: ray.data.Dataset, stage_cl
     return totals
 
 
-def run_identify(cfg: CampaignConfig, store: RunStore, search: ImageSet, constructor: dict,
-                 conditional: bool = True, progress=None) -> dict:
+def run_identify(ctx: RunContext, generator, constructor: dict, progress=None) -> dict:
+    """The search: the strategy's source rows through its Ray stage into ``identify``."""
+    cfg, store = ctx.cfg, ctx.store
     store.begin_stage("identify")
-    source = _source_table(cfg, search, conditional)
+    source = ctx.strategy.source_rows(cfg.strategy, ctx.search, generator)
     ds = _source_dataset(source, cfg.resources.search.batch_size)
-    stage_cls = SEARCH_STAGES[cfg.strategy.name]
-    totals = _run_model_stage(store, "identify", ds, stage_cls, cfg.resources.search,
+    totals = _run_model_stage(store, "identify", ds, resolve(ctx.strategy.stage), cfg.resources.search,
                               {**constructor, "params": cfg.strategy.model_dump()}, source.num_rows, progress)
     totals["samples"] = store.count_rows("identify")
     return totals
@@ -280,65 +209,6 @@ def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict, 
     dominant = dict(zip(regions["region_id"].to_pylist(), regions["dominant_source_label"].to_pylist()))
     return decode_region_samples(cfg, store, "region_samples", regions, cfg.reduce.samples_per_region, dominant,
                                  constructor, progress)
-
-
-def stage_constructor(cfg: CampaignConfig, refs: dict[str, ModelRef], class_names: list[str], image_shape,
-                      boundary: dict | None = None) -> dict:
-    """What every model stage of a run is built with (``fn_constructor_kwargs``); ``boundary`` is
-    ``boundary_spec``'s for the search stages of a KLDB run (correction judges against labels instead)."""
-    return {"classifier": refs["classifier"], "generator": refs["generator"], "class_names": class_names,
-            "image_shape": tuple(image_shape), "seed": cfg.seed, "generator_kind": cfg.strategy.generator_kind,
-            "boundary": boundary, "strategy": cfg.strategy.name}
-
-
-def boundary_spec(cfg: CampaignConfig, classifier: ModelRef, search: ImageSet) -> dict | None:
-    """For a KLDB run, what every model stage scores against: the boundary's class indices, the
-    boundary threshold and, with ``calibrate``, the classifier's temperature fitted on data.validation."""
-    if cfg.strategy.name != "kldb":
-        return None
-    temperature = classifier_temperature(cfg, classifier, search) if cfg.strategy.calibrate else 1.0
-    return {"subset": boundary_classes(cfg, search.class_names), "threshold": cfg.strategy.boundary_kldb,
-            "temperature": temperature}
-
-
-def boundary_classes(cfg: CampaignConfig, class_names: list[str]) -> list[int]:
-    """Indices of the configured boundary classes; a ConfigError names unknown ones."""
-    try:
-        return class_subset(cfg.strategy.classes, class_names).nonzero().squeeze(1).tolist()
-    except ValueError as exc:
-        raise ConfigError(f"strategy.classes: {exc}") from None
-
-
-def classifier_temperature(cfg: CampaignConfig, ref: ModelRef, search: ImageSet) -> float:
-    """The temperature that calibrates the classifier on the validation split (``fit_temperature``)."""
-    validation = load_split(cfg.data.validation_spec())
-    classifier = load_classifier(ref, search.class_names, search.image_shape)
-    x, y = validation.tensors()
-    with torch.no_grad():
-        logits = torch.cat([classifier(chunk) for chunk in x.split(1024)])
-    temperature = fit_temperature(logits, y)
-    log.info("classifier temperature %.3f (fitted on %d validation images)", temperature, len(y))
-    return temperature
-
-
-def check_generator(cfg: CampaignConfig, ref: ModelRef, search: ImageSet):
-    """Load the generator behind its protocol on the driver and check it against the strategy, so a
-    bad generator or layer set fails before any Ray work."""
-    generator = load_generator(ref, search.image_shape, cfg.strategy.generator_kind, len(search.class_names))
-    layer_sets = getattr(cfg.strategy, "layer_sets", None)
-    if layer_sets:
-        try:
-            layer_masks(layer_sets, generator.num_ws)
-        except ValueError as exc:
-            raise ModelError(str(exc)) from None
-    return generator
-
-
-def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
-    """The reference a run uses for a model: the configured checkpoint, or the cached built-in at ``uri``."""
-    if spec.uri:
-        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params)
-    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params)
 
 
 def new_run_id() -> str:
@@ -390,58 +260,68 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
 def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], lease: RunLease,
                started: float, progress) -> CampaignResult:
     manifest = store.read_manifest()
-    config_json = cfg.model_dump(mode="json")
     if manifest:
-        refuse_differences(manifest_config(store, manifest), config_json,
+        refuse_differences(manifest_config(store, manifest), cfg.model_dump(mode="json"),
                            f"run {store.uri} was made with another config",
                            ". Use a new run id (README: 'Runs and resuming')")
-    search = load_split(cfg.data.search, "data.search")
-    if len(search) == 0:
-        raise DataError("data.search: the split holds no images")
-    refs = {role: prepare_model(role, spec, cfg, search)
-            for role, spec in (("classifier", cfg.classifier), ("generator", cfg.generator))}
+    ctx = RunContext.from_config(cfg, store, manifest)
     # Load once on the driver: a shape, class-count or checkpoint mismatch fails here, before Ray work.
-    load_classifier(refs["classifier"], search.class_names, search.image_shape)
-    generator = check_generator(cfg, refs["generator"], search)
-    boundary = boundary_spec(cfg, refs["classifier"], search)  # unknown boundary classes fail here too
-    models = {k: v.uri for k, v in refs.items()}
-    if manifest and manifest.get("models") != models:
-        raise ConfigError(f"run {store.uri} was made with the models {manifest.get('models')}, and this config "
-                          f"now gives {models}: use a new run id")
-    if manifest:
-        store.update_manifest(status="running")
-    else:
-        store.write_manifest({"config": config_json, "run_id": store.run_id, "campaign": cfg.campaign,
-                              "created_at": time.time(), "versions": library_versions(),
-                              "seeds": {"campaign": cfg.seed}, "models": models, "class_names": search.class_names,
-                              "image_shape": list(search.image_shape), "status": "running",
-                              **({"boundary": boundary} if boundary else {})})
+    ctx.classifier()
+    generator = ctx.check_generator()
+    boundary = ctx.boundary()  # unknown boundary classes fail here too
+    _start_manifest(ctx, boundary)
     init_ray(cfg)
-    constructor = stage_constructor(cfg, refs, search.class_names, search.image_shape, boundary)
-    conditional = bool(getattr(generator, "c_dim", 1))
-    runners = {"identify": lambda: run_identify(cfg, store, search, constructor, conditional, progress),
+    constructor = ctx.stage_constructor(boundary)
+    runners = {"identify": lambda: run_identify(ctx, generator, constructor, progress),
                "regions": lambda: run_regions(cfg, store),
                "region_samples": lambda: run_region_samples(cfg, store, constructor, progress)}
-    skipped = []
-    for stage in stages:
-        if store.is_complete(stage):
-            log.info("stage %s: already complete, skipped", stage)
-            skipped.append(stage)
-            continue
-        log.info("stage %s: running", stage)
-        t0 = time.time()
-        lease.check()  # begin_stage clears the stage's folder: only its owner may
-        try:
-            info = runners[stage]()
-        except USER_ERRORS:
-            raise
-        except Exception as exc:
-            raise StageError(stage, store.uri, exc) from exc
-        info["seconds"] = round(time.time() - t0, 3)
-        lease.check()  # a driver that lost the run commits nothing
-        store.complete_stage(stage, info)
-        store.update_manifest(stages={stage: info}, timings={stage: info["seconds"]})
-        log.info("stage %s: done in %.1fs (%s)", stage, info["seconds"], _counts_text(info))
+    skipped = [stage for stage in stages if not _run_stage(store, stage, runners[stage], lease)]
+    return _finish(ctx, stages, skipped, started)
+
+
+def _start_manifest(ctx: RunContext, boundary: dict | None) -> None:
+    """Write a new run's manifest, or mark a resumed one running (refusing other models)."""
+    store, cfg = ctx.store, ctx.cfg
+    models = {k: v.uri for k, v in ctx.models.items()}
+    if not ctx.manifest:
+        store.write_manifest({"config": cfg.model_dump(mode="json"), "run_id": store.run_id, "campaign": cfg.campaign,
+                              "created_at": time.time(), "versions": library_versions(),
+                              "seeds": {"campaign": cfg.seed}, "models": models, "class_names": ctx.class_names,
+                              "image_shape": list(ctx.image_shape), "status": "running",
+                              **({"boundary": boundary} if boundary else {})})
+        return
+    if ctx.manifest.get("models") != models:
+        raise ConfigError(f"run {store.uri} was made with the models {ctx.manifest.get('models')}, and this config "
+                          f"now gives {models}: use a new run id")
+    store.update_manifest(status="running")
+
+
+def _run_stage(store: RunStore, stage: str, runner: Callable[[], dict], lease: RunLease) -> bool:
+    """Run one stage unless it is complete; commit it only while this driver holds the run. Returns
+    whether it ran."""
+    if store.is_complete(stage):
+        log.info("stage %s: already complete, skipped", stage)
+        return False
+    log.info("stage %s: running", stage)
+    t0 = time.time()
+    lease.check()  # begin_stage clears the stage's folder: only its owner may
+    try:
+        info = runner()
+    except USER_ERRORS:
+        raise
+    except Exception as exc:
+        raise StageError(stage, store.uri, exc) from exc
+    info["seconds"] = round(time.time() - t0, 3)
+    lease.check()  # a driver that lost the run commits nothing
+    store.complete_stage(stage, info)
+    store.update_manifest(stages={stage: info}, timings={stage: info["seconds"]})
+    log.info("stage %s: done in %.1fs (%s)", stage, info["seconds"], _counts_text(info))
+    return True
+
+
+def _finish(ctx: RunContext, stages: tuple[str, ...], skipped: list[str], started: float) -> CampaignResult:
+    """The run's row counts and status into its manifest, and the result."""
+    store = ctx.store
     markers = {stage: store.marker(stage) for stage in stages}
     identify, regions_info = markers["identify"], markers.get("regions", {})
     counts = {"candidates": identify.get("candidates", 0), "faults": identify.get("faults", 0),
@@ -453,7 +333,7 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
     store.update_manifest(row_counts=counts, status=status,
                           timings={"total_last_invocation": round(time.time() - started, 3)})
     regions = store.read_table("regions").to_pylist() if "regions" in stages else []
-    return CampaignResult(store.uri, store.run_id, counts, regions, search.class_names, skipped,
+    return CampaignResult(store.uri, store.run_id, counts, regions, ctx.class_names, skipped,
                           regions_info.get("message", ""))
 
 

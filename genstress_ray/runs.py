@@ -15,13 +15,10 @@ from typing import Any
 
 from genstress_ray.config import CampaignConfig, ConfigError, load_config
 from genstress_ray.lease import describe, read_lease
-from genstress_ray.storage import MANIFEST, RunStore, StorageError, filesystem_for, resolve_uri
+from genstress_ray.storage import LAYOUT, MANIFEST, RunStore, StorageError, filesystem_for, resolve_uri
 
 # Top-level fields a rerun may change: where the run is written and on what resources it runs.
 RELOCATABLE = ("output", "run_id", "resources", "ray", "storage_options")
-# Every stage a run can hold, in the order a campaign makes them, and the command that makes each.
-RUN_STAGES = {"identify": "genstress run", "regions": "genstress run", "region_samples": "genstress run",
-              "labels": "genstress label", "region_sets": "genstress correct", "correction": "genstress correct"}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -117,7 +114,7 @@ def run_status(store: RunStore, manifest: dict | None = None) -> dict[str, Any]:
     of ``genstress run`` would do for each stage."""
     manifest = store.read_manifest() if manifest is None else manifest
     stages = {}
-    for stage, command in RUN_STAGES.items():
+    for stage, command in ((s.name, s.made_by) for s in LAYOUT.values() if s.marked):
         if store.is_complete(stage):
             marker = store.marker(stage)
             rows = {k: v for k, v in marker.items() if isinstance(v, int) and not isinstance(v, bool)}

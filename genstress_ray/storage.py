@@ -14,6 +14,7 @@ import os
 import platform
 import time
 import uuid
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -25,7 +26,6 @@ import pyarrow.parquet as pq
 
 MARKER = "_COMPLETE"
 MANIFEST = "manifest.json"
-STAGES = ("identify", "regions", "region_samples")
 
 # The tables of DESIGN.md. A stage that produced no rows writes no file; reading it still gives
 # these columns, so no reader has to special-case an empty stage.
@@ -50,9 +50,49 @@ REGIONS_SCHEMA = pa.schema([
     # for a region that mixes 1s called 7 with 7s called 1.
     ("top_pairs", pa.string()),
 ])
-STAGE_SCHEMAS = {"identify": SAMPLES_SCHEMA, "regions": REGIONS_SCHEMA, "region_samples": REGION_SAMPLES_SCHEMA}
-# Stages written by Ray Data come back sorted by this column (see ``RunStore.read_table``).
-ROW_ORDER = {"identify": "sample_id", "region_samples": "sample_id", "region_sets": "sample_id"}
+# One row per labelled region (or, for the correction baseline, per labelled fault).
+LABELS_SCHEMA = pa.schema([
+    ("region_id", pa.int64()), ("sample_id", pa.string()), ("label", pa.string()), ("is_failure", pa.bool_()),
+    ("source", pa.string()), ("annotator", pa.string()), ("time", pa.float64()), ("agreement", pa.float64()),
+])
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One part of a run's folder: where it lives, what it holds and what makes it.
+
+    ``path`` is relative to the run. A stage with a ``schema`` holds Parquet tables (read back sorted by
+    ``row_order`` when Ray wrote them); ``marked`` stages finish with a completion marker, the others
+    (a JSON file, the report) are replaced atomically whole.
+    """
+
+    name: str
+    path: str
+    made_by: str
+    schema: pa.Schema | None = None
+    row_order: str | None = None
+    marked: bool = True
+
+
+# Every part of a run, in the order a campaign and its follow-ups make them. The one place that
+# names them: stores, status listings, resumption and the report all read this table.
+LAYOUT = {s.name: s for s in (
+    Stage("identify", "identify", "genstress run", SAMPLES_SCHEMA, "sample_id"),
+    Stage("regions", "regions", "genstress run", REGIONS_SCHEMA),
+    Stage("region_samples", "region_samples", "genstress run", REGION_SAMPLES_SCHEMA, "sample_id"),
+    Stage("labels", "labels", "genstress label", LABELS_SCHEMA),
+    # Fresh samples of every failure region, made with its label (fine-tune and test sets).
+    Stage("region_sets", "region_sets", "genstress correct", REGION_SAMPLES_SCHEMA, "sample_id"),
+    # One row per trial (method, lambda); results.json and the selected weights beside them.
+    Stage("correction", "correction", "genstress correct"),
+    Stage("assessment", "assessment.json", "genstress assess", marked=False),
+    Stage("report", "report", "genstress report", marked=False),
+)}
+# The stages ``genstress run`` makes, in order (``--until`` takes these).
+STAGES = tuple(name for name, s in LAYOUT.items() if s.made_by == "genstress run")
+# Files inside stages.
+CORRECTION_RESULTS = "results.json"
+REPORT_PAGE = "index.html"
 
 
 def sample_id(strategy: str, seed: int, source: object, draw: int) -> str:
@@ -63,6 +103,12 @@ def sample_id(strategy: str, seed: int, source: object, draw: int) -> str:
     'defuse:0:digits:test:12:3'
     """
     return f"{strategy}:{seed}:{source}:{draw}"
+
+
+def _layout(stage: str) -> Stage:
+    if stage not in LAYOUT:
+        raise KeyError(f"unknown stage {stage!r}; a run holds: {', '.join(LAYOUT)}")
+    return LAYOUT[stage]
 
 
 class StorageError(OSError):
@@ -196,7 +242,24 @@ class RunStore:
 
     # ---- locations -------------------------------------------------------------------------
     def stage_path(self, stage: str) -> str:
-        return f"{self.path}/{stage}"
+        """The in-filesystem path of a stage of ``LAYOUT`` (a KeyError names the known ones)."""
+        return f"{self.path}/{_layout(stage).path}"
+
+    def stage_uri(self, stage: str, *parts: str) -> str:
+        """The URI of a stage, or of a file inside it: ``store.stage_uri("report", REPORT_PAGE)``."""
+        return "/".join((self.uri, _layout(stage).path, *parts))
+
+    def read_json(self, stage: str, *parts: str) -> dict:
+        """A JSON file of the run: a stage that is one file (``assessment``) or a file inside a stage."""
+        return json.loads(self.fs.cat_file("/".join((self.stage_path(stage), *parts))))
+
+    def write_json(self, stage: str, data: dict, *parts: str) -> str:
+        """Write a JSON file of the run atomically (see ``read_json``); returns its URI."""
+        path = "/".join((self.stage_path(stage), *parts))
+        if parts:
+            self.fs.makedirs(self.stage_path(stage), exist_ok=True)
+        write_bytes_atomic(self.fs, path, json.dumps(data, indent=2, default=float).encode())
+        return self.stage_uri(stage, *parts)
 
     def arrow_filesystem(self) -> pafs.FileSystem:
         """The same filesystem as a pyarrow one, for Ray Data's Parquet writer and pyarrow readers."""
@@ -253,10 +316,11 @@ class RunStore:
         """
         files = self._parquet_files(stage)
         if not files:
-            empty = STAGE_SCHEMAS[stage].empty_table() if stage in STAGE_SCHEMAS else pa.table({})
+            schema = _layout(stage).schema
+            empty = schema.empty_table() if schema is not None else pa.table({})
             return empty.select(columns) if columns else empty
         dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem())
-        key = ROW_ORDER.get(stage)
+        key = _layout(stage).row_order
         if key is None:
             return dataset.to_table(columns=columns, filter=filter)
         # Ray writes a stage's files and rows in whatever order its tasks finish. Sorted rows make

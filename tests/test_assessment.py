@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from genstress_ray.assessment import ASSESSMENT, assess_run
+from genstress_ray.assessment import assess_run
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.report import write_report
 from genstress_ray.storage import RunStore
@@ -21,7 +21,7 @@ def test_assessment_of_a_style_run(style_config, tiny_models, strategy):
     summary = assess_run(result.run_uri)
     store = RunStore.from_uri(result.run_uri)
     marker = store.marker("identify")
-    assert json.loads(store.fs.cat_file(f"{store.path}/{ASSESSMENT}")) == json.loads(json.dumps(summary))
+    assert json.loads(store.fs.cat_file(store.stage_path("assessment"))) == json.loads(json.dumps(summary))
     assert summary["strategy"] == strategy and summary["faults"] == marker["faults"] > 0
     fd = summary["fault_detection"]
     assert fd["faults_per_call"] == marker["faults"] / marker["generator_calls"]

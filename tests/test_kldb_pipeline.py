@@ -14,7 +14,8 @@ from genstress_ray.metrics import class_subset, kldb, subset_margin
 from genstress_ray.models import ModelError
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.report import write_report
-from genstress_ray.stages import SAMPLES_SCHEMA, ModelRef, load_classifier, load_generator
+from genstress_ray.models import ModelRef, load_classifier, load_generator
+from genstress_ray.storage import SAMPLES_SCHEMA
 from genstress_ray.strategies import seed_noise
 from genstress_ray.storage import RunStore
 from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler

@@ -10,7 +10,8 @@ import torch
 from genstress_ray.data import DataError, get_source
 from genstress_ray.models import ModelError, get_model, save_checkpoint
 from genstress_ray.pipeline import STAGES, run_campaign
-from genstress_ray.stages import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA, ModelRef, load_classifier, load_generator
+from genstress_ray.models import ModelRef, load_classifier, load_generator
+from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA
 from genstress_ray.storage import RunStore, StorageError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -181,7 +182,7 @@ def _digits_parquet(path, search_labels) -> str:
     """Real digits as a Parquet dataset whose test split holds only ``search_labels``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from genstress_ray.stages import png_bytes
+    from genstress_ray.data import png_bytes
 
     digits = get_source("digits", split="train").load()
     split = ["test" if y in search_labels else "train" for y in digits.labels.tolist()]

@@ -14,7 +14,8 @@ from genstress_ray.data import decode_images, to_float
 from conftest import TINY_STYLEGAN
 from genstress_ray.models import ModelError, get_model, save_checkpoint
 from genstress_ray.pipeline import run_campaign
-from genstress_ray.stages import SAMPLES_SCHEMA, ModelRef, load_classifier, load_generator
+from genstress_ray.models import ModelRef, load_classifier, load_generator
+from genstress_ray.storage import SAMPLES_SCHEMA
 from genstress_ray.storage import RunStore
 from genstress_ray.strategies import seed_codes
 

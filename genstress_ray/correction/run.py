@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from genstress_ray.config import CampaignConfig
 from genstress_ray.correction.finetune import FinetuneSettings, evaluate, region_accuracy, selection_score
@@ -30,10 +29,10 @@ from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import read_labels
 from genstress_ray.lease import RunLease
-from genstress_ray.pipeline import decode_region_samples, init_ray, load_split, model_ref, stage_constructor
-from genstress_ray.runs import run_config, with_overrides
-from genstress_ray.models import ModelRef, load_classifier, load_module
-from genstress_ray.storage import RunStore, read_bytes, write_bytes_atomic
+from genstress_ray.context import RunContext, load_split
+from genstress_ray.models import ModelRef, load_module
+from genstress_ray.pipeline import decode_region_samples, init_ray
+from genstress_ray.storage import CORRECTION_RESULTS, RunStore, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 METHODS = {"defuse": "finetune", "baseline": "baseline"}
@@ -136,7 +135,7 @@ def _publish(store: RunStore, trial: dict, method: str) -> str:
     dest = f"{store.stage_path('correction')}/{method}/{name}"
     store.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
     write_bytes_atomic(store.fs, dest, read_bytes(trial["checkpoint"], store.storage_options))
-    return f"{store.uri}/correction/{method}/{name}"
+    return store.stage_uri("correction", method, name)
 
 
 def run_correction(run_uri: str, overrides: dict | None = None, storage_options: dict | None = None,
@@ -155,26 +154,21 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
         >>> print(run_correction("genstress-runs/demo/r1").summary())  # doctest: +SKIP
     """
     started = time.time()
-    store = RunStore.from_uri(run_uri, storage_options)
-    manifest = store.read_manifest()
-    cfg = with_overrides(run_config(store, config, manifest), "correction", overrides)  # validated before any work
-    torch.set_num_threads(cfg.threads)
-    class_names, image_shape = manifest["class_names"], manifest["image_shape"]
+    # Overrides are validated before any work.
+    ctx = RunContext.open(run_uri, config, storage_options, {"correction": overrides} if overrides else None)
+    store = ctx.store
     labels = read_labels(store)
-    failure_labels, n_labelled = _region_labels(labels, class_names)
+    failure_labels, n_labelled = _region_labels(labels, ctx.class_names)
     # What decides the outcome: the settings and the labels (relabelling redoes the region sets too).
-    wanted = sorted([r, lab] for r, lab in failure_labels.items())
-    done_with = {"settings": cfg.correction.model_dump(mode="json"), "labels": labels_digest(labels)}
+    done_with = {"settings": ctx.cfg.correction.model_dump(mode="json"), "labels": labels_digest(labels)}
     if store.is_complete("correction") and store.marker("correction").get("made_with") == done_with:
         log.info("correction: already complete with these settings and labels, skipped")
-        return CorrectionResult(store.uri, json.loads(store.fs.cat_file(f"{store.stage_path('correction')}/results.json")))
+        return CorrectionResult(store.uri, store.read_json("correction", CORRECTION_RESULTS))
     with RunLease.for_store(store) as lease:
-        results = _correct(cfg, store, labels, failure_labels, n_labelled, wanted, class_names, image_shape,
-                           manifest, lease)
+        results = _correct(ctx, labels, failure_labels, n_labelled, lease)
         n_trials = results.pop("_trials")
         results["seconds"] = round(time.time() - started, 3)
-        write_bytes_atomic(store.fs, f"{store.stage_path('correction')}/results.json",
-                           json.dumps(results, indent=2, default=float).encode())
+        store.write_json("correction", results, CORRECTION_RESULTS)
         lease.check()
         store.complete_stage("correction", {"trials": n_trials, "made_with": done_with,
                                             "n_failure_regions": len(failure_labels)})
@@ -190,20 +184,14 @@ def labels_digest(labels: pa.Table) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
-def _correct(cfg: CampaignConfig, store: RunStore, labels: pa.Table, failure_labels: dict[int, int], n_labelled: int,
-             wanted: list, class_names: list[str], image_shape, manifest: dict, lease: RunLease) -> dict[str, Any]:
-    refs = {"classifier": model_ref(cfg.classifier, manifest["models"]["classifier"]),
-            "generator": model_ref(cfg.generator, manifest["models"]["generator"])}
-    classifier = load_classifier(refs["classifier"], class_names, image_shape)
+def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], n_labelled: int,
+             lease: RunLease) -> dict[str, Any]:
+    cfg, store = ctx.cfg, ctx.store
+    classifier = ctx.classifier()
     init_ray(cfg)
-    constructor = stage_constructor(cfg, refs, class_names, image_shape)
+    _ensure_region_sets(ctx, failure_labels, lease)
     results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
                                "n_failure_regions": len(failure_labels), "select_by": cfg.correction.select_by}
-    if failure_labels and not (store.is_complete("region_sets") and store.marker("region_sets").get("labels") == wanted):
-        lease.check()
-        info = build_region_sets(cfg, store, failure_labels, constructor)
-        lease.check()
-        store.complete_stage("region_sets", {**info, "labels": wanted})
     lease.check()
     store.begin_stage("correction")
     if not failure_labels:
@@ -211,21 +199,15 @@ def _correct(cfg: CampaignConfig, store: RunStore, labels: pa.Table, failure_lab
         results["before"] = evaluate(classifier.net, dataset_splits(cfg))
         trials = []
     else:
-        data = correction_data(cfg, store, labels, class_names)
+        data = correction_data(cfg, store, labels, ctx.class_names)
         results["before"] = evaluate(classifier.net, data)
         methods = {m: key for m, key in METHODS.items() if f"{key}_x" in data}
         if cfg.correction.baseline and "baseline" not in methods:
             results["message"] = "baseline skipped: the labels hold no individually labelled faults"
-        trials = _sweep(cfg, store, data, refs["classifier"], methods)
-        for method in methods:
-            mine = [t for t in trials if t["method"] == method]
-            best = max(mine, key=lambda t: selection_score(t, cfg.correction.select_by))
-            for t in mine:
-                t["selected"] = t is best
-            results[method] = {**{k: best[k] for k in RESULT_KEYS}, "lam": best["lam"],
-                               "checkpoint": _publish(store, best, method)}
+        trials = _sweep(cfg, store, data, ctx.models["classifier"], methods)
+        results.update(_select(ctx, trials, methods))
         _drop_trial_checkpoints(store)
-        ref = refs["classifier"]
+        ref = ctx.models["classifier"]
         chosen = {m: load_module(results[m]["checkpoint"], "auto", ref.architecture, ref.factory, ref.params)[0]
                   for m in methods}
         results["per_region"] = region_accuracy({"before": classifier.net, **chosen}, data)
@@ -236,13 +218,39 @@ def _correct(cfg: CampaignConfig, store: RunStore, labels: pa.Table, failure_lab
     return results
 
 
+def _ensure_region_sets(ctx: RunContext, failure_labels: dict[int, int], lease: RunLease) -> None:
+    """Make the ``region_sets`` stage unless it was made for these same region labels."""
+    store = ctx.store
+    wanted = sorted([r, lab] for r, lab in failure_labels.items())
+    if not failure_labels or (store.is_complete("region_sets") and store.marker("region_sets").get("labels") == wanted):
+        return
+    lease.check()
+    info = build_region_sets(ctx.cfg, store, failure_labels, ctx.stage_constructor())
+    lease.check()
+    store.complete_stage("region_sets", {**info, "labels": wanted})
+
+
+def _select(ctx: RunContext, trials: list[dict], methods: dict[str, str]) -> dict[str, dict]:
+    """Per method, the trial with the best ``select_by`` score (marked ``selected``), its figures and
+    its weights, published under ``correction/<method>/``."""
+    chosen = {}
+    for method in methods:
+        mine = [t for t in trials if t["method"] == method]
+        best = max(mine, key=lambda t: selection_score(t, ctx.cfg.correction.select_by))
+        for t in mine:
+            t["selected"] = t is best
+        chosen[method] = {**{k: best[k] for k in RESULT_KEYS}, "lam": best["lam"],
+                          "checkpoint": _publish(ctx.store, best, method)}
+    return chosen
+
+
 def _sweep(cfg: CampaignConfig, store: RunStore, data: dict, ref: ModelRef, methods: dict[str, str]) -> list[dict]:
     c = cfg.correction
     resources = TrialResources(c.workers, c.num_cpus_per_worker, c.use_gpu, c.threads, c.max_concurrent_trials)
     settings = FinetuneSettings(lam=0.0, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, seed=cfg.seed)
     log.info("correction: %d trials (%s x %d lambdas)", len(methods) * len(c.lambdas), "/".join(methods),
              len(c.lambdas))
-    trials = run_trials(data, ref, methods, c.lambdas, settings, resources, f"{store.uri}/correction/trials")
+    trials = run_trials(data, ref, methods, c.lambdas, settings, resources, store.stage_uri("correction", "trials"))
     for t in trials:
         log.info("correction: %-8s lambda %-8g val %.4f region val %.4f test %.4f region test %.4f", t["method"],
                  t["lam"], t["val_acc"], t["region_val_acc"], t["test_acc"], t["region_test_acc"])

@@ -11,20 +11,18 @@ from genstress_ray.data.base import (SPLITS, DataError, DatasetSource, ImageSet,
                                      split_indices, to_float, to_uint8)
 from genstress_ray.data.sources import (DigitsSource, FashionMnistSource, ImageFolderSource, MnistSource,
                                         ParquetSource, decode_images)
+from genstress_ray.registry import Registry
 
-_SOURCES: dict[str, type[DatasetSource]] = {}
+SOURCES: Registry[type[DatasetSource]] = Registry("dataset kind", DataError)
 
 
 def register_source(cls: type[DatasetSource]) -> type[DatasetSource]:
     """Register a ``DatasetSource`` subclass under its ``name`` (usable as a decorator)."""
-    if cls.name in _SOURCES:
-        raise ValueError(f"dataset kind {cls.name!r} is already registered (registered: {', '.join(list_sources())})")
-    _SOURCES[cls.name] = cls
-    return cls
+    return SOURCES.register(cls.name, cls)
 
 
 def list_sources() -> list[str]:
-    return sorted(_SOURCES)
+    return sorted(SOURCES)
 
 
 def source_options(kind: str) -> list[str]:
@@ -32,7 +30,7 @@ def source_options(kind: str) -> list[str]:
     import inspect
 
     names = []
-    for klass in _SOURCES[kind].__mro__:
+    for klass in SOURCES.get(kind).__mro__:
         if "__init__" in vars(klass):
             for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names:
@@ -42,14 +40,14 @@ def source_options(kind: str) -> list[str]:
 
 def get_source(kind: str, **params) -> DatasetSource:
     """Build the registered source ``kind`` with ``params`` (uri, split, limit, seed, ...)."""
-    if kind not in _SOURCES:
+    if kind not in SOURCES:
         raise DataError(f"data.kind: unknown dataset kind {kind!r}; allowed: {', '.join(list_sources())}")
-    return _SOURCES[kind](**params)
+    return SOURCES.get(kind)(**params)
 
 
 for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, ParquetSource):
     register_source(_cls)
 
-__all__ = ["SPLITS", "DataError", "class_name", "DatasetSource", "ImageSet", "decode_images", "get_source", "list_sources",
+__all__ = ["SOURCES", "SPLITS", "DataError", "class_name", "DatasetSource", "ImageSet", "decode_images", "get_source", "list_sources",
            "png_bytes", "png_uri", "register_source", "source_options",
            "split_indices", "to_float", "to_uint8"]

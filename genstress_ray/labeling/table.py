@@ -11,15 +11,11 @@ import time
 import pyarrow as pa
 
 from genstress_ray.lease import RunLease
-from genstress_ray.storage import RunStore
+from genstress_ray.storage import LABELS_SCHEMA, RunStore
 
 STAGE = "labels"
 NOT_A_FAILURE = "not a failure"
 SOURCES = ("oracle", "file", "label_studio", "human")
-LABELS_SCHEMA = pa.schema([
-    ("region_id", pa.int64()), ("sample_id", pa.string()), ("label", pa.string()), ("is_failure", pa.bool_()),
-    ("source", pa.string()), ("annotator", pa.string()), ("time", pa.float64()), ("agreement", pa.float64()),
-])
 
 
 class LabelError(ValueError):

@@ -53,8 +53,8 @@ class LatentGenerator(nn.Module):
     Decoded images are in [0, 1] with ``image_shape``.
     """
 
-    def __init__(self, net: nn.Module, image_shape: tuple[int, int, int]):
-        super().__init__()
+    def __init__(self, net: nn.Module, image_shape: tuple[int, int, int], num_classes: int | None = None):
+        super().__init__()  # num_classes: the generator protocols' common signature; a VAE needs none
         for method in ("encode", "decode"):
             if not callable(getattr(net, method, None)):
                 raise ModelError(f"latent generator {type(net).__name__} has no {method}() method")

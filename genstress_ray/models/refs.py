@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from genstress_ray.models.diffusion_generators import diffusion_generator
 from genstress_ray.models.loading import load_module
-from genstress_ray.models.protocols import Classifier, LatentGenerator, StyleGenerator
+from genstress_ray.models.protocols import Classifier
+from genstress_ray.models.registry import MODEL_KINDS
 from genstress_ray.storage import resolve_uri
 
 
@@ -34,14 +34,6 @@ def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Class
     return Classifier(ref.load(), class_names, image_shape).eval()
 
 
-# Generator kind (a strategy's ``generator_kind``) -> its protocol wrapper (module, image shape, classes).
-GENERATOR_PROTOCOLS = {
-    "latent_generator": lambda net, shape, classes: LatentGenerator(net, shape),
-    "style_generator": StyleGenerator,
-    "diffusion_model": diffusion_generator,
-}
-
-
 def load_generator(ref: ModelRef, image_shape, kind: str = "latent_generator", num_classes: int | None = None):
-    """The generator at ``ref`` behind the protocol of ``kind`` (see ``GENERATOR_PROTOCOLS``)."""
-    return GENERATOR_PROTOCOLS[kind](ref.load(), image_shape, num_classes).eval()
+    """The generator at ``ref`` behind the protocol of its model ``kind`` (``MODEL_KINDS``)."""
+    return MODEL_KINDS.get(kind).wrap(ref.load(), image_shape, num_classes).eval()

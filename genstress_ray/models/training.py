@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genstress_ray.data import ImageSet, to_float
-from genstress_ray.models.diffusion import train_ddpm
-from genstress_ray.models.gan_training import train_stylegan
 from genstress_ray.models.loading import save_checkpoint
-from genstress_ray.models.registry import get_model
+from genstress_ray.models.registry import MODEL_KINDS, get_model
 from genstress_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -128,10 +126,6 @@ def train_vae(train: ImageSet, validation: ImageSet | None = None, architecture:
     return model.eval(), {"params": params, **metrics}
 
 
-TRAINERS = {"classifier": train_classifier, "latent_generator": train_vae, "style_generator": train_stylegan,
-            "diffusion_model": train_ddpm}
-
-
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block on ``n`` torch threads, restoring the previous count after.
@@ -159,8 +153,8 @@ def train_and_save(role: str, architecture: str, train: ImageSet, validation: Im
     """Train a built-in model on ``threads`` torch threads and write it as a self-describing
     safetensors checkpoint at ``uri``."""
     with torch_threads(threads):
-        model, metrics = TRAINERS[role](train, validation, architecture=architecture, params=params,
-                                        **(settings or {}))
+        model, metrics = MODEL_KINDS.get(role).train(train, validation, architecture=architecture, params=params,
+                                                     **(settings or {}))
     metrics["threads"] = threads
     save_checkpoint(model, uri, architecture, metrics.pop("params"),
                     extra={"role": role, "class_names": train.class_names, "metrics": metrics})

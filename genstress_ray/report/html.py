@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 from collections import Counter
 
 import matplotlib
@@ -24,13 +23,10 @@ from PIL import Image  # noqa: E402
 from genstress_ray.data import class_name, png_bytes, png_uri  # noqa: E402
 
 from genstress_ray.labeling.oracle import reviewed_samples  # noqa: E402
-from genstress_ray.labeling.table import STAGE as LABELS_STAGE  # noqa: E402
 from genstress_ray.regions import region_log_density, region_pairs  # noqa: E402
-from genstress_ray.storage import RunStore, write_bytes_atomic  # noqa: E402
+from genstress_ray.storage import CORRECTION_RESULTS, REPORT_PAGE, RunStore, write_bytes_atomic  # noqa: E402
 
-REPORT_STAGE = "report"
 TILE = 112  # pixels: the smallest side of an image tile
-CORRECTION_STAGE = "correction"
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
@@ -83,10 +79,10 @@ def _tradeoff_plot(trials: list[dict], before: dict) -> str:
 
 
 def _correction_section(store: RunStore) -> str:
-    if not store.is_complete(CORRECTION_STAGE):
+    if not store.is_complete("correction"):
         return ("<p>Not corrected yet: label the regions (<code>genstress label</code>), then run "
                 "<code>genstress correct</code>.</p>")
-    results = json.loads(store.fs.cat_file(f"{store.stage_path(CORRECTION_STAGE)}/results.json"))
+    results = store.read_json("correction", CORRECTION_RESULTS)
     head = (f"<p>{results['n_failure_regions']} failure regions of {results['n_regions']} regions "
             f"({results['n_labelled_regions']} labelled); lambda chosen by {html.escape(results['select_by'])} "
             f"validation accuracy.</p>")
@@ -101,7 +97,7 @@ def _correction_section(store: RunStore) -> str:
                         f"<td>{r.get('region_test_acc', float('nan')):.4f}</td><td>{lam}</td></tr>")
     table = ("<table id='before-after'><tr><th></th><th>test accuracy</th><th>region test accuracy</th>"
              f"<th>lambda</th></tr>{''.join(rows)}</table>")
-    trials = store.read_table(CORRECTION_STAGE).to_pylist()
+    trials = store.read_table("correction").to_pylist()
     plot = f"<div class='plots'><img src='{_tradeoff_plot(trials, results['before'])}' alt='lambda trade-off'></div>" \
         if trials else ""
     return head + table + plot
@@ -114,10 +110,9 @@ def _table(rows: list[tuple[str, object]]) -> str:
 
 def _assessment_section(store: RunStore) -> str:
     """The headline figures of ``genstress assess``, when the run has been assessed."""
-    path = f"{store.path}/assessment.json"
-    if not store.fs.exists(path):
+    if not store.fs.exists(store.stage_path("assessment")):
         return "<p>Not assessed yet: run <code>genstress assess RUN</code>.</p>"
-    a = json.loads(store.fs.cat_file(path))
+    a = store.read_json("assessment")
     if "sweep" in a:
         return _sweep_table(a)
     rows = [("faults per candidate / per generator call",
@@ -262,12 +257,11 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
                                                 [r["n_members"] for r in regions], "region sizes", "faults in region")))
 
     labels = {}
-    if store.is_complete(LABELS_STAGE):
-        labels = {r["region_id"]: r for r in store.read_table(LABELS_STAGE).to_pylist() if r["region_id"] is not None}
+    if store.is_complete("labels"):
+        labels = {r["region_id"]: r for r in store.read_table("labels").to_pylist() if r["region_id"] is not None}
     per_region_acc = {}
-    if store.is_complete(CORRECTION_STAGE):
-        per_region_acc = json.loads(store.fs.cat_file(f"{store.stage_path(CORRECTION_STAGE)}/results.json")
-                                    ).get("per_region", {})
+    if store.is_complete("correction"):
+        per_region_acc = store.read_json("correction", CORRECTION_RESULTS).get("per_region", {})
     shown: dict[int, list[dict]] = {}
     samples = store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"])
     for s in reviewed_samples(samples, per_region).to_pylist():
@@ -317,6 +311,6 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
 def write_report(store: RunStore, per_region: int = 16) -> str:
     """Write ``<run>/report/index.html`` atomically and return its URI."""
     page = build_report(store, per_region)
-    store.fs.makedirs(store.stage_path(REPORT_STAGE), exist_ok=True)
-    write_bytes_atomic(store.fs, f"{store.stage_path(REPORT_STAGE)}/index.html", page.encode())
-    return f"{store.uri}/{REPORT_STAGE}/index.html"
+    store.fs.makedirs(store.stage_path("report"), exist_ok=True)
+    write_bytes_atomic(store.fs, f"{store.stage_path('report')}/{REPORT_PAGE}", page.encode())
+    return store.stage_uri("report", REPORT_PAGE)

@@ -8,10 +8,30 @@ subtracts the Beta mean a / (a + b).
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import Annotated, Literal
 
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import Field
+
+from genstress_ray.strategies.base import Strategy, StrategyParams
 from genstress_ray.strategies.seeds import row_rng
+
+
+class DefuseParams(StrategyParams):
+    """Defuse identification: ``draws`` Beta(a, b) noise vectors per image added to its latent mean."""
+
+    name: Literal["defuse"] = "defuse"
+    a: Annotated[float, Field(gt=0)] = 0.75
+    b: Annotated[float, Field(gt=0)] = 0.75
+    draws: Annotated[int, Field(gt=0)] = 50
+    centred: bool = False
+    keep: Literal["faults", "all"] = "faults"
+    max_faults_per_image: Annotated[int, Field(gt=0)] = 5
+    # Count no faults around an image whose own reconstruction the classifier already gets wrong:
+    # those are the generator's failures, not the classifier's.
+    only_correct_reconstructions: bool = False
 
 
 def beta_noise(source_ids: list[str], latent_dim: int, draws: int, a: float, b: float, seed: int,
@@ -47,3 +67,14 @@ def select_candidates(fault: torch.Tensor, noise_norm: torch.Tensor, max_per_ima
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
     return fault & (rank < max_per_image)
+
+
+def image_rows(params: DefuseParams, search, generator) -> pa.Table:
+    """The search starts from every image of ``data.search`` (its pixels travel in the rows)."""
+    flat = search.images.reshape(len(search), -1)
+    return pa.table({"source_id": search.source_ids, "source_label": search.labels,
+                     "image": [row.tobytes() for row in flat]})
+
+
+DEFUSE = Strategy("defuse", DefuseParams, "latent_generator", image_rows, stage="genstress_ray.stages.defuse:DefuseSearch",
+                  assess="genstress_ray.assessment:assess_search", report="genstress_ray.report.html:search_table")

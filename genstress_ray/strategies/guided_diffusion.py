@@ -13,10 +13,15 @@ pixel model and Stable Diffusion.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
+import numpy as np
+import pyarrow as pa
 import torch
+from pydantic import Field, field_validator
 
+from genstress_ray.metrics import class_subset
+from genstress_ray.strategies.base import Strategy, StrategyParams
 from genstress_ray.strategies.kldb import kldb_guidance_step
 
 # Deterministic schedulers by config name -> diffusers class name (imported when a sampler is built:
@@ -110,3 +115,73 @@ def guided_sample(noise_pred: NoisePred, scheduler, noise: torch.Tensor, decode:
             latents = scheduler.step(eps(latents, t, i, everyone), t, latents).prev_sample
     with torch.no_grad():
         return latents, decode(latents), moved
+
+
+# The paper's grid (Gomes et al.): alpha = 0 is the prompt-only baseline.
+PAPER_ALPHAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0]
+PAPER_BETAS = [3.0, 6.0, 9.0]
+
+
+class KldbParams(StrategyParams):
+    """KLDB-guided diffusion toward the decision boundary of the classes named in ``classes``.
+
+    Every (alpha, beta) of the sweep samples the same ``seeds`` initial noises, so grid points differ only
+    by the guidance. ``alphas`` scale the KLDB step (0 = prompt only), applied every ``guidance_every``
+    (k) of ``steps`` denoising steps of a deterministic ``scheduler``; ``betas`` are classifier-free
+    guidance scales. The prompt conditions on the classes of C: the pixel model alternates over their
+    class embeddings step by step; Stable Diffusion gets ``prompt`` ("{classes}" is replaced by the
+    names joined with "and"). A sample is kept as a boundary candidate (``fault``) when its KLDB, on
+    the classifier under test, is at most ``boundary_kldb`` (0.1 is about a 70/30 split of 2 classes).
+    """
+
+    name: Literal["kldb"] = "kldb"
+    classes: Annotated[list[str], Field(min_length=2)]
+    seeds: Annotated[int, Field(gt=0)] = 200
+    alphas: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = PAPER_ALPHAS
+    betas: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = PAPER_BETAS
+    steps: Annotated[int, Field(gt=0)] = 40
+    guidance_every: Annotated[int, Field(ge=1)] = 5
+    scheduler: str = "lms"
+    prompt: str = "a photo of a {classes}"
+    negative_prompt: str = ""
+    boundary_kldb: Annotated[float, Field(gt=0)] = 0.1
+    # Fit a temperature for the classifier on data.validation before guiding (the reference code's advice).
+    calibrate: bool = False
+    keep: Literal["boundary", "all"] = "all"
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"classes {v}: a class is named twice")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _deterministic(cls, v):
+        return check_scheduler(v)
+
+
+def sweep_rows(params: KldbParams, search, generator) -> pa.Table:
+    """Every seed at every (alpha, beta) of the sweep (``draw`` = the grid point)."""
+    grid = [(a, b) for b in params.betas for a in params.alphas]
+    point, seed = np.divmod(np.arange(len(grid) * params.seeds), params.seeds)
+    return pa.table({"source_id": [f"seed:{i}" for i in seed], "source_label": np.full(len(seed), -1),
+                     "alpha": np.asarray([grid[g][0] for g in point], np.float64),
+                     "beta": np.asarray([grid[g][1] for g in point], np.float64), "draw": point})
+
+
+def boundary_spec(params: KldbParams, class_names: list[str], temperature: Callable[[], float]) -> dict:
+    """What every stage scores a KLDB run's candidates against: the indices of C, the boundary threshold
+    and, with ``calibrate``, the classifier's fitted temperature."""
+    try:
+        subset = class_subset(params.classes, class_names).nonzero().squeeze(1).tolist()
+    except ValueError as exc:
+        raise ValueError(f"strategy.classes: {exc}") from None
+    return {"subset": subset, "threshold": params.boundary_kldb,
+            "temperature": temperature() if params.calibrate else 1.0}
+
+
+KLDB = Strategy("kldb", KldbParams, "diffusion_model", sweep_rows, stage="genstress_ray.stages.kldb:KldbSearch",
+                assess="genstress_ray.assessment:assess_sweep", report="genstress_ray.report.html:sweep_table",
+                boundary=boundary_spec)

@@ -14,9 +14,30 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import torch
+from pydantic import Field
+
+from genstress_ray.strategies.base import Strategy
+from genstress_ray.strategies.seeds import StyleSearchParams, seed_rows
+
+
+class MixingParams(StyleSearchParams):
+    """Latent code mixing toward the classifier's ``top_k`` runner-up classes over ``layer_sets``
+    (default: every single layer and the coarse/middle/fine thirds), with a binary search on the
+    mixing weight of at most ``max_iterations`` steps down to a bracket of ``tolerance``.
+    ``budget_seconds`` stops a seed's searches after that long (a safety stop: past it, results
+    depend on the machine's speed). ``target_tries`` codes per seed look for runner-up class codes
+    when the generator is unconditional."""
+
+    name: Literal["mixing"] = "mixing"
+    top_k: Annotated[int, Field(gt=0)] = 2
+    layer_sets: list[list[Annotated[int, Field(ge=0)]]] | None = None
+    max_iterations: Annotated[int, Field(gt=0, le=64)] = 20
+    tolerance: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+    budget_seconds: Annotated[float, Field(gt=0)] = 60.0
+    target_tries: Annotated[int, Field(gt=0)] = 8
 
 
 def default_layer_sets(num_ws: int) -> list[list[int]]:
@@ -146,3 +167,14 @@ def boundary_search(probe: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     for i in (flipped & (iterations >= max_iterations) & (weight - lower > tolerance)).nonzero().squeeze(1).tolist():
         stop[i] = "max_iterations"
     return BoundarySearch(lower, weight, flipped, probed, iterations, stop, budget.long() - remaining)
+
+
+def check_layer_sets(params: MixingParams, generator) -> None:
+    """The configured layer sets must name layers the generator has (a ValueError says which)."""
+    if params.layer_sets:
+        layer_masks(params.layer_sets, generator.num_ws)
+
+
+MIXING = Strategy("mixing", MixingParams, "style_generator", seed_rows, stage="genstress_ray.stages.style:MixingSearch",
+                  assess="genstress_ray.assessment:assess_mixing", report="genstress_ray.report.html:search_table",
+                  check_generator=check_layer_sets)

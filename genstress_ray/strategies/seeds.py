@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
+from pydantic import Field
+
+from genstress_ray.strategies.base import StrategyParams
 
 
 def row_rng(seed: int, source_id: str) -> np.random.Generator:
@@ -33,3 +38,23 @@ def seed_codes(source_ids: list[str], z_dim: int, count: int, seed: int) -> torc
     torch.Size([1, 3, 4])
     """
     return seed_noise(source_ids, (count, z_dim), seed)
+
+
+class StyleSearchParams(StrategyParams):
+    """What the style-based strategies share: the seed list and the per-seed generator-call budget.
+
+    Seed i is class ``i % num_classes`` (for a conditional generator) with a code drawn from its own
+    stream, so a seed list is the same for every strategy and every way of batching it.
+    """
+
+    seeds: Annotated[int, Field(gt=0)] = 1000
+    # Generator calls (images synthesised) per seed.
+    budget_calls: Annotated[int, Field(gt=0)] = 60
+    keep: Literal["faults", "all"] = "faults"
+
+
+def seed_rows(params: StyleSearchParams, search, generator) -> pa.Table:
+    """The seed list: seed i is class i % K for a conditional generator (-1: the generator decides)."""
+    n, k = params.seeds, len(search.class_names)
+    labels = np.arange(n) % k if getattr(generator, "c_dim", 1) else np.full(n, -1)
+    return pa.table({"source_id": [f"seed:{i}" for i in range(n)], "source_label": labels.astype(np.int64)})

@@ -7,10 +7,31 @@ bound [-r, r]. Each candidate records its psi and r.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
-from genstress_ray.strategies.seeds import row_rng
+from genstress_ray.strategies.base import Strategy
+from genstress_ray.strategies.seeds import StyleSearchParams, row_rng, seed_rows
+
+
+class TruncationParams(StyleSearchParams):
+    """Random truncation: ``budget_calls`` samples per seed's class, truncated toward w_avg by the psi
+    schedule and, with ``clip_probability``, with z clipped to a bound drawn from ``clip_range``."""
+
+    name: Literal["truncation"] = "truncation"
+    psi: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    clip_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = (1.0, 3.0)
+    clip_probability: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+    @field_validator("clip_range")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"clip_range {list(v)}: the low bound must not exceed the high one")
+        return v
 
 
 def truncate(ws: torch.Tensor, w_avg: torch.Tensor, psi) -> torch.Tensor:
@@ -51,3 +72,8 @@ def truncation_plan(source_ids: list[str], draws: int, psi_schedule: list[float]
             clip = rng.random(draws) < clip_probability
             bounds[i, clip] = rng.uniform(*clip_range, size=draws)[clip]
     return psi.expand(len(source_ids), -1).clone(), torch.from_numpy(bounds)
+
+
+TRUNCATION = Strategy("truncation", TruncationParams, "style_generator", seed_rows,
+                      stage="genstress_ray.stages.style:TruncationSearch",
+                      assess="genstress_ray.assessment:assess_search", report="genstress_ray.report.html:search_table")

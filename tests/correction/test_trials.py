@@ -4,7 +4,7 @@ import torch
 from genstress_ray.correction import FinetuneSettings, TrialResources, run_trials, save_finetuned
 from genstress_ray.correction.finetune import accuracy
 from genstress_ray.models import load_module
-from genstress_ray.stages import ModelRef
+from genstress_ray.models import ModelRef
 
 from conftest import TINY_CNN
 

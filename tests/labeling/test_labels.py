@@ -10,7 +10,7 @@ from genstress_ray.labeling import (NOT_A_FAILURE, LabelError, oracle_labels, re
                                     write_labels)
 from genstress_ray.models import Classifier
 from genstress_ray.regions import REGIONS_SCHEMA
-from genstress_ray.stages import png_bytes
+from genstress_ray.data import png_bytes
 from genstress_ray.storage import RunStore
 
 CLASSES = ["dark", "bright"]

@@ -109,7 +109,7 @@ def test_the_stage_writes_samples_rows_from_stable_diffusion(tiny_sd, tmp_path):
 
     from genstress_ray.data import decode_images
     from genstress_ray.models import save_checkpoint
-    from genstress_ray.stages import ModelRef
+    from genstress_ray.models import ModelRef
     from genstress_ray.stages.kldb import KldbSearch
     from genstress_ray.storage import SAMPLES_SCHEMA
 
