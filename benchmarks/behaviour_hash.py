@@ -104,6 +104,7 @@ def main() -> int:
     args = parser.parse_args()
     env = {**os.environ, "GENSTRESS_CACHE": args.cache}
     out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = {"commit": commit, "runs": {}}
     for name in args.only:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
-import warnings
 
 from genstress_ray.config import ConfigError
+from genstress_ray.console import HideRayNotices, configure_output
 from genstress_ray.data import DataError, get_source
 from genstress_ray.labeling import LabelError
 from genstress_ray.models import ModelError, train_and_save
@@ -348,78 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _ProgressHandler(logging.StreamHandler):
-    """Progress records (``extra={"progress": True}``) update one line in place on a terminal and
-    appear at most every 30 s elsewhere (a log file, CI); every other record is a line of its own."""
-
-    def __init__(self):
-        super().__init__()
-        self.open_line = False
-        self.last = 0.0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr  # the current one (tests and callers may swap it)
-        self.tty = self.stream.isatty()
-        progress = getattr(record, "progress", False)
-        if progress and not self.tty:
-            if time.time() - self.last < 30:
-                return
-            self.last = time.time()
-        msg = self.format(record)
-        if progress and self.tty:
-            self.stream.write(f"\r{msg}\x1b[K")
-            self.open_line = True
-        else:
-            self.stream.write(("\r" if self.open_line and self.tty else "") + msg + "\x1b[K" * self.tty + "\n")
-            self.open_line = False
-        self.flush()
-
-
-class _HideRayNotices:
-    """Standard output without Ray's raylet notice that many worker processes were started (on 2
-    cores a correction sweep starts ~18 for its trials: expected, not an error). Ray prints it from a
-    thread straight to sys.stdout; it stays in Ray's log files. Everything else passes through."""
-
-    NOTICE = "worker processes have been started"
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.dropped = False
-
-    def write(self, text: str) -> int:
-        if "(raylet" in text and self.NOTICE in text:
-            self.dropped = True  # print() writes the line, then its newline
-            return len(text)
-        if self.dropped and text == "\n":
-            self.dropped = False
-            return len(text)
-        self.dropped = False
-        return self.stream.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def _configure_output(verbose: bool) -> None:
-    """By default: the library's own log lines and one progress line per stage; Ray's progress bars,
-    worker logs and info lines only with --verbose."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s",
-                        stream=sys.stderr)
-    handler = _ProgressHandler()
-    handler.setFormatter(logging.Formatter("genstress: %(message)s"))
-    library = logging.getLogger("genstress_ray")
-    for old in [h for h in library.handlers if isinstance(h, _ProgressHandler)]:
-        library.removeHandler(old)
-    library.setLevel(logging.INFO)
-    library.addHandler(handler)
-    library.propagate = False
-    os.environ["GENSTRESS_VERBOSE"] = "1" if verbose else "0"
-    if not verbose:
-        warnings.filterwarnings("ignore", category=UserWarning)
-        for name in ("ray", "ray.data", "ray.train", "ray.tune"):  # before Ray's first (auth) warning
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _shutdown_ray() -> None:
     """Stop the local Ray cluster this command started (or leave a remote one), on every exit path."""
     ray = sys.modules.get("ray")
@@ -429,10 +356,10 @@ def _shutdown_ray() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_output(args.verbose)
+    configure_output(args.verbose)
     stdout = sys.stdout
     if not args.verbose:
-        sys.stdout = _HideRayNotices(stdout)
+        sys.stdout = HideRayNotices(stdout)
     try:
         return args.func(args)
     except USER_ERRORS as exc:

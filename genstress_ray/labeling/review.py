@@ -154,6 +154,17 @@ class ReviewServer:
         self.httpd.server_close()
 
 
+def _label_request(body: bytes) -> tuple[int, str]:
+    """The (region id, label) of a POST to /api/label; a ValueError (or KeyError) says what is wrong."""
+    data = json.loads(body or b"{}")
+    region, label = data["region_id"], data["label"]
+    if isinstance(region, bool) or not isinstance(region, int):
+        raise ValueError(f"region_id must be a whole number, got {region!r}")
+    if not isinstance(label, str):
+        raise ValueError(f"label must be a string, got {label!r}")
+    return region, label
+
+
 def _handler(server: ReviewServer):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt, *args):  # keep the terminal for the URL and errors
@@ -204,12 +215,7 @@ def _handler(server: ReviewServer):
                 return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                   {"error": f"request body of {length} bytes; at most {MAX_BODY}"})
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-                region, label = body["region_id"], body["label"]
-                if isinstance(region, bool) or not isinstance(region, int):
-                    raise ValueError(f"region_id must be a whole number, got {region!r}")
-                if not isinstance(label, str):
-                    raise ValueError(f"label must be a string, got {label!r}")
+                region, label = _label_request(self.rfile.read(length))
                 server.review.save(region, label)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:  # LabelError is a ValueError
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})

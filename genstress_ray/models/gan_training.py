@@ -61,6 +61,50 @@ def sample_validity(generator: nn.Module, reference: nn.Module, per_class: int =
     return float((reference.eval()(images).argmax(1) == labels).float().mean())
 
 
+def _generator_optimizer(gen: nn.Module, lr: float, mapping_lr: float) -> torch.optim.Optimizer:
+    """Modulated weights are scaled at run time (equalized learning rate), so they take StyleGAN's
+    large rate; plain Linear layers (mapping, style affines) a smaller one."""
+    linear = [p for m in gen.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
+    linear_ids = {id(p) for p in linear}
+    scaled = [p for p in gen.parameters() if id(p) not in linear_ids]
+    return torch.optim.Adam([{"params": scaled, "lr": lr}, {"params": linear, "lr": mapping_lr}], betas=(0.0, 0.99))
+
+
+def _discriminator_step(gen, disc, opt, real, labels, c_real, c_fake, mixing_prob: float, ac_weight: float,
+                        r1_gamma: float, r1_every: int) -> float:
+    """Non-saturating loss on real and fake images, the auxiliary class loss on real ones, and (when
+    ``r1_gamma`` > 0: every ``r1_every`` steps, lazily scaled) the R1 penalty."""
+    with torch.no_grad():
+        fake = gen.synthesis(sample_ws(gen, torch.randn(len(real), gen.z_dim), c_fake, mixing_prob))
+    r1 = r1_gamma > 0
+    real.requires_grad_(r1)
+    s_real, cls_real = disc(real, c_real)
+    s_fake, _ = disc(fake, c_fake)
+    loss = F.softplus(s_fake).mean() + F.softplus(-s_real).mean()
+    if cls_real is not None:
+        loss = loss + ac_weight * F.cross_entropy(cls_real, labels)
+    if r1:
+        grad, = torch.autograd.grad(s_real.sum(), real, create_graph=True)
+        loss = loss + r1_gamma / 2 * grad.square().sum(dim=(1, 2, 3)).mean() * r1_every
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    real.requires_grad_(False)
+    return loss.item()
+
+
+def _generator_step(gen, disc, opt, c_fake, mixing_prob: float, ac_weight: float) -> tuple[float, float]:
+    """Non-saturating generator loss plus the auxiliary class loss on its images."""
+    fake = gen.synthesis(sample_ws(gen, torch.randn(len(c_fake), gen.z_dim), c_fake, mixing_prob))
+    s_fake, cls_fake = disc(fake, c_fake)
+    loss = F.softplus(-s_fake).mean()
+    ac = F.cross_entropy(cls_fake, c_fake.argmax(1)) if cls_fake is not None else torch.zeros(())
+    opt.zero_grad(set_to_none=True)
+    (loss + ac_weight * ac).backward()
+    opt.step()
+    return loss.item(), ac.item()
+
+
 def train_stylegan(train: ImageSet, validation: ImageSet | None = None, architecture: str = "small_stylegan",
                    params: dict | None = None, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3,
                    mapping_lr: float = 2e-4, d_lr: float = 2e-4, r1_gamma: float = 1.0, r1_every: int = 4,
@@ -78,12 +122,7 @@ def train_stylegan(train: ImageSet, validation: ImageSet | None = None, architec
     params = {"in_shape": list(train.image_shape), "num_classes": k, **(params or {})}
     gen = get_model(architecture, **params)
     disc = StyleDiscriminator(params["in_shape"], params["num_classes"])
-    # Modulated weights are scaled at run time (equalized learning rate), so they take StyleGAN's
-    # large rate; plain Linear layers (mapping, style affines) a smaller one.
-    linear = [p for m in gen.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
-    linear_ids = {id(p) for p in linear}
-    scaled = [p for p in gen.parameters() if id(p) not in linear_ids]
-    g_opt = torch.optim.Adam([{"params": scaled, "lr": lr}, {"params": linear, "lr": mapping_lr}], betas=(0.0, 0.99))
+    g_opt = _generator_optimizer(gen, lr, mapping_lr)
     d_opt = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=(0.0, 0.99))
     x_all, y_all = train.tensors()
     x_all = x_all * 2 - 1
@@ -97,32 +136,11 @@ def train_stylegan(train: ImageSet, validation: ImageSet | None = None, architec
             real, labels = x_all[idx], y_all[idx]
             c_real = one_hot(labels, k)
             c_fake = one_hot(torch.randint(0, max(k, 1), (batch_size,)), k)
-            # Discriminator step.
-            with torch.no_grad():
-                fake = gen.synthesis(sample_ws(gen, torch.randn(batch_size, gen.z_dim), c_fake, mixing_prob))
-            r1 = step % r1_every == 0 and r1_gamma > 0
-            real.requires_grad_(r1)
-            s_real, cls_real = disc(real, c_real)
-            s_fake, _ = disc(fake, c_fake)
-            d_loss = F.softplus(s_fake).mean() + F.softplus(-s_real).mean()
-            if cls_real is not None:
-                d_loss = d_loss + ac_weight * F.cross_entropy(cls_real, labels)
-            if r1:
-                grad, = torch.autograd.grad(s_real.sum(), real, create_graph=True)
-                d_loss = d_loss + r1_gamma / 2 * grad.square().sum(dim=(1, 2, 3)).mean() * r1_every
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            real.requires_grad_(False)
-            # Generator step.
-            fake = gen.synthesis(sample_ws(gen, torch.randn(batch_size, gen.z_dim), c_fake, mixing_prob))
-            s_fake, cls_fake = disc(fake, c_fake)
-            g_loss = F.softplus(-s_fake).mean()
-            ac = F.cross_entropy(cls_fake, c_fake.argmax(1)) if cls_fake is not None else torch.zeros(())
-            g_opt.zero_grad(set_to_none=True)
-            (g_loss + ac_weight * ac).backward()
-            g_opt.step()
-            sums += (d_loss.item(), g_loss.item(), ac.item())
+            r1 = r1_gamma if step % r1_every == 0 else 0.0
+            d_loss = _discriminator_step(gen, disc, d_opt, real, labels, c_real, c_fake, mixing_prob, ac_weight,
+                                         r1, r1_every)
+            g_loss, ac = _generator_step(gen, disc, g_opt, c_fake, mixing_prob, ac_weight)
+            sums += (d_loss, g_loss, ac)
             step += 1
         steps = max(1, len(order) // batch_size)
         validity = sample_validity(gen, reference) if reference is not None and k else None

@@ -24,6 +24,8 @@ from genstress_ray.data import class_name, png_bytes, png_uri  # noqa: E402
 
 from genstress_ray.labeling.oracle import reviewed_samples  # noqa: E402
 from genstress_ray.regions import region_log_density, region_pairs  # noqa: E402
+from genstress_ray.registry import resolve  # noqa: E402
+from genstress_ray.strategies import STRATEGIES  # noqa: E402
 from genstress_ray.storage import CORRECTION_RESULTS, REPORT_PAGE, RunStore, write_bytes_atomic  # noqa: E402
 
 TILE = 112  # pixels: the smallest side of an image tile
@@ -113,8 +115,11 @@ def _assessment_section(store: RunStore) -> str:
     if not store.fs.exists(store.stage_path("assessment")):
         return "<p>Not assessed yet: run <code>genstress assess RUN</code>.</p>"
     a = store.read_json("assessment")
-    if "sweep" in a:
-        return _sweep_table(a)
+    return resolve(STRATEGIES.get(a.get("strategy", "defuse")).report)(a)
+
+
+def search_table(a: dict) -> str:
+    """A search's assessment: fault detection, validity, diversity (and SSIM and bisection for mixing)."""
     rows = [("faults per candidate / per generator call",
              f"{a['fault_detection']['faults_per_candidate']:.4f} / {a['fault_detection']['faults_per_call']:.4f}"),
             ("valid faults (VAE reconstruction within the real "
@@ -130,7 +135,7 @@ def _assessment_section(store: RunStore) -> str:
     return _table(rows)
 
 
-def _sweep_table(a: dict) -> str:
+def sweep_table(a: dict) -> str:
     """KLDB guidance per (alpha, beta): how close to the boundary of C, and how far from real images."""
     head = ["beta", "alpha", "samples", "median KLDB", "median entropy", "top-|C| in C", "on the boundary",
             "Frechet distance to real C"]
@@ -223,6 +228,61 @@ def _failure_table(regions: list[dict], labels: dict, per_region: dict, class_na
             + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
 
 
+def _summary(store: RunStore, manifest: dict) -> str:
+    counts = manifest.get("row_counts", {})
+    rate = counts.get("faults", 0) / counts["candidates"] if counts.get("candidates") else 0.0
+    strategy = manifest.get("config", {}).get("strategy", {})
+    return _table([("campaign", manifest.get("campaign")), ("run", store.uri),
+                   ("strategy", ", ".join(f"{k}={v}" for k, v in strategy.items())),
+                   ("candidates", counts.get("candidates", 0)), ("faults", f"{counts.get('faults', 0)} ({rate:.1%})"),
+                   ("rows kept", counts.get("samples", 0)), ("non-finite dropped", counts.get("nonfinite_dropped", 0)),
+                   ("regions", counts.get("regions", 0)),
+                   ("stage seconds", ", ".join(f"{k} {v}" for k, v in manifest.get("timings", {}).items()))])
+
+
+def _plots(store: RunStore, names: list[str], regions: list[dict]) -> str:
+    """Kept faults by class, and region sizes."""
+    faults = store.read_table("identify", columns=["source_label", "pred"], filter=pc.field("fault"))
+    by_class = Counter(faults["source_label"].to_pylist())
+    plotted = ("true class", "kept faults by true class")
+    if faults.num_rows and set(by_class) == {-1}:  # KLDB's boundary samples have no intended class
+        by_class, plotted = Counter(faults["pred"].to_pylist()), ("predicted class", "boundary samples by predicted class")
+    plots = [(plotted[1], _bar_plot([class_name(names, c) for c in range(len(names))],
+                                    [by_class.get(c, 0) for c in range(len(names))], plotted[1], "faults"))]
+    if regions:
+        plots.append(("region sizes", _bar_plot([f"region {r['region_id']}" for r in regions],
+                                                [r["n_members"] for r in regions], "region sizes", "faults in region")))
+    return "".join(f"<img src='{uri}' alt='{html.escape(title, quote=True)}'>" for title, uri in plots)
+
+
+def _region_section(r: dict, label: dict | None, accuracy: dict, examples: list[dict], shown: list[dict],
+                    names: list[str]) -> str:
+    """One region: its figures and verdict, faults next to their source images, samples drawn from it."""
+    rid = r["region_id"]
+    name = (lambda i: class_name(names, i))
+    failure = bool(label and label["is_failure"])
+    verdict = "not labelled yet" if label is None else (
+        f"<span class='failure'>failure region, label {html.escape(label['label'])}</span>" if failure
+        else "labelled: not a failure")
+    pairs = "".join(
+        "<div class='pair'>" + (f"<img src='{_tile(e['source_image'])}' alt='source {html.escape(e['source_id'])}'>"
+                                if e["source_image"] else "")
+        + f"<img src='{_tile(e['image'])}' alt='fault {html.escape(e['sample_id'])}'>"
+        f"<span>{'source, then fault: ' if e['source_image'] else ''}true {html.escape(name(e['source_label']))}"
+        f", predicted {html.escape(name(e['pred']))}</span></div>" for e in examples)
+    cells = "".join(
+        f"<div class='cell'><img src='{_tile(s['image'])}' alt='region {rid} sample {s['draw']}'>"
+        f"predicted {html.escape(name(s['pred']))}</div>" for s in shown)
+    acc = ("; region accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items() if k != "n")) if accuracy else ""
+    return (f"<section id='region-{rid}'><h3>Region {rid}</h3>"
+            f"<p>weight {r['weight']:.3f}, {r['n_members']} faults; {html.escape(region_pairs(r, names, 3))}; "
+            f"{verdict}{acc}</p>"
+            + (f"<h4>Faults found, next to the image each was made from</h4><div class='grid'>{pairs}</div>"
+               if pairs else "")
+            + (f"<h4>Samples drawn from the region{' (label ' + html.escape(label['label']) + ')' if failure else ''}"
+               f"</h4><div class='grid'>{cells}</div>" if cells else "") + "</section>")
+
+
 def build_report(store: RunStore, per_region: int = 16) -> str:
     """The report's HTML for the run in ``store`` (its stages must have finished).
 
@@ -232,30 +292,8 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     """
     manifest = store.read_manifest()
     names = manifest.get("class_names") or []
-    name = (lambda i: class_name(names, i))
-    counts = manifest.get("row_counts", {})
-    rate = counts.get("faults", 0) / counts["candidates"] if counts.get("candidates") else 0.0
-    strategy = manifest.get("config", {}).get("strategy", {})
-    summary = _table([("campaign", manifest.get("campaign")), ("run", store.uri),
-                      ("strategy", ", ".join(f"{k}={v}" for k, v in strategy.items())),
-                      ("candidates", counts.get("candidates", 0)), ("faults", f"{counts.get('faults', 0)} ({rate:.1%})"),
-                      ("rows kept", counts.get("samples", 0)), ("non-finite dropped", counts.get("nonfinite_dropped", 0)),
-                      ("regions", counts.get("regions", 0)),
-                      ("stage seconds", ", ".join(f"{k} {v}" for k, v in manifest.get("timings", {}).items()))])
-
-    faults = store.read_table("identify", columns=["source_label", "pred"], filter=pc.field("fault"))
-    by_class = Counter(faults["source_label"].to_pylist())
-    plotted = ("true class", "kept faults by true class")
-    if faults.num_rows and set(by_class) == {-1}:  # KLDB's boundary samples have no intended class
-        by_class, plotted = Counter(faults["pred"].to_pylist()), ("predicted class", "boundary samples by predicted class")
     region_table = store.read_table("regions")
     regions = region_table.to_pylist()
-    plots = [(plotted[1], _bar_plot([name(c) for c in range(len(names))],
-                                    [by_class.get(c, 0) for c in range(len(names))], plotted[1], "faults"))]
-    if regions:
-        plots.append(("region sizes", _bar_plot([f"region {r['region_id']}" for r in regions],
-                                                [r["n_members"] for r in regions], "region sizes", "faults in region")))
-
     labels = {}
     if store.is_complete("labels"):
         labels = {r["region_id"]: r for r in store.read_table("labels").to_pylist() if r["region_id"] is not None}
@@ -269,43 +307,16 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     examples = _region_examples(store, manifest, region_table, max(1, per_region // 2))
     # Failure regions first, then the rest; larger first within each.
     ordered = sorted(regions, key=lambda r: (not labels.get(r["region_id"], {}).get("is_failure"), -r["n_members"]))
-    sections = []
-    for r in ordered:
-        rid = r["region_id"]
-        label = labels.get(rid)
-        failure = bool(label and label["is_failure"])
-        verdict = "not labelled yet" if label is None else (
-            f"<span class='failure'>failure region, label {html.escape(label['label'])}</span>" if failure
-            else "labelled: not a failure")
-        pairs = "".join(
-            "<div class='pair'>" + (f"<img src='{_tile(e['source_image'])}' alt='source {html.escape(e['source_id'])}'>"
-                                    if e["source_image"] else "")
-            + f"<img src='{_tile(e['image'])}' alt='fault {html.escape(e['sample_id'])}'>"
-            f"<span>{'source, then fault: ' if e['source_image'] else ''}true {html.escape(name(e['source_label']))}"
-            f", predicted {html.escape(name(e['pred']))}</span></div>" for e in examples.get(rid, []))
-        cells = "".join(
-            f"<div class='cell'><img src='{_tile(s['image'])}' alt='region {rid} sample {s['draw']}'>"
-            f"predicted {html.escape(name(s['pred']))}</div>" for s in shown.get(rid, []))
-        acc = per_region_acc.get(str(rid), {})
-        accuracy = ("; region accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if k != "n")) if acc else ""
-        sections.append(
-            f"<section id='region-{rid}'><h3>Region {rid}</h3>"
-            f"<p>weight {r['weight']:.3f}, {r['n_members']} faults; {html.escape(region_pairs(r, names, 3))}; "
-            f"{verdict}{accuracy}</p>"
-            + (f"<h4>Faults found, next to the image each was made from</h4><div class='grid'>{pairs}</div>"
-               if pairs else "")
-            + (f"<h4>Samples drawn from the region{' (label ' + html.escape(label['label']) + ')' if failure else ''}"
-               f"</h4><div class='grid'>{cells}</div>" if cells else "") + "</section>")
-    if not regions:
-        sections.append("<p>No regions: too few faults to cluster.</p>")
-    plot_html = "".join(f"<img src='{uri}' alt='{html.escape(title, quote=True)}'>" for title, uri in plots)
+    sections = [_region_section(r, labels.get(r["region_id"]), per_region_acc.get(str(r["region_id"]), {}),
+                                examples.get(r["region_id"], []), shown.get(r["region_id"], []), names)
+                for r in ordered] or ["<p>No regions: too few faults to cluster.</p>"]
     title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style></head><body><h1>{title}</h1>"
             f"{_failure_table(regions, labels, per_region_acc, names)}"
-            f"<h2>Correction</h2>{_correction_section(store)}<h2>Summary</h2>{summary}"
-            f"<h2>Plots</h2><div class='plots'>{plot_html}</div><h2>Assessment</h2>{_assessment_section(store)}"
-            f"<h2>Regions</h2>{''.join(sections)}</body></html>")
+            f"<h2>Correction</h2>{_correction_section(store)}<h2>Summary</h2>{_summary(store, manifest)}"
+            f"<h2>Plots</h2><div class='plots'>{_plots(store, names, regions)}</div>"
+            f"<h2>Assessment</h2>{_assessment_section(store)}<h2>Regions</h2>{''.join(sections)}</body></html>")
 
 
 def write_report(store: RunStore, per_region: int = 16) -> str:

@@ -143,15 +143,10 @@ class MixingSearch(_StyleSearch):
         correct = seed_logits.argmax(1) == intended
         targets = runner_up_classes(seed_logits, intended, k)
         target_ws, found, extra_calls = self._target_codes(z, targets)
-        # One search per (seed, target, layer set), in that order; seeds the classifier gets wrong and
-        # targets without a code have none.
-        grid = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(k), torch.arange(sets), indexing="ij"), -1)
-        grid = grid.reshape(-1, 3)
-        grid = grid[correct[grid[:, 0]] & found[grid[:, 0], grid[:, 1]]]
-        seed_of, target_of, set_of = grid.unbind(1)
-        out_latent = torch.zeros(len(grid), g.latent_dim)
-        out_logits = torch.zeros(len(grid), len(self.class_names))
-        out_images = torch.zeros(len(grid), *self.image_shape, dtype=torch.uint8)  # uint8: large images add up
+        seed_of, target_of, set_of = _search_grid(correct, found, sets)
+        out_latent = torch.zeros(len(seed_of), g.latent_dim)
+        out_logits = torch.zeros(len(seed_of), len(self.class_names))
+        out_images = torch.zeros(len(seed_of), *self.image_shape, dtype=torch.uint8)  # uint8: large images add up
 
         def probe(weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             s, t, m = seed_of[idx], target_of[idx], set_of[idx]
@@ -177,11 +172,18 @@ class MixingSearch(_StyleSearch):
                      "seeds_skipped": int((~correct).sum()), "targets_not_found": int((~found[correct]).sum()),
                      "searches_budget_stopped": result.stop.count("budget"), "seeds_timed_out": len(timed_out)})
         params = [json.dumps({"seed_class": int(intended[seed_of[i]]), "target_class": int(targets[seed_of[i], target_of[i]]),
-                              "layers": self.layer_sets[int(set_of[i])], "weight": round(float(result.weight[i]), 6),
-                              "lower": round(float(result.lower[i]), 6), "iterations": int(result.iterations[i]),
-                              "stop": result.stop[i]})
-                  for i in idx.tolist()]
+                              "layers": self.layer_sets[int(set_of[i])], **result.record(i)}) for i in idx.tolist()]
         scores = score_logits(out_logits[idx], intended[seed_of[idx]])
         draws = target_of[idx] * sets + set_of[idx]
         return self._table("mixing", ids, seed_of[idx], draws, intended[seed_of[idx]], params, out_latent[idx],
                            to_float(out_images[idx].numpy()), scores)
+
+
+def _search_grid(correct: torch.Tensor, found: torch.Tensor, sets: int):
+    """(seed, target, layer set) of every search, in that order; seeds the classifier gets wrong and
+    targets without a code have none."""
+    n, k = found.shape
+    grid = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(k), torch.arange(sets), indexing="ij"), -1)
+    grid = grid.reshape(-1, 3)
+    grid = grid[correct[grid[:, 0]] & found[grid[:, 0], grid[:, 1]]]
+    return grid.unbind(1)

@@ -95,6 +95,11 @@ class BoundarySearch:
     stop: list[str]  # "no_flip", "tolerance", "max_iterations", "budget", "seconds", "not_probed"
     calls: torch.Tensor  # generator calls spent per group
 
+    def record(self, i: int) -> dict:
+        """Search ``i`` as the JSON fields of its row's ``params``."""
+        return {"weight": round(float(self.weight[i]), 6), "lower": round(float(self.lower[i]), 6),
+                "iterations": int(self.iterations[i]), "stop": self.stop[i]}
+
 
 def _allowed(active: torch.Tensor, groups: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
     """Of the active searches, those each group can still pay for, earliest searches first."""
