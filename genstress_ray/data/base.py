@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genstress_ray.storage import filesystem_for
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -126,6 +128,12 @@ class DatasetSource:
         self.seed = seed
         self.class_names = class_names
         self.resize = resize
+
+    def _location(self, what: str):
+        """The filesystem and path of ``uri``; a DataError when the source was given none."""
+        if not self.uri:
+            raise DataError(f"data.uri: the {self.name} source needs {what}")
+        return filesystem_for(self.uri)
 
     def load(self) -> ImageSet:
         images, labels, default_names, keys = self._load_split()

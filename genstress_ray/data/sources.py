@@ -173,9 +173,7 @@ class ImageFolderSource(DatasetSource):
         self.mode = mode
 
     def _load_split(self):
-        if not self.uri:
-            raise DataError("data.uri: the image_folder source needs a folder")
-        fs, root = filesystem_for(self.uri)
+        fs, root = self._location("a folder")
         try:
             entries = fs.ls(root, detail=True)
             classes = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
@@ -217,9 +215,7 @@ class ParquetSource(DatasetSource):
         self.id_column, self.split_column, self.mode = id_column, split_column, mode
 
     def _load_split(self):
-        if not self.uri:
-            raise DataError("data.uri: the parquet source needs a file or folder")
-        fs, path = filesystem_for(self.uri)
+        fs, path = self._location("a file or folder")
         try:
             table = pq.read_table(path, filesystem=fs)
         except (FileNotFoundError, OSError, ValueError) as exc:

@@ -6,10 +6,10 @@ the Parquet files are readable by pandas, DuckDB or Ray Data without this packag
 its stage class in its ``Strategy`` (``genstress_ray.strategies``).
 """
 
-from genstress_ray.stages.base import StageCounters, candidate_table
+from genstress_ray.stages.base import ModelStage, StageCounters, candidate_table
 from genstress_ray.stages.defuse import DefuseSearch, RegionDecode
 from genstress_ray.stages.kldb import KldbSearch
 from genstress_ray.stages.style import MixingSearch, TruncationSearch
 
-__all__ = ["DefuseSearch", "KldbSearch", "MixingSearch", "RegionDecode", "StageCounters", "TruncationSearch",
+__all__ = ["DefuseSearch", "KldbSearch", "MixingSearch", "ModelStage", "RegionDecode", "StageCounters", "TruncationSearch",
            "candidate_table"]

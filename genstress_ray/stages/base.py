@@ -48,7 +48,7 @@ def candidate_table(schema: pa.Schema, columns: dict[str, Any], latents: torch.T
     return pa.table({name: data[name] for name in schema.names}, schema=schema)
 
 
-class _ModelStage:
+class ModelStage:
     """Holds classifier and generator, on the GPU when the actor was given one.
 
     Models load on the first batch, on the thread that runs the batches. Ray Data constructs the
@@ -61,18 +61,12 @@ class _ModelStage:
     def __init__(self, classifier: ModelRef, generator: ModelRef, class_names: list[str], image_shape,
                  seed: int, threads: int = 1, chunk_size: int = 512, counters=None,
                  generator_kind: str = "latent_generator", boundary: dict | None = None, strategy: str = "defuse"):
-        self.refs = (classifier, generator)
-        self.strategy = strategy
+        self.refs, self.generator_kind, self.strategy = (classifier, generator), generator_kind, strategy
         # KLDB runs: {"subset": class indices of C, "threshold": boundary_kldb, "temperature": T}. Their
         # candidates are scored against C (``score_boundary``), the region samples' too.
         self.boundary = boundary
-        self.generator_kind = generator_kind
-        self.class_names = class_names
-        self.threads = threads
-        self.chunk_size = chunk_size
-        self.image_shape = tuple(image_shape)
-        self.seed = seed
-        self.counters = counters
+        self.class_names, self.image_shape, self.seed = class_names, tuple(image_shape), seed
+        self.threads, self.chunk_size, self.counters = threads, chunk_size, counters
         self._pending: Counter = Counter()  # this batch's totals, see __call__
         self.classifier = self.generator = None
 

@@ -10,12 +10,12 @@ import pyarrow as pa
 import torch
 
 from genstress_ray.data import to_float
-from genstress_ray.stages.base import _ModelStage, candidate_table
+from genstress_ray.stages.base import ModelStage, candidate_table
 from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA, sample_id
 from genstress_ray.strategies import beta_noise, perturb_latents, select_candidates
 
 
-class DefuseSearch(_ModelStage):
+class DefuseSearch(ModelStage):
     """Defuse identification on a batch of source images (``source_id``, ``source_label``, ``image``).
 
     Every image gets ``draws`` Beta-noise latents; the kept candidates (faults, or all) become rows.
@@ -67,7 +67,7 @@ class DefuseSearch(_ModelStage):
         return candidate_table(SAMPLES_SCHEMA, columns, latents[idx], images[idx_dev], kept_scores)
 
 
-class RegionDecode(_ModelStage):
+class RegionDecode(ModelStage):
     """Decode and classify latents sampled from regions (``region_id``, ``draw``, ``latent``,
     ``source_label`` = the region's dominant source class, which a fault is judged against)."""
 

@@ -17,13 +17,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from genstress_ray.stages.base import _ModelStage, candidate_table
+from genstress_ray.stages.base import ModelStage, candidate_table
 from genstress_ray.storage import SAMPLES_SCHEMA, sample_id
 from genstress_ray.strategies import seed_noise
 from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler
 
 
-class KldbSearch(_ModelStage):
+class KldbSearch(ModelStage):
     """Guided sampling toward the boundary C (``boundary["subset"]``, class indices) for a batch of rows
     (``source_id`` "seed:<i>", ``alpha``, ``beta``, ``draw`` = the grid point's index)."""
 

@@ -19,13 +19,13 @@ import torch
 
 from genstress_ray.data import to_float, to_uint8
 from genstress_ray.metrics import score_logits
-from genstress_ray.stages.base import _ModelStage, candidate_table
+from genstress_ray.stages.base import ModelStage, candidate_table
 from genstress_ray.storage import SAMPLES_SCHEMA, sample_id
 from genstress_ray.strategies import (boundary_search, clip_codes, default_layer_sets, layer_masks, mix_styles,
                                       runner_up_classes, seed_codes, truncate, truncation_plan)
 
 
-class _StyleSearch(_ModelStage):
+class _StyleSearch(ModelStage):
     def __init__(self, *args, params: dict, **kwargs):
         super().__init__(*args, **kwargs)
         self.params = params
