@@ -36,7 +36,7 @@ REDUCED = {
     "mnist_defuse": {"data.search.limit": 400, "strategy.draws": 20, "reduce.samples_per_region": 20},
     "mnist_mixing": {"data.search.limit": 300, "strategy.seeds": 40, "strategy.budget_calls": 20,
                      "generator.train.epochs": 2},
-    "mnist_kldb": {"data.search.limit": 300, "strategy.seeds": 6, "strategy.alphas": [0.0, 0.5],
+    "mnist_kldb": {"data.search.limit": 300, "strategy.seeds": 30, "strategy.alphas": [0.0, 0.5, 1.0],
                    "strategy.betas": [3.0], "strategy.steps": 10, "generator.train.epochs": 2},
 }
 
@@ -116,7 +116,7 @@ def main() -> int:
             config = reduced_config(name, out)
             genstress("run", str(config), "--output", str(out), "--run-id", "hash", env=env)
             run = out / yaml.safe_load(config.read_text())["campaign"] / "hash"
-            if any((run / "regions").glob("*.parquet")):
+            if sum(pq.read_metadata(p).num_rows for p in (run / "regions").glob("*.parquet")):
                 genstress("label", str(run), "--oracle", env=env)
         results["runs"][name] = fingerprint(run)
         for stage, fp in results["runs"][name].items():

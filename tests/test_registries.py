@@ -32,7 +32,7 @@ TINY_STRATEGY = {
     "defuse": {"a": 1.0, "b": 1.0, "draws": 6, "keep": "all"},
     "truncation": {"seeds": 12, "budget_calls": 6, "keep": "all"},
     "mixing": {"seeds": 10, "budget_calls": 20, "tolerance": 0.05, "keep": "all"},
-    "kldb": {"classes": ["4", "9"], "seeds": 3, "alphas": [0.0, 0.2], "betas": [1.0], "steps": 4,
+    "kldb": {"classes": ["4", "9"], "seeds": 5, "alphas": [0.0, 0.2], "betas": [1.0], "steps": 4,
              "guidance_every": 2, "scheduler": "ddim"},
 }
 GENERATOR_OF_KIND = {"latent_generator": "generator", "style_generator": "style_generator",
@@ -76,7 +76,7 @@ def test_a_strategy_writes_the_samples_schema_with_unique_ids_and_the_same_rows_
         base["classifier"] = {"uri": style_classifier}
     base["strategy"] = {"name": name, **TINY_STRATEGY[name]}
     tables = []
-    for actors, batch_size in ((1, 16), (2, 16), (1, 5)):
+    for actors, batch_size in ((1, 8), (2, 8), (1, 5)):  # at least two batches for two actors
         cfg = copy.deepcopy(base)
         cfg.update(run_id=f"a{actors}-b{batch_size}")
         cfg["resources"]["search"].update(actors=actors, batch_size=batch_size)
