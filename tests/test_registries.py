@@ -25,6 +25,18 @@ from genstress_ray.storage import SAMPLES_SCHEMA, RunStore
 from genstress_ray.strategies import STRATEGIES
 
 NAMES = [str(i) for i in range(10)]
+REGISTRIES = {"strategy": STRATEGIES, "dataset kind": SOURCES, "model kind": MODEL_KINDS, "labelling method": LABELLERS}
+
+
+@pytest.mark.parametrize("what", REGISTRIES)
+def test_a_registry_refuses_a_second_registration_and_lists_what_it_holds(what):
+    registry = REGISTRIES[what]
+    first = registry.names()[0]
+    with pytest.raises(ValueError, match=f"{what} '{first}' is already registered .registered: {first}, "):
+        registry.register(first, registry.get(first))
+    with pytest.raises(Exception, match=f"unknown {what} 'no_such_name'; allowed: {first}, "):
+        registry.get("no_such_name")
+    assert registry.names() == list(registry) and len(registry.values()) == len(registry.names())
 
 # ---- strategies ------------------------------------------------------------------------------
 # Tiny parameters for every registered strategy, on the tiny model of its generator kind.

@@ -121,7 +121,8 @@ class ReviewServer:
     def __init__(self, store: RunStore, port: int = 0, token: str | None = None, per_region: int = 16):
         self.review = ReviewStore(store, per_region)
         self.token = token or secrets.token_urlsafe(24)
-        self.httpd = ThreadingHTTPServer((LOOPBACK, port), _handler(self))
+        self.httpd = ThreadingHTTPServer((LOOPBACK, port), _ReviewHandler)
+        self.httpd.review_server = self
         self.port = self.httpd.server_address[1]
 
     @property
@@ -165,62 +166,65 @@ def _label_request(body: bytes) -> tuple[int, str]:
     return region, label
 
 
-def _handler(server: ReviewServer):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, fmt, *args):  # keep the terminal for the URL and errors
-            pass
+class _ReviewHandler(BaseHTTPRequestHandler):
+    """The review page's HTTP endpoints (``owner``: the ``ReviewServer`` they serve)."""
 
-        def _send(self, status: int, body: str, content_type: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
+    @property
+    def owner(self) -> ReviewServer:
+        return self.server.review_server
 
-        def _json(self, status: int, payload: dict) -> None:
-            self._send(status, json.dumps(payload), "application/json")
+    def log_message(self, fmt, *args):  # keep the terminal for the URL and errors
+        pass
 
-        def _check(self) -> tuple[str, bool]:
-            url = urlsplit(self.path)
-            why = server.allowed(self, parse_qs(url.query))
-            if why:
-                self._json(HTTPStatus.FORBIDDEN, {"error": why})
-            return url.path, why is None
+    def _send(self, status: int, body: str, content_type: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
 
-        def do_GET(self):
-            path, ok = self._check()
-            if not ok:
-                return
-            if path == "/":
-                self._send(HTTPStatus.OK, server.review.page(server.token), "text/html; charset=utf-8")
-            elif path == "/api/labels":
-                self._json(HTTPStatus.OK, {str(k): v for k, v in server.review.current().items()})
-            else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {path}"})
+    def _json(self, status: int, payload: dict) -> None:
+        self._send(status, json.dumps(payload), "application/json")
 
-        def do_POST(self):
-            path, ok = self._check()
-            if not ok:
-                return
-            if path != "/api/label":
-                return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
-            try:
-                length = int(self.headers.get("Content-Length", 0))
-            except ValueError:
-                return self._json(HTTPStatus.BAD_REQUEST, {"error": "Content-Length is not a number"})
-            if length > MAX_BODY:  # never read a body of any size into memory
-                self.close_connection = True
-                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  {"error": f"request body of {length} bytes; at most {MAX_BODY}"})
-            try:
-                region, label = _label_request(self.rfile.read(length))
-                server.review.save(region, label)
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # LabelError is a ValueError
-                return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            except StorageError as exc:  # e.g. a campaign or correction holds the run's lease
-                return self._json(HTTPStatus.CONFLICT, {"error": str(exc)})
-            self._json(HTTPStatus.OK, {"region_id": region, "label": label})
+    def _check(self) -> tuple[str, bool]:
+        url = urlsplit(self.path)
+        why = self.owner.allowed(self, parse_qs(url.query))
+        if why:
+            self._json(HTTPStatus.FORBIDDEN, {"error": why})
+        return url.path, why is None
 
-    return Handler
+    def do_GET(self):
+        path, ok = self._check()
+        if not ok:
+            return
+        if path == "/":
+            self._send(HTTPStatus.OK, self.owner.review.page(self.owner.token), "text/html; charset=utf-8")
+        elif path == "/api/labels":
+            self._json(HTTPStatus.OK, {str(k): v for k, v in self.owner.review.current().items()})
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {path}"})
+
+    def do_POST(self):
+        path, ok = self._check()
+        if not ok:
+            return
+        if path != "/api/label":
+            return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "Content-Length is not a number"})
+        if length > MAX_BODY:  # never read a body of any size into memory
+            self.close_connection = True
+            return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              {"error": f"request body of {length} bytes; at most {MAX_BODY}"})
+        try:
+            region, label = _label_request(self.rfile.read(length))
+            self.owner.review.save(region, label)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # LabelError is a ValueError
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except StorageError as exc:  # e.g. a campaign or correction holds the run's lease
+            return self._json(HTTPStatus.CONFLICT, {"error": str(exc)})
+        self._json(HTTPStatus.OK, {"region_id": region, "label": label})
