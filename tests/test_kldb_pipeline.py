@@ -10,13 +10,11 @@ from genstress_ray.assessment import assess_run
 from genstress_ray.config import ConfigError
 from genstress_ray.data import decode_images, to_float, to_uint8
 from genstress_ray.metrics import class_subset, kldb, subset_margin
-from genstress_ray.models import ModelError
+from genstress_ray.models import ModelError, ModelRef, load_classifier, load_generator
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.report import write_report
-from genstress_ray.models import ModelRef, load_classifier, load_generator
-from genstress_ray.storage import SAMPLES_SCHEMA
+from genstress_ray.storage import SAMPLES_SCHEMA, RunStore
 from genstress_ray.strategies import seed_noise
-from genstress_ray.storage import RunStore
 from genstress_ray.strategies.guided_diffusion import guided_sample, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

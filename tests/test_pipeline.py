@@ -1,17 +1,14 @@
 """The campaign on a real local Ray cluster, writing to a temporary folder and to a loopback S3 server."""
 
-
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
 
 from genstress_ray.data import DataError, get_source
-from genstress_ray.models import ModelError, get_model, save_checkpoint
+from genstress_ray.models import ModelError, ModelRef, get_model, load_classifier, load_generator, save_checkpoint
 from genstress_ray.pipeline import STAGES, run_campaign
-from genstress_ray.models import ModelRef, load_classifier, load_generator
-from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA
-from genstress_ray.storage import RunStore, StorageError
+from genstress_ray.storage import REGION_SAMPLES_SCHEMA, SAMPLES_SCHEMA, RunStore, StorageError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -68,6 +65,27 @@ def test_regions_and_region_samples_follow_the_faults(tiny_config):
     assert region_samples.num_rows == 4 * regions.num_rows
     assert set(region_samples["region_id"].to_pylist()) == set(regions["region_id"].to_pylist())
     assert set(region_samples["strategy"].to_pylist()) == {"defuse"}
+
+
+def test_images_whose_reconstruction_is_misclassified_are_skipped_before_any_draw(tiny_config):
+    """With only_correct_reconstructions, a search image whose own reconstruction the classifier gets
+    wrong costs no decode: its draws are neither candidates nor rows, only a skipped seed."""
+    tiny_config["strategy"].update(keep="all", only_correct_reconstructions=True)
+    result = run_campaign(tiny_config, stop_after="identify")
+    store = _store(result, tiny_config)
+    marker = store.marker("identify")
+    skipped = marker["seeds_skipped"]
+    assert 0 < skipped < 48  # the tiny random models get some reconstructions right, not all
+    assert result.counts["candidates"] == (48 - skipped) * 8 == result.counts["samples"]
+    rows = store.read_table("identify", columns=["source_id", "source_label"])
+    # The written seeds are exactly those whose reconstruction the classifier gets right.
+    search = get_source("digits", split="test", limit=48).load()
+    gen = load_generator(ModelRef(tiny_config["generator"]["uri"]), (1, 8, 8))
+    clf = load_classifier(ModelRef(tiny_config["classifier"]["uri"]), search.class_names, (1, 8, 8))
+    with torch.no_grad():
+        x = torch.from_numpy(search.images).float() / 255
+        ok = clf(gen.decode(gen.encode(x)[0])).argmax(1).numpy() == search.labels
+    assert set(rows["source_id"].to_pylist()) == {s for s, good in zip(search.source_ids, ok) if good}
 
 
 def test_keep_all_writes_every_candidate(tiny_config):

@@ -11,11 +11,9 @@ import torch
 from genstress_ray.config import ConfigError
 from genstress_ray.data import decode_images, to_float
 from conftest import TINY_STYLEGAN
-from genstress_ray.models import ModelError, get_model, save_checkpoint
+from genstress_ray.models import ModelError, ModelRef, get_model, load_classifier, load_generator, save_checkpoint
 from genstress_ray.pipeline import run_campaign
-from genstress_ray.models import ModelRef, load_classifier, load_generator
-from genstress_ray.storage import SAMPLES_SCHEMA
-from genstress_ray.storage import RunStore
+from genstress_ray.storage import SAMPLES_SCHEMA, RunStore
 from genstress_ray.strategies import seed_codes
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -31,26 +31,31 @@ class DefuseSearch(ModelStage):
         ids = [str(s) for s in batch["source_id"]]
         labels = torch.tensor(np.asarray(batch["source_label"], np.int64))
         raw = np.frombuffer(b"".join(batch["image"]), np.uint8).reshape(len(ids), *self.image_shape)
-        n, q = len(ids), p["draws"]
+        q = p["draws"]
         with torch.no_grad():
             mean, _ = self.generator.encode(to_float(raw).to(self.device))
             if p.get("only_correct_reconstructions"):
+                # The generator's failures, not the classifier's: their draws are never decoded.
                 seed_ok = (self.classifier(self.generator.decode(mean)).argmax(1).cpu() == labels)
             else:
-                seed_ok = torch.ones(n, dtype=torch.bool)
+                seed_ok = torch.ones(len(ids), dtype=torch.bool)
+        skipped = int((~seed_ok).sum())
+        kept = seed_ok.nonzero().squeeze(1)
+        ids, labels, mean = [ids[i] for i in kept.tolist()], labels[kept], mean[kept.to(mean.device)]
+        n = len(ids)
         noise = beta_noise(ids, mean.shape[1], q, p["a"], p["b"], self.seed, p["centred"])
-        latents = perturb_latents(mean.cpu(), noise).reshape(n * q, -1)
+        latents = perturb_latents(mean.cpu(), noise).reshape(n * q, mean.shape[1])
         intended = labels.repeat_interleave(q)
         images, scores, finite = self._decode_and_score(latents.to(self.device), intended.to(self.device))
         finite = finite.cpu()
-        fault = scores["fault"].cpu() & finite & seed_ok.repeat_interleave(q)
+        fault = scores["fault"].cpu() & finite
         scores["fault"] = fault.to(scores["fault"].device)
         if p["keep"] == "all":
             keep = finite
         else:
             keep = select_candidates(fault.view(n, q), noise.norm(dim=2), p["max_faults_per_image"]).reshape(-1)
         self._count({"candidates": n * q, "faults": int(fault.sum()), "nonfinite_dropped": int((~finite).sum()),
-                     "seeds_skipped": int((~seed_ok).sum())})
+                     "seeds_skipped": skipped})
         idx = keep.nonzero().squeeze(1)
         rows, draws = idx // q, idx % q
         columns = {
