@@ -75,6 +75,15 @@ def _gaussian(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, basis, np.asarray(row["cov"], np.float64).reshape(len(basis), len(basis))
 
 
+def _whitened(row: dict, latents: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Squared Mahalanobis distances (N,) of latents to a region, in the space it was fitted in; the
+    log-determinant of its covariance; that space's dimension."""
+    mean, basis, cov = _gaussian(row)
+    chol = np.linalg.cholesky(cov + 1e-9 * np.eye(len(cov)))
+    z = np.linalg.solve(chol, ((latents - mean) @ basis.T).T)
+    return (z ** 2).sum(0), 2 * np.log(np.diag(chol)).sum(), len(cov)
+
+
 def region_log_density(regions: pa.Table, latents: np.ndarray) -> np.ndarray:
     """log(weight x N(latent; mean, cov)) of every latent (N, d) under every region: (N, R).
 
@@ -84,13 +93,55 @@ def region_log_density(regions: pa.Table, latents: np.ndarray) -> np.ndarray:
     latents = np.asarray(latents, np.float64)
     out = np.full((len(latents), regions.num_rows), -np.inf)
     for j, row in enumerate(regions.to_pylist()):
-        mean, basis, cov = _gaussian(row)
-        diff = (latents - mean) @ basis.T
-        chol = np.linalg.cholesky(cov + 1e-9 * np.eye(len(cov)))
-        z = np.linalg.solve(chol, diff.T)
-        log_det = 2 * np.log(np.diag(chol)).sum()
-        out[:, j] = np.log(row["weight"]) - 0.5 * ((z ** 2).sum(0) + log_det + len(cov) * np.log(2 * np.pi))
+        distance, log_det, dims = _whitened(row, latents)
+        out[:, j] = np.log(row["weight"]) - 0.5 * (distance + log_det + dims * np.log(2 * np.pi))
     return out
+
+
+@dataclass
+class RealMembership:
+    """Which real images fall inside which region (``assign_real``).
+
+    ``region``: the region id of each image, or -1 for the rest of the data (the mixture was fitted on
+    failures only, so most real images belong to no region). ``radius``: per region, the squared
+    Mahalanobis distance within which it claims an image (the ``quantile`` of its own members'
+    distances); ``members``: real images per region.
+    """
+
+    region: np.ndarray
+    radius: dict[int, float]
+    members: dict[int, int]
+    quantile: float
+
+    def criterion(self) -> str:
+        return (f"inside a region when its squared Mahalanobis distance to the region is within the "
+                f"{self.quantile:.0%} quantile of the region's own faults' distances (the highest-density "
+                "such region when several claim it); every other image belongs to no region")
+
+
+def assign_real(regions: pa.Table, fault_latents: np.ndarray, latents: np.ndarray, quantile: float = 0.9) -> RealMembership:
+    """Assign real images' latents (N, d) to regions, with a membership radius calibrated per region on
+    the faults it was fitted on (``fault_latents``, each counted in its highest-density region).
+
+    Responsibilities alone put every image in some region; a radius calibrated on each region's own
+    members keeps only images as close to it as its faults are.
+    """
+    latents = np.asarray(latents, np.float64)
+    ids = regions["region_id"].to_pylist()
+    if not ids or not len(latents):
+        return RealMembership(np.full(len(latents), -1, np.int64), {}, {}, quantile)
+    rows = regions.to_pylist()
+    fault_home = region_log_density(regions, fault_latents).argmax(1) if len(fault_latents) else np.zeros(0, int)
+    radius = {}
+    distances = np.empty((len(latents), len(ids)))
+    for j, row in enumerate(rows):
+        own = _whitened(row, np.asarray(fault_latents, np.float64)[fault_home == j])[0]
+        radius[ids[j]] = float(np.quantile(own, quantile)) if len(own) else 0.0
+        distances[:, j] = _whitened(row, latents)[0]
+    inside = distances <= np.array([radius[i] for i in ids])
+    density = np.where(inside, region_log_density(regions, latents), -np.inf)
+    region = np.where(inside.any(1), np.asarray(ids)[density.argmax(1)], -1)
+    return RealMembership(region, radius, {i: int((region == i).sum()) for i in ids}, quantile)
 
 
 def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarray, max_components: int = 100,

@@ -78,3 +78,30 @@ def test_region_log_density_puts_points_in_their_own_region():
     member = region_log_density(fit.table, z).argmax(1)
     means = np.asarray(fit.table["mean"].to_pylist())[member]
     assert np.all(np.sign(means[:, 0]) == np.sign(z[:, 0]))
+
+
+def test_real_images_are_assigned_only_to_regions_they_are_as_close_to_as_the_regions_own_faults():
+    """A planted mixture with known members: real points drawn from each region's own distribution land
+    in it (about the calibration quantile of them), points between or far from the regions in none,
+    although responsibilities alone would put every point in some region."""
+    from genstress_ray.regions import assign_real, region_log_density
+
+    z, src, pred, centres = _three_clusters()
+    fit = fit_regions(z, src, pred, max_components=10, seed=0)
+    rng = np.random.default_rng(1)
+    own = np.concatenate([rng.normal(c, 0.3, (200, 3)) for c in centres])   # known members, 200 per region
+    between = rng.normal([0, 0, 0], 0.3, (100, 3))                           # among the regions, in none
+    far = rng.normal([0, -20.0, 5.0], 0.3, (100, 3))
+    real = np.concatenate([own, between, far])
+    membership = assign_real(fit.table, z, real, quantile=0.9)
+    ids = fit.table["region_id"].to_numpy()
+    nearest = [int(ids[np.argmin(np.linalg.norm(np.asarray(fit.table["mean"].to_pylist()) - c, axis=1))])
+               for c in centres]
+    for k, region in enumerate(nearest):
+        got = membership.region[200 * k: 200 * (k + 1)]
+        assert set(got.tolist()) <= {region, -1}                  # never another region
+        assert 0.8 <= float((got == region).mean()) <= 0.97       # about the 90% quantile of its own faults
+        assert membership.members[region] == int((membership.region == region).sum())
+    assert (membership.region[600:] == -1).all()
+    assert (region_log_density(fit.table, real[600:]).max(1) > -np.inf).all()  # responsibilities would assign them
+    assert set(membership.radius) == set(ids.tolist()) and "90% quantile" in membership.criterion()
