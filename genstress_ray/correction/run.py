@@ -24,12 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genstress_ray.config import CampaignConfig
+from genstress_ray.context import RunContext, load_split
 from genstress_ray.correction.finetune import FinetuneSettings, evaluate, region_accuracy, selection_score
+from genstress_ray.correction.real import real_region_accuracy
 from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import read_labels
 from genstress_ray.lease import RunLease
-from genstress_ray.context import RunContext, load_split
 from genstress_ray.models import ModelRef, load_module
 from genstress_ray.pipeline import decode_region_samples, init_ray
 from genstress_ray.storage import CORRECTION_RESULTS, RunStore, read_bytes, write_bytes_atomic
@@ -49,13 +50,20 @@ class CorrectionResult:
         lines = [f"correction of {self.run_uri}: {r['n_failure_regions']} failure regions of {r['n_regions']}"]
         if r.get("message"):
             lines.append(r["message"])
-        lines.append(f"{'':>10} {'test acc':>9} {'region acc':>11} {'lambda':>8}")
+        real = r.get("real_region", {}).get("overall", {})
+        lines.append(f"{'':>10} {'test acc':>9} {'region acc':>11} {'real region acc':>16} {'lambda':>8}")
         for name in ("before", "baseline", "defuse"):
             row = r.get(name)
             if row:
                 lam = "" if row.get("lam") is None else f"{row['lam']:g}"
                 region = row.get("region_test_acc", float("nan"))
-                lines.append(f"{name:>10} {row['test_acc']:>9.4f} {region:>11.4f} {lam:>8}")
+                lines.append(f"{name:>10} {row['test_acc']:>9.4f} {region:>11.4f} "
+                             f"{real.get(name, float('nan')):>16.4f} {lam:>8}")
+        if real:
+            lines.append(f"real region acc: {real['n']} real test images inside the failure regions"
+                         + (f" ({real['message']})" if "message" in real else ""))
+        elif r.get("real_region", {}).get("message"):
+            lines.append(f"real region acc {r['real_region']['message']}")
         return "\n".join(lines)
 
 
@@ -211,6 +219,7 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
         chosen = {m: load_module(results[m]["checkpoint"], "auto", ref.architecture, ref.factory, ref.params)[0]
                   for m in methods}
         results["per_region"] = region_accuracy({"before": classifier.net, **chosen}, data)
+        results["real_region"] = real_region_accuracy(ctx, {"before": classifier.net, **chosen}, failure_labels)
     if trials:  # the weights' URIs are in results.json; the table keeps the figures
         store.write_table("correction", pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"}
                                                               for t in trials]))

@@ -45,7 +45,7 @@ def images_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, ba
     correct = 0
     for i in range(0, len(labels), batch_size):
         x = to_float(images[i: i + batch_size]).to(device)
-        correct += int((model(x).argmax(1).cpu() == torch.from_numpy(labels[i: i + batch_size])).sum())
+        correct += int((model(x).argmax(1).cpu() == torch.tensor(labels[i: i + batch_size])).sum())  # a copy: labels may be read-only (Ray object store)
     model.train(was_training)
     return correct / len(labels)
 

@@ -90,15 +90,23 @@ def _correction_section(store: RunStore) -> str:
             f"validation accuracy.</p>")
     if results.get("message"):
         head += f"<p>{html.escape(results['message'])}</p>"
+    real = results.get("real_region", {})
     rows = []
     for name in ("before", "baseline", "defuse"):
         r = results.get(name)
         if r:
             lam = "" if r.get("lam") is None else f"{r['lam']:g}"
+            on_real = real.get("overall", {}).get(name)
             rows.append(f"<tr><th>{name}</th><td>{r['test_acc']:.4f}</td>"
-                        f"<td>{r.get('region_test_acc', float('nan')):.4f}</td><td>{lam}</td></tr>")
-    table = ("<table id='before-after'><tr><th></th><th>test accuracy</th><th>region test accuracy</th>"
-             f"<th>lambda</th></tr>{''.join(rows)}</table>")
+                        f"<td>{r.get('region_test_acc', float('nan')):.4f}</td>"
+                        f"<td>{'' if on_real is None else f'{on_real:.4f}'}</td><td>{lam}</td></tr>")
+    table = ("<table id='before-after'><tr><th></th><th>test accuracy</th><th>region test accuracy (generated)</th>"
+             f"<th>real region accuracy</th><th>lambda</th></tr>{''.join(rows)}</table>")
+    if real.get("overall"):
+        table += (f"<p>Real region accuracy: the {real['overall']['n']} real test images inside the failure "
+                  f"regions, against each region's label; {html.escape(real['criterion'])}.</p>")
+    elif real.get("message"):
+        table += f"<p>Real region accuracy {html.escape(real['message'])}.</p>"
     trials = store.read_table("correction").to_pylist()
     plot = f"<div class='plots'><img src='{_tradeoff_plot(trials, results['before'])}' alt='lambda trade-off'></div>" \
         if trials else ""

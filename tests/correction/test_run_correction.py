@@ -134,3 +134,40 @@ def test_correction_without_labels_is_refused(tiny_config):
     result = run_campaign(tiny_config)
     with pytest.raises(LabelError, match="no labels yet"):
         run_correction(result.run_uri)
+
+
+def test_real_region_accuracy_recomputes_from_the_runs_own_tables(labelled_run):
+    """The real-image figure, recomputed here from the stored tables: the test split encoded with the
+    run's generator, assigned to regions by radius, each model scored against the region's label."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import torch
+
+    from genstress_ray.correction.real import MEMBER_QUANTILE, MIN_REAL_MEMBERS
+    from genstress_ray.data import get_source, to_float
+    from genstress_ray.models import ModelRef, load_classifier, load_generator, load_module
+    from genstress_ray.regions import assign_real
+
+    store = labelled_run
+    results = run_correction(store.uri, {"baseline": False, "workers": 0}).results
+    real = results["real_region"]
+    test = get_source("digits", split="test").load()  # correction.test unset: the whole search split
+    manifest = store.read_manifest()
+    generator = load_generator(ModelRef(manifest["models"]["generator"]), (1, 8, 8))
+    with torch.no_grad():
+        latents = generator.encode(to_float(test.images))[0].numpy()
+    faults = store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
+    membership = assign_real(store.read_table("regions"), np.stack(faults["latent"].to_numpy(zero_copy_only=False)),
+                             latents, MEMBER_QUANTILE)
+    inside = membership.region == 0  # region 0 is the one failure region, labelled "3"
+    assert real["per_region"]["0"]["n"] == int(inside.sum()) == real["overall"]["n"]
+    assert real["test_images"] == len(test) and "quantile" in real["criterion"]
+    models = {"before": load_classifier(ModelRef(manifest["models"]["classifier"]), CLASSES, (1, 8, 8)).net,
+              "defuse": load_module(results["defuse"]["checkpoint"])[0]}
+    if inside.sum() < MIN_REAL_MEMBERS:
+        assert "too few real members" in real["overall"]["message"]
+        return
+    for name, model in models.items():
+        with torch.no_grad():
+            pred = model.eval()(to_float(test.images[inside])).argmax(1).numpy()
+        assert real["overall"][name] == pytest.approx(float((pred == 3).mean()))
