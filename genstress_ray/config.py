@@ -179,7 +179,9 @@ class CorrectionConfig(_Strict):
     Each failure region gets ``finetune_per_region`` fresh samples for Df (of which
     ``region_validation_fraction`` are held back to choose lambda) and ``test_per_region`` more for the
     region test set. The trial with the best ``select_by`` score wins: ``combined`` is the mean of
-    validation accuracy on D and on the regions' validation samples, ``validation`` uses D alone.
+    validation accuracy on D and on the regions' validation samples, ``real_region`` the mean of D's
+    and of the real validation images inside the failure regions (README, "Correction"),
+    ``validation`` uses D alone.
     """
 
     lambdas: list[Annotated[float, Field(ge=0)]] = PAPER_LAMBDAS
@@ -189,7 +191,7 @@ class CorrectionConfig(_Strict):
     finetune_per_region: Annotated[int, Field(gt=1)] = 256
     test_per_region: Annotated[int, Field(gt=0)] = 256
     region_validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    select_by: Literal["combined", "validation"] = "combined"
+    select_by: Literal["combined", "validation", "real_region"] = "combined"
     baseline: bool = True
     test: DataSpec | None = None
     workers: Annotated[int, Field(ge=0)] = 1

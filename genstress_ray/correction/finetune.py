@@ -21,7 +21,9 @@ from genstress_ray.models.training import images_accuracy as accuracy
 # Arrays the loop reads (uint8 images N x C x H x W, int64 labels): D's train / validation / test
 # splits, the fine-tune set ("finetune" for Defuse, "baseline" for the baseline), and the regions'
 # validation and test samples.
-EVAL_SETS = {"val_acc": "val", "region_val_acc": "region_val", "test_acc": "test", "region_test_acc": "region_test"}
+EVAL_SETS = {"val_acc": "val", "region_val_acc": "region_val", "test_acc": "test", "region_test_acc": "region_test",
+             # Real images inside the failure regions (``correction.real``), where they were measured.
+             "real_region_val_acc": "real_region_val", "real_region_test_acc": "real_region_test"}
 
 
 @dataclass
@@ -54,10 +56,13 @@ def region_accuracy(models: dict[str, nn.Module], data: dict[str, np.ndarray]) -
 
 
 def selection_score(metrics: dict[str, float], select_by: str) -> float:
-    """What chooses lambda: ``combined`` = mean of D's and the regions' validation accuracy."""
-    if select_by == "validation" or np.isnan(metrics.get("region_val_acc", float("nan"))):
-        return metrics["val_acc"]
-    return (metrics["val_acc"] + metrics["region_val_acc"]) / 2
+    """What chooses lambda: ``combined`` = mean of D's and the regions' (generated) validation accuracy;
+    ``real_region`` = mean of D's and of the real validation images inside the failure regions
+    (``combined`` where there are none); ``validation`` = D's alone."""
+    regions = metrics.get("real_region_val_acc", float("nan")) if select_by == "real_region" else float("nan")
+    if np.isnan(regions) and select_by != "validation":
+        regions = metrics.get("region_val_acc", float("nan"))
+    return metrics["val_acc"] if np.isnan(regions) else (metrics["val_acc"] + regions) / 2
 
 
 def _shard(order: np.ndarray, step: int, rank: int, world: int, batch: int) -> np.ndarray:

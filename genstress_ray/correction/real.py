@@ -26,40 +26,51 @@ MIN_REAL_MEMBERS = 10
 MEMBER_QUANTILE = 0.9
 
 
-def real_latents(ctx: RunContext, images: np.ndarray) -> np.ndarray | None:
-    """Latent means of real images under the run's generator; None when it has no encoder."""
-    generator = ctx.generator()
-    if not callable(getattr(generator, "encode", None)):
-        return None
+def real_latents(generator, images: np.ndarray) -> np.ndarray:
+    """Latent means of real images under an encoding generator."""
     x = to_float(images)
     with torch.no_grad():
         return torch.cat([generator.encode(chunk)[0] for chunk in x.split(512)]).numpy() if len(x) else \
             np.zeros((0, 0))
 
 
-def real_region_accuracy(ctx: RunContext, models: dict[str, nn.Module], failure_labels: dict[int, int]) -> dict:
-    """Per failure region and overall: real test members and each model's accuracy on them against the
-    region's label (``None`` with a reason below ``MIN_REAL_MEMBERS``)."""
+def real_region_data(ctx: RunContext, failure_labels: dict[int, int]) -> tuple[dict[str, np.ndarray], dict]:
+    """The real images inside the failure regions, labelled with their region's label: of D's validation
+    split (``real_region_val_*``, which lambda selection may use) and of the test split
+    (``real_region_test_*``, with ``real_region_test_region``), and what says how they were chosen."""
     if not failure_labels:
-        return {}
-    test = load_split(ctx.cfg.test_spec())
-    latents = real_latents(ctx, test.images)
-    if latents is None:
-        return {"message": f"not measured: the {ctx.cfg.strategy.generator_kind} has no encoder to place real "
-                           "images in the regions"}
+        return {}, {}
+    generator = ctx.generator()
+    if not callable(getattr(generator, "encode", None)):
+        return {}, {"message": f"not measured: the {ctx.cfg.strategy.generator_kind} has no encoder to place "
+                               "real images in the regions"}
     faults = ctx.store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
-    fault_latents = np.stack(faults["latent"].to_numpy(zero_copy_only=False)) if faults.num_rows else \
-        np.zeros((0, latents.shape[1]))
-    membership = assign_real(ctx.store.read_table("regions"), fault_latents, latents, MEMBER_QUANTILE)
-    target = np.array([failure_labels.get(int(r), -1) for r in membership.region], np.int64)
-    out = {"criterion": membership.criterion(), "test_images": len(test), "min_members": MIN_REAL_MEMBERS,
-           "per_region": {}}
-    for rid in sorted(failure_labels):
-        out["per_region"][str(rid)] = _scores(models, test.images, target, membership.region == rid)
-    out["overall"] = _scores(models, test.images, target, target >= 0)
+    fault_latents = np.stack(faults["latent"].to_numpy(zero_copy_only=False)) if faults.num_rows else None
+    regions = ctx.store.read_table("regions")
+    data, info = {}, {"min_members": MIN_REAL_MEMBERS, "regions": sorted(failure_labels)}
+    for name, spec in (("val", ctx.cfg.data.validation_spec()), ("test", ctx.cfg.test_spec())):
+        split = load_split(spec)
+        latents = real_latents(generator, split.images)
+        known = fault_latents if fault_latents is not None else np.zeros((0, latents.shape[1]))
+        membership = assign_real(regions, known, latents, MEMBER_QUANTILE)
+        target = np.array([failure_labels.get(int(r), -1) for r in membership.region], np.int64)
+        inside = target >= 0
+        data[f"real_region_{name}_x"], data[f"real_region_{name}_y"] = split.images[inside], target[inside]
+        data[f"real_region_{name}_region"] = membership.region[inside]
+        info[f"{name}_images"] = len(split)
+        info["criterion"] = membership.criterion()
+    return data, info
+
+
+def real_region_accuracy(models: dict[str, nn.Module], data: dict[str, np.ndarray], info: dict) -> dict:
+    """Per failure region and overall: its real test members and each model's accuracy on them against
+    the region's label (a message instead of a rate below ``MIN_REAL_MEMBERS``)."""
+    if "real_region_test_x" not in data:
+        return info
+    x, y, region = data["real_region_test_x"], data["real_region_test_y"], data["real_region_test_region"]
+    out = {**info, "per_region": {str(r): _scores(models, x, y, region == r) for r in info["regions"]}}
+    out["overall"] = _scores(models, x, y, np.ones(len(y), bool))
     return out
-
-
 def _scores(models: dict[str, nn.Module], images: np.ndarray, target: np.ndarray, inside: np.ndarray) -> dict:
     n = int(inside.sum())
     if n < MIN_REAL_MEMBERS:

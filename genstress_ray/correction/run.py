@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from genstress_ray.config import CampaignConfig
 from genstress_ray.context import RunContext, load_split
 from genstress_ray.correction.finetune import FinetuneSettings, evaluate, region_accuracy, selection_score
-from genstress_ray.correction.real import real_region_accuracy
+from genstress_ray.correction.real import real_region_accuracy, real_region_data
 from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import read_labels
@@ -37,7 +37,8 @@ from genstress_ray.storage import CORRECTION_RESULTS, RunStore, read_bytes, writ
 
 log = logging.getLogger(__name__)
 METHODS = {"defuse": "finetune", "baseline": "baseline"}
-RESULT_KEYS = ("test_acc", "region_test_acc", "val_acc", "region_val_acc")
+RESULT_KEYS = ("test_acc", "region_test_acc", "val_acc", "region_val_acc", "real_region_val_acc",
+               "real_region_test_acc")
 
 
 @dataclass
@@ -208,6 +209,8 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
         trials = []
     else:
         data = correction_data(cfg, store, labels, ctx.class_names)
+        real, real_info = real_region_data(ctx, failure_labels)
+        data.update(real)
         results["before"] = evaluate(classifier.net, data)
         methods = {m: key for m, key in METHODS.items() if f"{key}_x" in data}
         if cfg.correction.baseline and "baseline" not in methods:
@@ -219,7 +222,7 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
         chosen = {m: load_module(results[m]["checkpoint"], "auto", ref.architecture, ref.factory, ref.params)[0]
                   for m in methods}
         results["per_region"] = region_accuracy({"before": classifier.net, **chosen}, data)
-        results["real_region"] = real_region_accuracy(ctx, {"before": classifier.net, **chosen}, failure_labels)
+        results["real_region"] = real_region_accuracy({"before": classifier.net, **chosen}, data, real_info)
     if trials:  # the weights' URIs are in results.json; the table keeps the figures
         store.write_table("correction", pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"}
                                                               for t in trials]))
@@ -248,7 +251,7 @@ def _select(ctx: RunContext, trials: list[dict], methods: dict[str, str]) -> dic
         best = max(mine, key=lambda t: selection_score(t, ctx.cfg.correction.select_by))
         for t in mine:
             t["selected"] = t is best
-        chosen[method] = {**{k: best[k] for k in RESULT_KEYS}, "lam": best["lam"],
+        chosen[method] = {**{k: best[k] for k in RESULT_KEYS if k in best}, "lam": best["lam"],
                           "checkpoint": _publish(ctx.store, best, method)}
     return chosen
 

@@ -32,6 +32,16 @@ def test_selection_prefers_the_fixed_model_when_combined_and_plain_accuracy_othe
     assert selection_score({"val_acc": 0.9, "region_val_acc": math.nan}, "combined") == 0.9
 
 
+def test_real_region_selection_uses_the_real_members_and_falls_back_to_combined():
+    generated_only = {"val_acc": 0.9, "region_val_acc": 1.0, "real_region_val_acc": 0.3}
+    transfers = {"val_acc": 0.9, "region_val_acc": 0.8, "real_region_val_acc": 0.9}
+    assert selection_score(generated_only, "combined") > selection_score(transfers, "combined")
+    assert selection_score(generated_only, "real_region") < selection_score(transfers, "real_region")
+    assert selection_score(transfers, "real_region") == 0.9
+    no_real = {"val_acc": 0.9, "region_val_acc": 0.7, "real_region_val_acc": math.nan}
+    assert selection_score(no_real, "real_region") == selection_score(no_real, "combined") == 0.8
+
+
 def test_shards_of_two_ranks_cover_each_d_image_once_per_epoch():
     seen = []
     # The same seed on every rank draws the same permutation; each rank takes its own slice.
