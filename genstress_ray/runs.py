@@ -48,9 +48,19 @@ def manifest_config(store: RunStore, manifest: dict) -> dict[str, Any]:
     return manifest["config"]
 
 
+def with_current_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored config as this version's schema reads it: a field added since the run was made takes
+    its default, so it is no difference. A config this version no longer accepts stays as stored."""
+    try:
+        return load_config(raw).model_dump(mode="json")
+    except ConfigError:
+        return raw
+
+
 def refuse_differences(old: dict[str, Any], new: dict[str, Any], what: str, hint: str = "") -> None:
-    """A ConfigError ``<what>; it differs in: <fields>`` when the configs differ beyond ``RELOCATABLE``."""
-    differences = config_differences(old, new)
+    """A ConfigError ``<what>; it differs in: <fields>`` when the configs differ beyond ``RELOCATABLE``
+    (``old``, a stored config, is read with this version's defaults first)."""
+    differences = config_differences(with_current_defaults(old), new)
     if differences:
         raise ConfigError(f"{what}; it differs in: {', '.join(differences)}{hint}")
 

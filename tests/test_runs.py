@@ -1,5 +1,6 @@
 """Runs people can trust: one writer, one config, no code from the run folder, findable, clean exits."""
 
+import copy
 import json
 import logging
 import os
@@ -123,6 +124,20 @@ def test_config_differences_skip_only_relocatable_fields():
     old = {"output": "/a", "run_id": "r", "resources": {"x": 1}, "strategy": {"a": 1, "b": 2}, "seed": 0}
     new = {"output": "s3://b", "run_id": "r2", "resources": {"x": 2}, "strategy": {"a": 1, "b": 3}, "seed": 1}
     assert config_differences(old, new) == ["seed (0 -> 1)", "strategy.b (2 -> 3)"]
+
+
+def test_a_field_added_since_the_run_was_made_takes_its_default_and_is_no_difference(tiny_config):
+    from genstress_ray.config import load_config
+    from genstress_ray.runs import refuse_differences
+
+    new = load_config(tiny_config).model_dump(mode="json")
+    stored = copy.deepcopy(new)
+    del stored["correction"]["select_by"]  # as a run made before the field existed stored it
+    refuse_differences(stored, new, "differs")
+    changed = copy.deepcopy(new)
+    changed["correction"]["select_by"] = "real_region"
+    with pytest.raises(ConfigError, match="differs; it differs in: correction.select_by"):
+        refuse_differences(stored, changed, "differs")
 
 
 # ---- no code from a run folder ------------------------------------------------------------------
