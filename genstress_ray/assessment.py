@@ -78,14 +78,15 @@ def _fault_images(ctx: RunContext):
     return faults, fault_x
 
 
-def assess_search(ctx: RunContext, classifier) -> dict[str, Any]:
-    """Fault detection, diversity, validity and Frechet distance of a search's faults (README, "Metrics")."""
+def assess_search(ctx: RunContext, classifier, faults=None) -> dict[str, Any]:
+    """Fault detection, diversity, validity and Frechet distance of a search's faults (README, "Metrics").
+    ``faults``: ``_fault_images(ctx)``, when the caller has read them already."""
     store, cfg, a = ctx.store, ctx.cfg, ctx.cfg.assessment
     counts = store.marker("identify")
     detector = load_generator(ctx.prepare("detector", a.detector), ctx.image_shape)
     real = load_split(cfg.data.validation_spec())
     real_x = to_float(real.images)
-    faults, fault_x = _fault_images(ctx)
+    faults, fault_x = faults or _fault_images(ctx)
     intended = torch.tensor(faults["source_label"].to_numpy(zero_copy_only=False), dtype=torch.long)
     pred = torch.tensor(faults["pred"].to_numpy(zero_copy_only=False), dtype=torch.long)
 
@@ -113,8 +114,8 @@ def assess_search(ctx: RunContext, classifier) -> dict[str, Any]:
 def assess_mixing(ctx: RunContext, classifier) -> dict[str, Any]:
     """``assess_search``, plus how far each fault moved from its seed's image (SSIM) and how the
     bisection on the mixing weight went."""
-    summary = assess_search(ctx, classifier)
-    faults, fault_x = _fault_images(ctx)
+    faults, fault_x = _fault_images(ctx)  # read and decoded once for both parts
+    summary = assess_search(ctx, classifier, (faults, fault_x))
     if not faults.num_rows:
         return summary
     counts = ctx.store.marker("identify")

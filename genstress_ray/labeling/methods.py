@@ -47,8 +47,7 @@ class Labeller:
 def _oracle(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
     ctx = RunContext.open(store.uri, options.get("config"), store.storage_options)
     reference = ctx.oracle() if value == CONFIG_ORACLE else ctx.classifier(ModelRef(value))
-    return label_run(store, reference, options.get("rho", 0.5), options.get("per_region", 10),
-                     options.get("fault_labels", 5000))
+    return label_run(store, reference, **{k: options[k] for k in ("rho", "per_region", "fault_labels") if k in options})
 
 
 LABELLERS: Registry[Labeller] = Registry("labelling method", LabelError)
