@@ -1,4 +1,4 @@
-"""The genstress command: demo, run, runs, status, assess, label, correct, report, train."""
+"""The genstress command: demo, run, runs, status, assess, label, repair, correct, report, train."""
 
 from __future__ import annotations
 
@@ -67,8 +67,34 @@ def _correct(args) -> int:
 
     overrides = {k: v for k, v in {"lambdas": args.lambdas, "workers": args.workers, "epochs": args.epochs,
                                    "max_concurrent_trials": args.max_concurrent_trials,
-                                   "baseline": False if args.no_baseline else None}.items() if v is not None}
+                                   "baseline": False if args.no_baseline else None,
+                                   "relabel": args.relabel or None, "region_data": args.region_data}.items()
+                 if v is not None}
     print(run_correction(args.run, overrides, config=args.config).summary())
+    return 0
+
+
+def _repair(args) -> int:
+    from genstress_ray import repair
+    from genstress_ray.context import RunContext
+
+    quantile = {"correction": {"member_quantile": args.quantile}} if args.quantile is not None else None
+    ctx = RunContext.open(args.run, args.config, overrides=quantile)  # a bad quantile is named here
+    store = ctx.store
+    method = next((name for name in repair.DECIDERS if getattr(args, name)), None)
+    if args.again or quantile or not store.is_complete("proposals"):
+        repair.write_proposals(store, *repair.propose(ctx, ctx.cfg.correction.member_quantile))
+    info = store.marker("proposals")
+    print(f"repair: {info['proposals']} of {info['train_images']} training images lie inside a failure region "
+          f"with another dataset label ({info['members']} inside one) -> {store.stage_uri('proposals')} "
+          "(proposals.csv, label_studio_tasks.json)")
+    if method is not None:
+        decide = repair.DECIDERS.get(method)
+        repair.write_relabels(store, decide.label(store, getattr(args, method), {"config": args.config}),
+                              ctx.class_names)
+        done = store.marker("relabels")
+        print(f"relabels: {done['accepted']} of {done['decisions']} decided proposals accepted -> "
+              f"{store.stage_uri('relabels')}; apply them with: genstress correct {store.uri} --relabel")
     return 0
 
 
@@ -294,6 +320,23 @@ def _add_label(sub) -> None:
     label.set_defaults(func=_label)
 
 
+def _add_repair(sub) -> None:
+    from genstress_ray.repair import DECIDERS
+
+    repair = sub.add_parser("repair", help="propose relabelling the training images inside failure regions whose "
+                                           "dataset label differs from the region's, and decide the proposals")
+    repair.add_argument("run", help=RUN_HELP)
+    how = repair.add_mutually_exclusive_group()
+    for decider in DECIDERS.values():
+        how.add_argument(decider.option, metavar=decider.metavar, help=decider.help,
+                         **({"nargs": "?", "const": decider.default} if decider.default else {}))
+    repair.add_argument("--quantile", type=float, help="membership radius: this quantile of a region's own faults' "
+                                                         "distances (default: correction.member_quantile)")
+    repair.add_argument("--again", action="store_true", help="make the proposals again (after relabelling regions)")
+    repair.add_argument("--config", help=CONFIG_HELP)
+    repair.set_defaults(func=_repair)
+
+
 def _add_correct(sub) -> None:
     correct = sub.add_parser("correct", help="fine-tune the classifier on the labelled failure regions "
                                              "(Ray Train, lambda sweep, Defuse and baseline)")
@@ -303,6 +346,9 @@ def _add_correct(sub) -> None:
     correct.add_argument("--epochs", type=int, help="passes over the training data per trial")
     correct.add_argument("--max-concurrent-trials", type=int, help="trials run at once (default: as CPUs allow)")
     correct.add_argument("--no-baseline", action="store_true", help="skip the individually-labelled-faults baseline")
+    correct.add_argument("--relabel", action="store_true", help="apply the accepted relabels of genstress repair to D")
+    correct.add_argument("--region-data", choices=["generated", "real", "both", "augmented"],
+                         help="overrides correction.region_data: what Df holds for each failure region")
     correct.add_argument("--config", help=CONFIG_HELP)
     correct.set_defaults(func=_correct)
 
@@ -342,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything Ray prints (its progress bars, worker logs and warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_inspection, _add_label, _add_correct, _add_train):
+    for add in (_add_demo, _add_run, _add_inspection, _add_label, _add_repair, _add_correct, _add_train):
         add(sub)
     return parser
 

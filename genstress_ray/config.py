@@ -192,6 +192,13 @@ class CorrectionConfig(_Strict):
     test_per_region: Annotated[int, Field(gt=0)] = 256
     region_validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     select_by: Literal["combined", "validation", "real_region"] = "combined"
+    # What Df holds for each failure region: its generated samples, its real training members with
+    # the region's label, both, or the generated samples augmented (README, "Correction").
+    region_data: Literal["generated", "real", "both", "augmented"] = "generated"
+    # Membership radius of the real images in a region: this quantile of its own faults' distances.
+    member_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    # Apply the accepted relabels of data repair (``genstress repair``) to D before fine-tuning.
+    relabel: bool = False
     baseline: bool = True
     test: DataSpec | None = None
     workers: Annotated[int, Field(ge=0)] = 1

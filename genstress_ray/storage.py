@@ -55,6 +55,16 @@ LABELS_SCHEMA = pa.schema([
     ("region_id", pa.int64()), ("sample_id", pa.string()), ("label", pa.string()), ("is_failure", pa.bool_()),
     ("source", pa.string()), ("annotator", pa.string()), ("time", pa.float64()), ("agreement", pa.float64()),
 ])
+# Data repair: real training images inside a failure region whose dataset label differs from the
+# region's label (``row``: its index in the training split), and the decisions taken on them.
+PROPOSALS_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("row", pa.int64()), ("region_id", pa.int64()), ("dataset_label", pa.string()),
+    ("proposed_label", pa.string()), ("image", pa.binary()),
+])
+RELABELS_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("label", pa.string()), ("accepted", pa.bool_()), ("source", pa.string()),
+    ("annotator", pa.string()), ("time", pa.float64()),
+])
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,9 @@ LAYOUT = {s.name: s for s in (
     Stage("regions", "regions", "genstress run", REGIONS_SCHEMA),
     Stage("region_samples", "region_samples", "genstress run", REGION_SAMPLES_SCHEMA, "sample_id"),
     Stage("labels", "labels", "genstress label", LABELS_SCHEMA),
+    # Relabelling proposals for D's training images (with a CSV and Label Studio tasks), and decisions.
+    Stage("proposals", "repair/proposals", "genstress repair", PROPOSALS_SCHEMA, "sample_id"),
+    Stage("relabels", "repair/relabels", "genstress repair", RELABELS_SCHEMA, "sample_id"),
     # Fresh samples of every failure region, made with its label (fine-tune and test sets).
     Stage("region_sets", "region_sets", "genstress correct", REGION_SAMPLES_SCHEMA, "sample_id"),
     # One row per trial (method, lambda); results.json and the selected weights beside them.

@@ -205,3 +205,25 @@ def planted_classifier(tmp_path_factory) -> str:
 @pytest.fixture
 def untrained_model():
     return get_model("small_cnn", **TINY_CNN)
+
+
+@pytest.fixture
+def labelled_run(tiny_config, ray_cluster):
+    """The tiny campaign, run, with region 0 labelled a failure of class 3, region 1 fine, and six
+    faults labelled one by one (for the baseline)."""
+    from genstress_ray.labeling import labels_table, write_labels
+    from genstress_ray.pipeline import run_campaign
+    from genstress_ray.storage import RunStore
+
+    tiny_config["correction"] = {"lambdas": [1e-10, 10.0], "finetune_per_region": 20, "test_per_region": 10,
+                                 "epochs": 1, "batch_size": 32, "workers": 1, "max_concurrent_trials": 2}
+    result = run_campaign(tiny_config)
+    store = RunStore.from_uri(result.run_uri)
+    assert result.counts["regions"] >= 2
+    faults = store.read_table("identify", columns=["sample_id"]).to_pylist()[:6]
+    write_labels(store, labels_table(
+        [{"region_id": 0, "label": "3", "is_failure": True, "source": "human"},
+         {"region_id": 1, "label": "not a failure", "is_failure": False, "source": "human"}]
+        + [{"sample_id": f["sample_id"], "label": "5", "is_failure": True, "source": "oracle"} for f in faults]),
+        [str(i) for i in range(10)])
+    return store

@@ -18,7 +18,7 @@ LAYERS = [
     ("strategies", ["strategies", "regions"]),
     ("campaign config", ["config", "runs"]),
     ("run context", ["context"]),
-    ("consumers", ["labeling", "assessment", "report"]),
+    ("consumers", ["real_regions", "labeling", "repair", "assessment", "report"]),
     ("ray", ["stages", "pipeline", "correction"]),
     ("command line", ["console", "cli", "__init__"]),
 ]

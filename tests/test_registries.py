@@ -19,13 +19,15 @@ from conftest import SHARED_DATA, TINY_CNN, TINY_DDPM, TINY_STYLEGAN, TINY_VAE
 from genstress_ray.config import ConfigError, load_config
 from genstress_ray.data import SOURCES, get_source
 from genstress_ray.labeling import LABELLERS, export_tasks, validate_labels
+from genstress_ray.repair import DECIDERS
 from genstress_ray.models import MODEL_KINDS, ModelRef, load_classifier, load_generator, model_kind, train_and_save
 from genstress_ray.registry import resolve
 from genstress_ray.storage import SAMPLES_SCHEMA, RunStore
 from genstress_ray.strategies import STRATEGIES
 
 NAMES = [str(i) for i in range(10)]
-REGISTRIES = {"strategy": STRATEGIES, "dataset kind": SOURCES, "model kind": MODEL_KINDS, "labelling method": LABELLERS}
+REGISTRIES = {"strategy": STRATEGIES, "dataset kind": SOURCES, "model kind": MODEL_KINDS, "labelling method": LABELLERS,
+              "relabelling method": DECIDERS}
 
 
 @pytest.mark.parametrize("what", REGISTRIES)

@@ -11,54 +11,32 @@ on the failure regions' real members.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.compute as pc
-import torch
 from torch import nn
 
 from genstress_ray.context import RunContext, load_split
-from genstress_ray.data import to_float
 from genstress_ray.models.training import images_accuracy
-from genstress_ray.regions import assign_real
+from genstress_ray.real_regions import FailureRegions
 
 # A region's real members must reach this many before a rate is reported for it.
 MIN_REAL_MEMBERS = 10
-# The share of a region's own faults its membership radius takes in (``assign_real``).
-MEMBER_QUANTILE = 0.9
 
 
-def real_latents(generator, images: np.ndarray) -> np.ndarray:
-    """Latent means of real images under an encoding generator."""
-    x = to_float(images)
-    with torch.no_grad():
-        return torch.cat([generator.encode(chunk)[0] for chunk in x.split(512)]).numpy() if len(x) else \
-            np.zeros((0, 0))
-
-
-def real_region_data(ctx: RunContext, failure_labels: dict[int, int]) -> tuple[dict[str, np.ndarray], dict]:
+def real_region_data(ctx: RunContext, regions: FailureRegions | str) -> tuple[dict[str, np.ndarray], dict]:
     """The real images inside the failure regions, labelled with their region's label: of D's validation
     split (``real_region_val_*``, which lambda selection may use) and of the test split
-    (``real_region_test_*``, with ``real_region_test_region``), and what says how they were chosen."""
-    if not failure_labels:
-        return {}, {}
-    generator = ctx.generator()
-    if not callable(getattr(generator, "encode", None)):
-        return {}, {"message": f"not measured: the {ctx.cfg.strategy.generator_kind} has no encoder to place "
-                               "real images in the regions"}
-    faults = ctx.store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
-    fault_latents = np.stack(faults["latent"].to_numpy(zero_copy_only=False)) if faults.num_rows else None
-    regions = ctx.store.read_table("regions")
-    data, info = {}, {"min_members": MIN_REAL_MEMBERS, "regions": sorted(failure_labels)}
+    (``real_region_test_*``, with ``real_region_test_region``), and what says how they were chosen.
+    ``regions`` is a message where they cannot be placed (no encoder)."""
+    if isinstance(regions, str):
+        return {}, {"message": regions}
+    data, info = {}, {"min_members": MIN_REAL_MEMBERS, "regions": sorted(regions.failure_labels),
+                      "quantile": regions.quantile}
     for name, spec in (("val", ctx.cfg.data.validation_spec()), ("test", ctx.cfg.test_spec())):
-        split = load_split(spec)
-        latents = real_latents(generator, split.images)
-        known = fault_latents if fault_latents is not None else np.zeros((0, latents.shape[1]))
-        membership = assign_real(regions, known, latents, MEMBER_QUANTILE)
-        target = np.array([failure_labels.get(int(r), -1) for r in membership.region], np.int64)
-        inside = target >= 0
-        data[f"real_region_{name}_x"], data[f"real_region_{name}_y"] = split.images[inside], target[inside]
-        data[f"real_region_{name}_region"] = membership.region[inside]
-        info[f"{name}_images"] = len(split)
-        info["criterion"] = membership.criterion()
+        members = regions.members(load_split(spec))
+        inside = members.inside
+        data[f"real_region_{name}_x"] = members.split.images[inside]
+        data[f"real_region_{name}_y"], data[f"real_region_{name}_region"] = members.target[inside], members.region[inside]
+        info[f"{name}_images"] = len(members.split)
+    info["criterion"] = regions.criterion
     return data, info
 
 
@@ -71,6 +49,8 @@ def real_region_accuracy(models: dict[str, nn.Module], data: dict[str, np.ndarra
     out = {**info, "per_region": {str(r): _scores(models, x, y, region == r) for r in info["regions"]}}
     out["overall"] = _scores(models, x, y, np.ones(len(y), bool))
     return out
+
+
 def _scores(models: dict[str, nn.Module], images: np.ndarray, target: np.ndarray, inside: np.ndarray) -> dict:
     n = int(inside.sum())
     if n < MIN_REAL_MEMBERS:

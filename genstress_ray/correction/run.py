@@ -28,11 +28,13 @@ from genstress_ray.context import RunContext, load_split
 from genstress_ray.correction.finetune import FinetuneSettings, evaluate, region_accuracy, selection_score
 from genstress_ray.correction.real import real_region_accuracy, real_region_data
 from genstress_ray.correction.trials import TrialResources, run_trials
-from genstress_ray.data import decode_images
-from genstress_ray.labeling.table import read_labels
+from genstress_ray.data import ImageSet, decode_images
+from genstress_ray.labeling.table import LabelError, read_labels
 from genstress_ray.lease import RunLease
 from genstress_ray.models import ModelRef, load_module
 from genstress_ray.pipeline import decode_region_samples, init_ray
+from genstress_ray.real_regions import FailureRegions, failure_region_labels
+from genstress_ray.repair import apply_relabels, read_relabels
 from genstress_ray.storage import CORRECTION_RESULTS, RunStore, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class CorrectionResult:
                 region = row.get("region_test_acc", float("nan"))
                 lines.append(f"{name:>10} {row['test_acc']:>9.4f} {region:>11.4f} "
                              f"{real.get(name, float('nan')):>16.4f} {lam:>8}")
+        if r.get("relabels"):
+            lines.append(f"data repair: {r['relabels']['applied']} training labels changed before fine-tuning")
         if real:
             lines.append(f"real region acc: {real['n']} real test images inside the failure regions"
                          + (f" ({real['message']})" if "message" in real else ""))
@@ -71,14 +75,6 @@ class CorrectionResult:
 def _images(table: pa.Table, what: str) -> np.ndarray:
     ids = table["sample_id"].to_pylist()
     return decode_images(table["image"].to_pylist(), [f"{what} {i}" for i in ids], None) if ids else None
-
-
-def _region_labels(labels: pa.Table, class_names: list[str]) -> tuple[dict[int, int], int]:
-    """Label index of every failure region, and the number of labelled regions."""
-    labels = labels.filter(pc.invert(pc.is_null(pc.field("region_id"))))
-    failures = labels.filter(pc.field("is_failure"))
-    return ({r: class_names.index(lab) for r, lab in zip(failures["region_id"].to_pylist(),
-                                                          failures["label"].to_pylist())}, labels.num_rows)
 
 
 def _fault_labels(store: RunStore, labels: pa.Table, class_names: list[str], limit: int, seed: int):
@@ -106,20 +102,26 @@ def build_region_sets(cfg: CampaignConfig, store: RunStore, failure_labels: dict
                                  failure_labels, {**constructor, "seed": cfg.seed + 1})
 
 
-def dataset_splits(cfg: CampaignConfig) -> dict[str, np.ndarray]:
-    """D's train, validation and test splits as arrays."""
-    data = {}
+def dataset_splits(cfg: CampaignConfig) -> tuple[dict[str, np.ndarray], ImageSet]:
+    """D's train, validation and test splits as arrays, and the training split itself."""
+    data, train = {}, None
     for name, spec in (("train", cfg.data.train_spec()), ("val", cfg.data.validation_spec()), ("test", cfg.test_spec())):
         split = load_split(spec)
         data[f"{name}_x"], data[f"{name}_y"] = split.images, split.labels.astype(np.int64)
-    return data
+        train = train or split
+    return data, train
 
 
-def correction_data(cfg: CampaignConfig, store: RunStore, labels: pa.Table,
-                    class_names: list[str]) -> dict[str, np.ndarray]:
-    """Every array the trials need: D's splits, the region sets and the baseline's labelled faults."""
-    c = cfg.correction
-    data = dataset_splits(cfg)
+def correction_data(ctx: RunContext, labels: pa.Table, regions: FailureRegions | str) -> tuple[dict, dict | None]:
+    """Every array the trials need: D's splits (relabelled with ``correction.relabel``), Df as
+    ``correction.region_data`` says, the regions' validation and test samples and the baseline's
+    labelled faults; and the relabels applied, when asked for."""
+    cfg, store, c = ctx.cfg, ctx.store, ctx.cfg.correction
+    data, train = dataset_splits(cfg)
+    relabelled = None
+    if c.relabel:
+        data["train_y"], changes = apply_relabels(train, read_relabels(store))
+        relabelled = {"applied": len(changes), "changes": changes}
     sets = store.read_table("region_sets", columns=["sample_id", "image", "draw", "source_label", "region_id"])
     draw = sets["draw"].to_numpy()
     n_val = max(1, int(round(c.finetune_per_region * c.region_validation_fraction)))
@@ -131,11 +133,27 @@ def correction_data(cfg: CampaignConfig, store: RunStore, labels: pa.Table,
         data[f"{name}_x"] = _images(part, "region sample")
         data[f"{name}_y"] = part["source_label"].to_numpy().astype(np.int64)
     data["region_test_region"] = sets.filter(pa.array(parts["region_test"]))["region_id"].to_numpy()
+    if c.region_data in ("real", "both"):
+        real_x, real_y = _real_members(train, regions, c.region_data)
+        both = c.region_data == "both"
+        data["finetune_x"] = np.concatenate([data["finetune_x"], real_x]) if both else real_x
+        data["finetune_y"] = np.concatenate([data["finetune_y"], real_y]) if both else real_y
     if c.baseline:
-        x, y = _fault_labels(store, labels, class_names, len(data["finetune_y"]), cfg.seed)
+        x, y = _fault_labels(store, labels, ctx.class_names, len(data["finetune_y"]), cfg.seed)
         if x is not None:
             data["baseline_x"], data["baseline_y"] = x, y
-    return data
+    return data, relabelled
+
+
+def _real_members(train: ImageSet, regions: FailureRegions | str, choice: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training images inside the failure regions, with their region's label (Df of ``real``)."""
+    if isinstance(regions, str):
+        raise LabelError(f"correction.region_data: {choice!r} needs the regions' real members, {regions}")
+    members = regions.members(train)
+    if not members.inside.any():
+        raise LabelError(f"correction.region_data: {choice!r}: no training image lies inside a failure region "
+                         "(use generated or augmented)")
+    return train.images[members.inside], members.target[members.inside]
 
 
 def _publish(store: RunStore, trial: dict, method: str) -> str:
@@ -167,9 +185,11 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
     ctx = RunContext.open(run_uri, config, storage_options, {"correction": overrides} if overrides else None)
     store = ctx.store
     labels = read_labels(store)
-    failure_labels, n_labelled = _region_labels(labels, ctx.class_names)
+    failure_labels, n_labelled = failure_region_labels(labels, ctx.class_names)
     # What decides the outcome: the settings and the labels (relabelling redoes the region sets too).
     done_with = {"settings": ctx.cfg.correction.model_dump(mode="json"), "labels": labels_digest(labels)}
+    if ctx.cfg.correction.relabel:
+        done_with["relabels"] = table_digest(read_relabels(store), ["sample_id", "label", "accepted"])
     if store.is_complete("correction") and store.marker("correction").get("made_with") == done_with:
         log.info("correction: already complete with these settings and labels, skipped")
         return CorrectionResult(store.uri, store.read_json("correction", CORRECTION_RESULTS))
@@ -193,6 +213,12 @@ def labels_digest(labels: pa.Table) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+def table_digest(table: pa.Table, columns: list[str]) -> str:
+    """A fingerprint of some columns of a table, whatever its row order."""
+    rows = sorted(json.dumps(r, sort_keys=True) for r in table.select(columns).to_pylist())
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], n_labelled: int,
              lease: RunLease) -> dict[str, Any]:
     cfg, store = ctx.cfg, ctx.store
@@ -205,11 +231,14 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
     store.begin_stage("correction")
     if not failure_labels:
         results["message"] = "no failure regions were labelled: nothing to fine-tune"
-        results["before"] = evaluate(classifier.net, dataset_splits(cfg))
+        results["before"] = evaluate(classifier.net, dataset_splits(cfg)[0])
         trials = []
     else:
-        data = correction_data(cfg, store, labels, ctx.class_names)
-        real, real_info = real_region_data(ctx, failure_labels)
+        regions = FailureRegions.open(ctx, failure_labels, cfg.correction.member_quantile)
+        data, relabelled = correction_data(ctx, labels, regions)
+        if relabelled is not None:
+            results["relabels"] = relabelled
+        real, real_info = real_region_data(ctx, regions)
         data.update(real)
         results["before"] = evaluate(classifier.net, data)
         methods = {m: key for m, key in METHODS.items() if f"{key}_x" in data}
@@ -259,7 +288,8 @@ def _select(ctx: RunContext, trials: list[dict], methods: dict[str, str]) -> dic
 def _sweep(cfg: CampaignConfig, store: RunStore, data: dict, ref: ModelRef, methods: dict[str, str]) -> list[dict]:
     c = cfg.correction
     resources = TrialResources(c.workers, c.num_cpus_per_worker, c.use_gpu, c.threads, c.max_concurrent_trials)
-    settings = FinetuneSettings(lam=0.0, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, seed=cfg.seed)
+    settings = FinetuneSettings(lam=0.0, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, seed=cfg.seed,
+                                augment=c.region_data == "augmented")
     log.info("correction: %d trials (%s x %d lambdas)", len(methods) * len(c.lambdas), "/".join(methods),
              len(c.lambdas))
     trials = run_trials(data, ref, methods, c.lambdas, settings, resources, store.stage_uri("correction", "trials"))

@@ -12,7 +12,8 @@ from genstress_ray.labeling.table import NOT_A_FAILURE, LabelError, labels_table
 from genstress_ray.storage import StorageError, read_bytes
 
 
-def _truthy(value) -> bool | None:
+def truthy(value, field: str = "is_failure") -> bool | None:
+    """A yes/no cell: True, False, or None when blank; a LabelError otherwise."""
     if isinstance(value, bool) or value is None:
         return value
     text = str(value).strip().lower()
@@ -22,7 +23,7 @@ def _truthy(value) -> bool | None:
         return True
     if text in ("0", "false", "no", "n"):
         return False
-    raise LabelError(f"is_failure {value!r} is not a yes/no value")
+    raise LabelError(f"{field} {value!r} is not a yes/no value")
 
 
 def read_label_file(uri: str, annotator: str = "file") -> pa.Table:
@@ -51,7 +52,7 @@ def read_label_file(uri: str, annotator: str = "file") -> pa.Table:
         except (TypeError, ValueError) as exc:
             raise LabelError(f"label file {uri!r} row {i + 1}: region_id {rec['region_id']!r} is not an integer") from exc
         label = str(rec["label"]).strip()
-        flag = _truthy(rec.get("is_failure"))
+        flag = truthy(rec.get("is_failure"))
         is_failure = (label != NOT_A_FAILURE) if flag is None else flag
         rows.append({"region_id": rid, "label": label, "is_failure": is_failure, "source": "file",
                      "annotator": str(rec.get("annotator") or annotator)})

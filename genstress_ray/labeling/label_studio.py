@@ -37,7 +37,8 @@ def export_tasks(region_samples: pa.Table, class_names: list[str], run_uri: str,
     return tasks
 
 
-def _choice(annotation: dict) -> str | None:
+def annotation_choice(annotation: dict) -> str | None:
+    """The first choice of a Label Studio annotation, or None."""
     results = annotation.get("result", [])
     for result in results if isinstance(results, list) else []:
         value = result.get("value", {}) if isinstance(result, dict) else {}
@@ -79,7 +80,7 @@ def import_export(uri: str, run_uri: str) -> pa.Table:
         for annotation in task.get("annotations", []):
             if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
                 continue
-            choice = _choice(annotation)
+            choice = annotation_choice(annotation)
             if choice is not None:
                 votes.setdefault(rid, Counter())[choice] += 1
                 annotators.setdefault(rid, set()).add(str(annotation.get("completed_by", "unknown")))

@@ -27,7 +27,8 @@ CONFIG_ORACLE = "<config>"
 
 @dataclass(frozen=True)
 class Labeller:
-    """A labelling method: ``label(store, value, options) -> labels table``.
+    """A labelling method: ``label(store, value, options) -> table`` (a ``labels`` table here; a
+    ``relabels`` table for the repair's ``DECIDERS``).
 
     ``value`` is what its option was given (a file, a checkpoint; ``default`` when given bare);
     ``options`` holds ``rho``, ``per_region``, ``fault_labels`` and the campaign's ``config``.

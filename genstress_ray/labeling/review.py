@@ -1,5 +1,7 @@
 """The review page: ``genstress label RUN_URI`` serves each region as a grid of its samples, with a
 button per class and "not a failure"; every click is saved into the run's ``labels`` table at once.
+After ``genstress repair``, each relabelling proposal is a card too (relabel, or keep the dataset
+label), saved into the ``relabels`` table.
 
 Only this machine can reach it: the server listens on 127.0.0.1, answers only requests whose Host
 header names the loopback (so a web page elsewhere cannot reach it through DNS rebinding), and
@@ -24,6 +26,7 @@ from genstress_ray.data import class_name, png_uri
 from genstress_ray.labeling.oracle import reviewed_samples
 from genstress_ray.labeling.table import (NOT_A_FAILURE, STAGE, labels_table, region_ids, validate_labels,
                                           write_labels)
+from genstress_ray.repair import read_proposals, read_relabels, relabels_table, write_relabels
 from genstress_ray.storage import RunStore, StorageError
 
 LOOPBACK = "127.0.0.1"
@@ -47,6 +50,18 @@ async function label(region, value) {
   status.textContent = 'saved: ' + answer.label;
   document.querySelectorAll('#region-' + region + ' button').forEach(
     b => b.classList.toggle('chosen', b.dataset.label === answer.label));
+}
+async function relabel(card, sampleId, accept) {
+  const status = document.getElementById('status-' + card);
+  status.textContent = 'saving...';
+  const response = await fetch('/api/relabel?token=' + encodeURIComponent(TOKEN), {
+    method: 'POST', headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({sample_id: sampleId, accept: accept})});
+  const answer = await response.json();
+  if (!response.ok) { status.textContent = 'not saved: ' + answer.error; return; }
+  status.textContent = answer.accepted ? 'saved: relabel' : 'saved: keep';
+  document.querySelectorAll('#' + card + ' button').forEach(
+    b => b.classList.toggle('chosen', (b.dataset.accept === 'true') === answer.accepted));
 }
 """
 
@@ -78,6 +93,48 @@ class ReviewStore:
             kept = [r for r in self.labels().to_pylist() if r["region_id"] != region_id]
             write_labels(self.store, pa.concat_tables([labels_table(kept), row]), self.class_names)
 
+    def decisions(self) -> dict[str, bool]:
+        """Relabelling decisions so far: sample id -> accepted."""
+        table = read_relabels(self.store) if self.store.is_complete("relabels") else relabels_table([])
+        return dict(zip(table["sample_id"].to_pylist(), table["accepted"].to_pylist()))
+
+    def save_relabel(self, sample_id: str, accept: bool) -> None:
+        """Record this reviewer's decision on one proposal (replacing any earlier one)."""
+        proposals = read_proposals(self.store)
+        proposed = dict(zip(proposals["sample_id"].to_pylist(), proposals["proposed_label"].to_pylist()))
+        if sample_id not in proposed:
+            raise ValueError(f"{sample_id!r} is not a relabelling proposal of this run")
+        row = {"sample_id": sample_id, "label": proposed[sample_id] if accept else None, "accepted": accept,
+               "source": "human", "annotator": self.annotator}
+        with self._lock:
+            table = read_relabels(self.store) if self.store.is_complete("relabels") else relabels_table([])
+            kept = [r for r in table.to_pylist() if r["sample_id"] != sample_id]
+            write_relabels(self.store, relabels_table([*kept, row]), self.class_names)
+
+    def _proposal_cards(self) -> str:
+        """The third kind of card: one per relabelling proposal of ``genstress repair``."""
+        if not self.store.is_complete("proposals"):
+            return ""
+        decided = self.decisions()
+        cards = []
+        for i, p in enumerate(read_proposals(self.store).to_pylist()):
+            card, sid = f"proposal-{i}", html.escape(p["sample_id"], quote=True)
+            choice = decided.get(p["sample_id"])
+            buttons = "".join(
+                f"<button type='button' data-accept='{str(accept).lower()}'"
+                f"{' class=chosen' if choice is accept else ''} onclick='relabel({json.dumps(card)}, "
+                f"{html.escape(json.dumps(p['sample_id']), quote=True)}, {str(accept).lower()})'>{html.escape(text)}</button>"
+                for accept, text in ((True, f"relabel as {p['proposed_label']}"),
+                                     (False, f"keep {p['dataset_label']}")))
+            status = "not decided" if choice is None else f"saved: {'relabel' if choice else 'keep'}"
+            cards.append(f"<div class='cell proposal' id='{card}'><img src='{png_uri(p['image'])}' alt='{sid}'>"
+                         f"{sid}<br>dataset: {html.escape(p['dataset_label'])}, region {p['region_id']}: "
+                         f"{html.escape(p['proposed_label'])}<br>{buttons}<span class='status' id='status-{card}'>"
+                         f"{status}</span></div>")
+        return (f"<section id='proposals'><h2>Relabelling proposals</h2><p>Training images inside a failure "
+                f"region whose dataset label differs from the region's ({len(cards)}). Relabel the image, or keep "
+                f"its dataset label.</p><div class='grid'>{''.join(cards)}</div></section>")
+
     def page(self, token: str) -> str:
         regions = {r["region_id"]: r for r in self.store.read_table("regions").to_pylist()}
         samples: dict[int, list[dict]] = {}
@@ -106,7 +163,7 @@ class ReviewStore:
         return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
                 f"<link rel='icon' href='data:,'><style>{STYLE}</style></head><body><h1>{title}</h1><p>One label per region: the class these "
                 f"images show, or &quot;{NOT_A_FAILURE}&quot; when the classifier's predictions are right. "
-                f"Each click is saved.</p>{''.join(sections)}"
+                f"Each click is saved.</p>{''.join(sections)}{self._proposal_cards()}"
                 f"<script>const TOKEN = {json.dumps(token)};{SCRIPT}</script></body></html>")
 
 
@@ -166,6 +223,17 @@ def _label_request(body: bytes) -> tuple[int, str]:
     return region, label
 
 
+def _relabel_request(body: bytes) -> tuple[str, bool]:
+    """The (sample id, accepted) of a POST to /api/relabel."""
+    data = json.loads(body or b"{}")
+    sample_id, accept = data["sample_id"], data["accept"]
+    if not isinstance(sample_id, str):
+        raise ValueError(f"sample_id must be a string, got {sample_id!r}")
+    if not isinstance(accept, bool):
+        raise ValueError(f"accept must be true or false, got {accept!r}")
+    return sample_id, accept
+
+
 class _ReviewHandler(BaseHTTPRequestHandler):
     """The review page's HTTP endpoints (``owner``: the ``ReviewServer`` they serve)."""
 
@@ -210,7 +278,7 @@ class _ReviewHandler(BaseHTTPRequestHandler):
         path, ok = self._check()
         if not ok:
             return
-        if path != "/api/label":
+        if path not in ("/api/label", "/api/relabel"):
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
         try:
             length = int(self.headers.get("Content-Length", 0))
@@ -221,10 +289,17 @@ class _ReviewHandler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               {"error": f"request body of {length} bytes; at most {MAX_BODY}"})
         try:
-            region, label = _label_request(self.rfile.read(length))
-            self.owner.review.save(region, label)
+            body = self.rfile.read(length)
+            if path == "/api/relabel":
+                sample_id, accept = _relabel_request(body)
+                self.owner.review.save_relabel(sample_id, accept)
+                answer = {"sample_id": sample_id, "accepted": accept}
+            else:
+                region, label = _label_request(body)
+                self.owner.review.save(region, label)
+                answer = {"region_id": region, "label": label}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # LabelError is a ValueError
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         except StorageError as exc:  # e.g. a campaign or correction holds the run's lease
             return self._json(HTTPStatus.CONFLICT, {"error": str(exc)})
-        self._json(HTTPStatus.OK, {"region_id": region, "label": label})
+        self._json(HTTPStatus.OK, answer)

@@ -110,7 +110,18 @@ def _correction_section(store: RunStore) -> str:
     trials = store.read_table("correction").to_pylist()
     plot = f"<div class='plots'><img src='{_tradeoff_plot(trials, results['before'])}' alt='lambda trade-off'></div>" \
         if trials else ""
-    return head + table + plot
+    return head + table + plot + _relabels_list(results.get("relabels"))
+
+
+def _relabels_list(relabels: dict | None) -> str:
+    """The training labels data repair changed before fine-tuning (``genstress correct --relabel``)."""
+    if relabels is None:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(c['sample_id'])}</td><td>{html.escape(c['from'])}</td>"
+                   f"<td>{html.escape(c['to'])}</td></tr>" for c in relabels["changes"])
+    return (f"<h3>Relabelled training images</h3><p>{relabels['applied']} training labels changed by data repair "
+            f"before fine-tuning.</p><table id='relabels'><tr><th>image</th><th>dataset label</th><th>relabelled as"
+            f"</th></tr>{rows}</table>")
 
 
 def _table(rows: list[tuple[str, object]]) -> str:

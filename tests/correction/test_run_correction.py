@@ -21,22 +21,6 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 CLASSES = [str(i) for i in range(10)]
 
 
-@pytest.fixture
-def labelled_run(tiny_config):
-    tiny_config["correction"] = {"lambdas": [1e-10, 10.0], "finetune_per_region": 20, "test_per_region": 10,
-                                 "epochs": 1, "batch_size": 32, "workers": 1, "max_concurrent_trials": 2}
-    result = run_campaign(tiny_config)
-    store = RunStore.from_uri(result.run_uri)
-    assert result.counts["regions"] >= 2
-    faults = store.read_table("identify", columns=["sample_id"]).to_pylist()[:6]
-    write_labels(store, labels_table(
-        [{"region_id": 0, "label": "3", "is_failure": True, "source": "human"},
-         {"region_id": 1, "label": "not a failure", "is_failure": False, "source": "human"}]
-        + [{"sample_id": f["sample_id"], "label": "5", "is_failure": True, "source": "oracle"} for f in faults]),
-        CLASSES)
-    return store
-
-
 def _snapshot(store: RunStore) -> dict:
     """Every file of the run with its bytes: what 'untouched' means."""
     return {p: store.fs.cat_file(p) for p in store.fs.find(store.path)}
@@ -143,7 +127,8 @@ def test_real_region_accuracy_recomputes_from_the_runs_own_tables(labelled_run):
     import pyarrow.compute as pc
     import torch
 
-    from genstress_ray.correction.real import MEMBER_QUANTILE, MIN_REAL_MEMBERS
+    from genstress_ray.config import CorrectionConfig
+    from genstress_ray.correction.real import MIN_REAL_MEMBERS
     from genstress_ray.data import get_source, to_float
     from genstress_ray.models import ModelRef, load_classifier, load_generator, load_module
     from genstress_ray.regions import assign_real
@@ -158,7 +143,7 @@ def test_real_region_accuracy_recomputes_from_the_runs_own_tables(labelled_run):
         latents = generator.encode(to_float(test.images))[0].numpy()
     faults = store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
     membership = assign_real(store.read_table("regions"), np.stack(faults["latent"].to_numpy(zero_copy_only=False)),
-                             latents, MEMBER_QUANTILE)
+                             latents, CorrectionConfig().member_quantile)
     inside = membership.region == 0  # region 0 is the one failure region, labelled "3"
     assert real["per_region"]["0"]["n"] == int(inside.sum()) == real["overall"]["n"]
     assert real["test_images"] == len(test) and "quantile" in real["criterion"]

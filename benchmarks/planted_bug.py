@@ -1,0 +1,232 @@
+"""A planted bug: does the documented workflow find a flaw that mislabelled training data put into a
+classifier, and does the fix hold on real images?
+
+    python benchmarks/planted_bug.py [--output DIR] [--lambdas 0.01 0.1 1 10 100]
+
+The bug: in MNIST's training images (../shared/data/mnist_train_first20k) and in the search images
+(the first 5,000 of MNIST's test set) alike, the 30% most right-leaning 1s are labelled 7 (slant: the
+image's shear moment -mu11/mu02; the threshold is the 70th percentile over the training set's 1s). A
+small CNN trained on those labels is the classifier under test; the same CNN trained on the true labels
+is the oracle. Real held-out images are the other 5,000 test images with their true labels: the
+subgroup is their 1s above the same slant threshold, the rest is every other image.
+
+Workflow, as the README documents it: ``genstress run`` (Defuse, jobs/mnist_defuse.yaml's settings),
+oracle labels, ``genstress correct`` once per ``correction.region_data`` (generated with the
+baseline, real, both, augmented), then ``genstress repair --oracle`` and ``genstress correct --relabel``.
+Lambda is chosen with ``select_by: real_region``. Writes benchmarks/results/planted_bug.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "planted_bug.json"
+SHARE, TRUE, WRONG = 0.3, 1, 7  # the most slanted 30% of the 1s are labelled 7
+REGION_DATA = ("generated", "real", "both", "augmented")
+
+
+def slant(images: np.ndarray) -> np.ndarray:
+    """How far each image's strokes lean right (top to the right): -mu11 / mu02 of its ink."""
+    w = images.reshape(len(images), 28, 28).astype(np.float64)
+    y, x = np.mgrid[:28, :28]
+    m = w.sum((1, 2))
+    cx, cy = (w * x).sum((1, 2)) / m, (w * y).sum((1, 2)) / m
+    dx, dy = x - cx[:, None, None], y - cy[:, None, None]
+    return -(w * dx * dy).sum((1, 2)) / (w * dy * dy).sum((1, 2))
+
+
+def _save(folder: Path, part: str, images: np.ndarray, labels: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / f"x_{part}.npz", images)
+    np.savez_compressed(folder / f"y_{part}.npz", labels)
+
+
+def plant(root: Path) -> dict:
+    """Write the planted and clean data folders; return what was planted."""
+    from genstress_ray.data import get_source
+
+    train = get_source("mnist", uri=str(DATA / "mnist_train_first20k"), split="train", validation_fraction=0.0).load()
+    test = get_source("mnist", uri=str(DATA / "mnist"), split="test").load()
+    x_train, y_train = train.images[:, 0], train.labels.copy()
+    x_test, y_test = test.images[:, 0], test.labels.copy()
+    threshold = float(np.quantile(slant(x_train[y_train == TRUE]), 1 - SHARE))
+    in_train = (y_train == TRUE) & (slant(x_train) > threshold)
+    in_test = (y_test == TRUE) & (slant(x_test) > threshold)
+    planted_train, planted_test = y_train.copy(), y_test.copy()
+    planted_train[in_train], planted_test[in_test] = WRONG, WRONG
+    _save(root / "planted", "train", x_train, planted_train)
+    _save(root / "planted", "test", x_test[:5000], planted_test[:5000])
+    _save(root / "clean", "train", x_train, y_train)
+    _save(root / "clean_test", "test", x_test[5000:], y_test[5000:])
+    return {"threshold": threshold, "planted_train_rows": np.flatnonzero(in_train).tolist(),
+            "planted_search": int(in_test[:5000].sum()), "subgroup_test": int(in_test[5000:].sum()),
+            "ones_train": int((y_train == TRUE).sum())}
+
+
+def config(root: Path, output: str, oracle: str, lambdas: list[float]) -> dict:
+    """jobs/mnist_defuse.yaml on the planted data, with the clean oracle and the clean test images."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "jobs" / "mnist_defuse.yaml").read_text())
+    planted = str(root / "planted")
+    cfg.update(campaign="planted-bug", output=output, run_id="benchmark", oracle={"uri": oracle})
+    cfg["data"] = {"search": {"kind": "mnist", "uri": planted, "split": "test"},
+                   "train": {"kind": "mnist", "uri": planted, "split": "train", "validation_fraction": 0.1},
+                   "validation": {"kind": "mnist", "uri": planted, "split": "validation", "validation_fraction": 0.1}}
+    cfg["correction"].update(lambdas=lambdas, select_by="real_region",
+                             test={"kind": "mnist", "uri": str(root / "clean_test"), "split": "test"})
+    return cfg
+
+
+def held_out(root: Path, threshold: float):
+    """The clean held-out images split into the subgroup (slanted 1s) and the rest."""
+    from genstress_ray.data import get_source
+
+    test = get_source("mnist", uri=str(root / "clean_test"), split="test").load()
+    subgroup = (test.labels == TRUE) & (slant(test.images[:, 0]) > threshold)
+    return test, subgroup
+
+
+def scores(uri: str, test, subgroup: np.ndarray) -> dict:
+    from genstress_ray.models import load_module
+    from genstress_ray.models.training import images_accuracy
+
+    net = load_module(uri)[0]
+    return {"subgroup_acc": images_accuracy(net, test.images[subgroup], test.labels[subgroup]),
+            "rest_acc": images_accuracy(net, test.images[~subgroup], test.labels[~subgroup])}
+
+
+def correct(run_uri: str, overrides: dict, test, subgroup) -> dict:
+    """One correction; the chosen models' subgroup / rest accuracy and the run's own figures."""
+    from genstress_ray.correction import run_correction
+
+    started = time.time()
+    done = run_correction(run_uri, overrides)
+    print(done.summary(), flush=True)
+    r = done.results
+    real = r.get("real_region", {}).get("overall", {})
+    out = {}
+    for method in ("defuse", "baseline"):
+        if method in r:
+            out[method] = {**scores(r[method]["checkpoint"], test, subgroup), "lam": r[method]["lam"],
+                           "test_acc": r[method]["test_acc"], "region_test_acc": r[method].get("region_test_acc"),
+                           "real_region_acc": real.get(method)}
+    out["real_region_before"] = real.get("before")
+    out["real_region_members"] = real.get("n")
+    out["relabels"] = r.get("relabels", {}).get("applied")
+    out["seconds"] = round(time.time() - started, 1)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=tempfile.mkdtemp(prefix="genstress-planted-"))
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0, 100.0])
+    parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "genstress-planted-data"),
+                        help="where the planted data is written (the same path lets the model cache serve reruns)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke test of the script: 500 search images, "
+                                                             "20 draws, one lambda, one epoch; no results file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="genstress: %(message)s")
+
+    from genstress_ray import labeling, repair
+    from genstress_ray.config import DataSpec
+    from genstress_ray.context import RunContext, load_split
+    from genstress_ray.labeling.methods import CONFIG_ORACLE
+    from genstress_ray.models.training import train_and_save
+    from genstress_ray.pipeline import run_campaign
+    from genstress_ray.storage import RunStore
+
+    started = time.time()
+    root = Path(args.data)
+    planted = plant(root)
+    oracle = str(root / "oracle.safetensors")
+    cfg = config(root, args.output, oracle, args.lambdas)
+    if args.quick:
+        cfg["data"]["search"]["limit"], cfg["strategy"]["draws"] = 500, 20
+        cfg["correction"].update(lambdas=[1.0], epochs=1)
+    # The oracle: jobs/mnist_defuse.yaml's oracle recipe on the true labels.
+    clean = {"kind": "mnist", "uri": str(root / "clean"), "validation_fraction": 0.1}
+    metrics = train_and_save("classifier", "small_cnn", load_split(DataSpec(**clean, split="train")),
+                             load_split(DataSpec(**clean, split="validation")), oracle, {},
+                             {"epochs": 1 if args.quick else 6, "batch_size": 64, "lr": 0.001, "seed": 7}, args.threads)
+    print(f"oracle trained on the true labels: {metrics}", flush=True)
+    test, subgroup = held_out(root, planted["threshold"])
+
+    campaign = run_campaign(cfg)
+    print(campaign.summary(), flush=True)
+    store = RunStore.from_uri(campaign.run_uri)
+    ctx = RunContext.open(store.uri)
+    labeling.write_labels(store, labeling.label_run(store, ctx.oracle(), rho=0.5, per_region=10, fault_labels=5000),
+                          ctx.class_names)
+    regions = _found_regions(store, ctx.class_names)
+    searched = time.time()
+    result = {"planted": {k: v for k, v in planted.items() if k != "planted_train_rows"}
+              | {"planted_train": len(planted["planted_train_rows"])},
+              "oracle_val_acc": metrics.get("val_acc"), "regions": regions,
+              "before": scores(ctx.models["classifier"].uri, test, subgroup), "region_data": {}}
+    for choice in REGION_DATA:
+        result["region_data"][choice] = correct(store.uri, {"region_data": choice, "baseline": choice == "generated"},
+                                                test, subgroup)
+
+    # Data repair: proposals, the oracle's decisions, and a correction on the relabelled D.
+    table, info = repair.propose(ctx, ctx.cfg.correction.member_quantile)
+    repair.write_proposals(store, table, info)
+    repair.write_relabels(store, repair.DECIDERS.get("oracle").label(store, CONFIG_ORACLE, {}), ctx.class_names)
+    decided = repair.read_relabels(store)
+    result["repair"] = _precision_recall(table, decided, planted["planted_train_rows"], ctx)
+    result["repair"]["correction"] = correct(store.uri, {"region_data": "generated", "relabel": True,
+                                                         "baseline": False}, test, subgroup)
+    result.update(seconds={"search_labels": round(searched - started, 1), "total": round(time.time() - started, 1)},
+                  command="python benchmarks/planted_bug.py", run=store.uri,
+                  machine={"platform": platform.platform(), "python": platform.python_version()})
+    print(json.dumps(result, indent=2))
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+    return 0
+
+
+def _found_regions(store, class_names: list[str]) -> list[dict]:
+    """The failure regions the oracle labelled: size, the classes of their faults, their label."""
+    labels = {r["region_id"]: r for r in store.read_table("labels").to_pylist()
+              if r["region_id"] is not None and r["is_failure"]}
+    out = []
+    for r in store.read_table("regions").to_pylist():
+        if r["region_id"] in labels:
+            out.append({"region_id": r["region_id"], "faults": r["n_members"], "label": labels[r["region_id"]]["label"],
+                        "true": class_names[r["dominant_source_label"]], "predicted": class_names[r["dominant_pred"]],
+                        "pairs": json.loads(r["top_pairs"] or "[]")[:3]})
+    return out
+
+
+def _precision_recall(proposals, decided, planted_rows: list[int], ctx) -> dict:
+    """Proposals (and the oracle-accepted relabels) against the planted rows of D's training split."""
+    from genstress_ray.context import load_split
+
+    train = load_split(ctx.cfg.data.train_spec())
+    planted_ids = set(train.source_ids) & {f"mnist:train:{i}" for i in planted_rows}
+    out = {"planted_in_train_split": len(planted_ids)}
+    accepted = {r["sample_id"] for r in decided.to_pylist() if r["accepted"]}
+    for name, ids in (("proposals", set(proposals["sample_id"].to_pylist())), ("accepted", accepted)):
+        hits = len(ids & planted_ids)
+        out[name] = {"n": len(ids), "planted": hits, "precision": hits / len(ids) if ids else None,
+                     "recall": hits / len(planted_ids) if planted_ids else None}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Relabelling proposals: the real training images inside a failure region whose dataset label differs
+from the region's label.
+
+A flaw that comes from mislabelled training data (a visual subgroup of one class labelled as another)
+is taught again by every pass over D, and fine-tuning on generated samples of the region does not undo
+it. The proposals name those rows so that a person (or an oracle) can correct D itself.
+
+``genstress repair RUN`` writes them to ``repair/proposals`` (a table), ``repair/proposals.csv`` (one row
+each, an empty ``accept`` column to fill in) and ``repair/label_studio_tasks.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from genstress_ray.context import RunContext, load_split
+from genstress_ray.data import png_bytes
+from genstress_ray.labeling import LabelError, read_labels
+from genstress_ray.lease import RunLease
+from genstress_ray.real_regions import FailureRegions, RegionMembers, failure_region_labels
+from genstress_ray.storage import PROPOSALS_SCHEMA, RunStore
+
+STAGE = "proposals"
+PROPOSALS_CSV = "proposals.csv"
+LABEL_STUDIO_TASKS = "label_studio_tasks.json"
+# The Label Studio choice (and review-page button) that rejects a proposal.
+KEEP = "keep the dataset label"
+
+
+class RepairError(LabelError):
+    """Repair cannot go on (no failure regions, no encoder, bad decisions). Nothing is written."""
+
+
+def propose(ctx: RunContext, quantile: float) -> tuple[pa.Table, dict]:
+    """The proposals table of a labelled run, and what says how they were found.
+
+    ``quantile`` sets each region's membership radius (``regions.assign_real``), as in correction's
+    real-image figures (``correction.member_quantile``).
+    """
+    failure_labels, _ = failure_region_labels(read_labels(ctx.store), ctx.class_names)
+    if not failure_labels:
+        raise RepairError(f"run {ctx.store.uri} has no labelled failure regions: nothing to repair "
+                          "(label the run first: genstress label RUN ...)")
+    regions = FailureRegions.open(ctx, failure_labels, quantile)
+    if isinstance(regions, str):
+        raise RepairError(f"cannot propose relabels: {regions.replace('not measured: ', '')}")
+    members = regions.members(load_split(ctx.cfg.data.train_spec(), "data.train"))
+    table = proposal_table(members, ctx.class_names)
+    info = {"proposals": table.num_rows, "train_images": len(members.split), "members": int(members.inside.sum()),
+            "failure_regions": sorted(failure_labels), "quantile": quantile, "criterion": regions.criterion}
+    return table, info
+
+
+def proposal_table(members: RegionMembers, class_names: list[str]) -> pa.Table:
+    """One proposal per image inside a failure region whose dataset label is not the region's."""
+    split = members.split
+    rows = np.flatnonzero(members.inside & (members.target != split.labels))
+    return pa.Table.from_pylist([
+        {"sample_id": split.source_ids[i], "row": int(i), "region_id": int(members.region[i]),
+         "dataset_label": class_names[split.labels[i]], "proposed_label": class_names[members.target[i]],
+         "image": png_bytes(split.images[i])} for i in rows], schema=PROPOSALS_SCHEMA)
+
+
+def write_proposals(store: RunStore, table: pa.Table, info: dict) -> None:
+    """Replace the run's proposals (table, CSV and Label Studio tasks) under the run's lease."""
+    with RunLease.for_store(store):
+        store.begin_stage(STAGE)
+        store.write_table(STAGE, table)
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["sample_id", "region_id", "dataset_label", "proposed_label", "accept"])
+        for r in table.select(["sample_id", "region_id", "dataset_label", "proposed_label"]).to_pylist():
+            writer.writerow([r["sample_id"], r["region_id"], r["dataset_label"], r["proposed_label"], ""])
+        store.fs.pipe_file(f"{store.stage_path(STAGE)}/{PROPOSALS_CSV}", buf.getvalue().encode())
+        tasks = label_studio_tasks(table, store.uri)
+        store.fs.pipe_file(f"{store.stage_path(STAGE)}/{LABEL_STUDIO_TASKS}", json.dumps(tasks).encode())
+        store.complete_stage(STAGE, info)
+
+
+def read_proposals(store: RunStore) -> pa.Table:
+    if not store.is_complete(STAGE):
+        raise RepairError(f"run {store.uri} has no relabelling proposals yet: run genstress repair {store.uri}")
+    return store.read_table(STAGE)
+
+
+def label_studio_tasks(proposals: pa.Table, run_uri: str) -> list[dict]:
+    """Image-classification tasks, one per proposal: the image, what D says and what the region says.
+    The choices are the classes and ``KEEP`` (``decisions.labeling_config``)."""
+    return [{"data": {"image": "data:image/png;base64," + base64.b64encode(r["image"]).decode(),
+                      "question": f"the dataset says {r['dataset_label']}; its failure region says "
+                                  f"{r['proposed_label']}. What is this image?",
+                      "sample_id": r["sample_id"], "region_id": r["region_id"], "genstress_run": run_uri}}
+            for r in proposals.to_pylist()]

@@ -1,0 +1,175 @@
+"""Data repair on a real tiny run: `genstress repair` proposals, decisions four ways (file, Label
+Studio, oracle, review page), and `genstress correct --relabel` applying them to D."""
+
+import csv
+import io
+import json
+import urllib.request
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from genstress_ray.cli import main
+from genstress_ray.data import get_source, to_float
+from genstress_ray.labeling import labels_table, write_labels
+from genstress_ray.labeling.review import ReviewServer
+from genstress_ray.models import ModelRef, load_generator
+from genstress_ray.regions import assign_real
+from genstress_ray.repair import DECIDERS, KEEP, read_proposals, read_relabels, validate_relabels
+
+from browser import CHROMIUM
+
+
+def _train_membership(store):
+    """Recomputed here: the digits training split encoded with the run's generator and assigned to the
+    regions by radius (the 0.9 quantile)."""
+    train = get_source("digits", split="train").load()
+    generator = load_generator(ModelRef(store.read_manifest()["models"]["generator"]), (1, 8, 8))
+    with torch.no_grad():
+        latents = generator.encode(to_float(train.images))[0].numpy()
+    faults = store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
+    membership = assign_real(store.read_table("regions"), np.stack(faults["latent"].to_numpy(zero_copy_only=False)),
+                             latents, 0.9)
+    return train, membership.region
+
+
+@pytest.fixture
+def repair_run(tiny_config, request):
+    """The tiny run (centred noise: regions around real images' latents) with its region of most
+    training members labelled a failure of class 3."""
+    tiny_config["strategy"]["centred"] = True
+    store = request.getfixturevalue("labelled_run")
+    train, region = _train_membership(store)
+    rid = int(np.bincount(region[region >= 0]).argmax())
+    write_labels(store, labels_table([{"region_id": rid, "label": "3", "is_failure": True, "source": "human"}]),
+                 [str(i) for i in range(10)])
+    expected = sorted(train.source_ids[i] for i in np.flatnonzero((region == rid) & (train.labels != 3)))
+    assert len(expected) >= 3
+    return store, expected
+
+
+def _decide(store, capsys, *args) -> dict:
+    assert main(["repair", store.uri, *args]) == 0, capsys.readouterr().err
+    return {r["sample_id"]: r for r in read_relabels(store).to_pylist()}
+
+
+def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, capsys):
+    store, expected = repair_run
+    assert main(["repair", store.uri]) == 0
+    assert "training images lie inside a failure region" in capsys.readouterr().out
+    proposals = read_proposals(store)
+    ids = sorted(proposals["sample_id"].to_pylist())
+    assert ids == expected
+    assert set(proposals["proposed_label"].to_pylist()) == {"3"}
+    # The CSV: one row per proposal, an empty accept column. Filled in: the first rejected, one left blank.
+    rows = list(csv.DictReader(io.StringIO(store.fs.cat_file(f"{store.stage_path('proposals')}/proposals.csv").decode())))
+    assert sorted(r["sample_id"] for r in rows) == ids and all(r["accept"] == "" for r in rows)
+    for i, r in enumerate(rows):
+        r["accept"] = "no" if i == 0 else ("" if i == 1 else "yes")
+    decisions = tmp_path / "decisions.csv"
+    with open(decisions, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    decided = _decide(store, capsys, "--file", str(decisions))
+    assert rows[1]["sample_id"] not in decided and not decided[rows[0]["sample_id"]]["accepted"]
+    accepted = sorted(r["sample_id"] for r in rows[2:])
+    assert sorted(s for s, d in decided.items() if d["accepted"]) == accepted
+
+    # Correction applies exactly the accepted relabels to D.
+    assert main(["correct", store.uri, "--relabel", "--lambdas", "1", "--no-baseline", "--workers", "0"]) == 0
+    assert "training labels changed" in capsys.readouterr().out
+    results = json.loads(store.fs.cat_file(f"{store.path}/correction/results.json"))
+    changes = results["relabels"]["changes"]
+    assert sorted(c["sample_id"] for c in changes) == accepted and {c["to"] for c in changes} == {"3"}
+    assert main(["report", store.uri]) == 0
+    assert "id='relabels'" in store.fs.cat_file(f"{store.path}/report/index.html").decode()
+
+    # Label Studio: the tasks exported with the proposals, annotated, imported (KEEP rejects).
+    tasks = json.loads(store.fs.cat_file(f"{store.stage_path('proposals')}/label_studio_tasks.json"))
+    assert sorted(t["data"]["sample_id"] for t in tasks) == ids
+    for i, t in enumerate(tasks):
+        t["annotations"] = [{"result": [{"value": {"choices": [KEEP if i == 0 else "3"]}}]}]
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks))
+    decided = _decide(store, capsys, "--import-label-studio", str(export))
+    assert sum(d["accepted"] for d in decided.values()) == len(ids) - 1
+    assert decided[tasks[0]["data"]["sample_id"]]["label"] is None
+
+    # A decision on a row that was not proposed is named, and the decisions stay as they were.
+    (tmp_path / "bad.csv").write_text("sample_id,accept\ndigits:train:nope,yes\n")
+    assert main(["repair", store.uri, "--file", str(tmp_path / "bad.csv")]) == 2
+    assert "digits:train:nope" in capsys.readouterr().err
+    assert _decide(store, capsys) == decided
+
+    # The oracle: accepted exactly where it disagrees with the dataset label.
+    decided = _decide(store, capsys, "--oracle", store.read_manifest()["models"]["classifier"])
+    assert sorted(decided) == ids
+    assert all(d["accepted"] == (d["label"] != p) for d, p in
+               zip((decided[s] for s in proposals["sample_id"].to_pylist()), proposals["dataset_label"].to_pylist()))
+
+
+def test_the_review_page_shows_proposal_cards_and_saves_decisions(repair_run, request):
+    store, _ = repair_run
+    assert main(["repair", store.uri]) == 0
+    first = read_proposals(store)["sample_id"].to_pylist()[0]
+    server = ReviewServer(store, per_region=3)
+    server.start()
+    try:
+        html = urllib.request.urlopen(server.url).read().decode()
+        assert "Relabelling proposals" in html and html.count("class='cell proposal'") == read_proposals(store).num_rows
+        body = json.dumps({"sample_id": first, "accept": False}).encode()
+        post = urllib.request.Request(server.url.replace("/?", "/api/relabel?"), body,
+                                      {"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(post).read()) == {"sample_id": first, "accepted": False}
+        assert {r["sample_id"]: r["accepted"] for r in read_relabels(store).to_pylist()} == {first: False}
+        bad = urllib.request.Request(server.url.replace("/?", "/api/relabel?"),
+                                     json.dumps({"sample_id": first, "accept": "yes"}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(bad)
+        assert err.value.code == 400
+        if CHROMIUM is None:
+            pytest.skip("no chromium on PATH (Debian package 'chromium'): the cards were not clicked in a browser")
+        page = request.getfixturevalue("page")
+        page.goto(server.url)
+        page.locator("#proposal-0 button[data-accept='true']").click()
+        page.wait_for_function("document.getElementById('status-proposal-0').textContent === 'saved: relabel'")
+        assert {r["sample_id"]: r["accepted"] for r in read_relabels(store).to_pylist()}[first] is True
+        assert page.console_errors == []
+    finally:
+        server.shutdown()
+
+
+def _decisions_file(store, tmp_path) -> str:
+    path = tmp_path / "decisions.csv"
+    path.write_text("sample_id,accept\n" + "".join(f"{s},yes\n" for s in read_proposals(store)["sample_id"].to_pylist()))
+    return str(path)
+
+
+def _decisions_export(store, tmp_path) -> str:
+    tasks = json.loads(store.fs.cat_file(f"{store.stage_path('proposals')}/label_studio_tasks.json"))
+    for t in tasks:
+        t["annotations"] = [{"result": [{"value": {"choices": ["3"]}}]}]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(tasks))
+    return str(path)
+
+
+# What each registered relabelling method is given on the command line.
+DECIDER_VALUE = {"oracle": lambda store, tmp_path: store.read_manifest()["models"]["classifier"],
+                 "file": _decisions_file, "import_label_studio": _decisions_export}
+
+
+def test_every_relabelling_method_has_a_test_input():
+    assert set(DECIDERS) == set(DECIDER_VALUE), "add the new method's input to DECIDER_VALUE"
+
+
+@pytest.mark.parametrize("name", DECIDERS.names())
+def test_a_relabelling_method_decides_every_proposal_validly(name, repair_run, tmp_path):
+    store, expected = repair_run
+    assert main(["repair", store.uri]) == 0
+    table = DECIDERS.get(name).label(store, DECIDER_VALUE[name](store, tmp_path), {})
+    validate_relabels(table, read_proposals(store), [str(i) for i in range(10)])
+    assert sorted(table["sample_id"].to_pylist()) == expected
