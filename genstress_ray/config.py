@@ -197,6 +197,9 @@ class CorrectionConfig(_Strict):
     region_data: Literal["generated", "real", "both", "augmented"] = "generated"
     # Membership radius of the real images in a region: this quantile of its own faults' distances.
     member_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    # What a real image inside a failure region is scored against: the region's label, or the
+    # config oracle's label for that image (a subgroup's members need not all share one class).
+    real_region_label: Literal["region", "oracle"] = "region"
     # Apply the accepted relabels of data repair (``genstress repair``) to D before fine-tuning.
     relabel: bool = False
     baseline: bool = True

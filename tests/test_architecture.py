@@ -20,7 +20,7 @@ LAYERS = [
     ("run context", ["context"]),
     ("consumers", ["real_regions", "labeling", "repair", "assessment", "report"]),
     ("ray", ["stages", "pipeline", "correction"]),
-    ("command line", ["console", "cli", "__init__"]),
+    ("command line", ["console", "label_commands", "cli", "__init__"]),
 ]
 RAY_LAYER = "ray"
 

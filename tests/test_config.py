@@ -57,6 +57,15 @@ def test_the_shipped_mnist_job_validates():
     assert cfg.data.train is not None and cfg.data.train.uri.endswith("mnist_train_first20k")
 
 
+def test_the_paper_settings_job_holds_the_papers_hyper_parameters():
+    cfg = load_config(JOBS / "mnist_defuse_paper.yaml")
+    s, c = cfg.strategy, cfg.correction
+    assert (s.a, s.b, s.draws, cfg.reduce.max_components, cfg.reduce.weight_threshold, cfg.reduce.tau) == \
+        (50, 50, 500, 100, 0.01, 0.5)
+    assert len(c.lambdas) == 17 and (c.epochs, c.finetune_per_region, c.test_per_region) == (3, 256, 256)
+    assert cfg.data.search.split == "train" and cfg.generator.params["latent_dim"] == 10
+
+
 def test_the_shipped_kldb_jobs_validate():
     mnist, imagenet = load_config(JOBS / "mnist_kldb.yaml"), load_config(JOBS / "imagenet_kldb.yaml")
     assert mnist.strategy.classes == ["4", "9"] and mnist.generator.architecture == "small_ddpm"

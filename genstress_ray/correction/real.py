@@ -11,9 +11,11 @@ on the failure regions' real members.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from genstress_ray.context import RunContext, load_split
+from genstress_ray.data import to_float
 from genstress_ray.models.training import images_accuracy
 from genstress_ray.real_regions import FailureRegions
 
@@ -28,16 +30,26 @@ def real_region_data(ctx: RunContext, regions: FailureRegions | str) -> tuple[di
     ``regions`` is a message where they cannot be placed (no encoder)."""
     if isinstance(regions, str):
         return {}, {"message": regions}
+    against = ctx.cfg.correction.real_region_label
+    oracle = ctx.oracle() if against == "oracle" else None
     data, info = {}, {"min_members": MIN_REAL_MEMBERS, "regions": sorted(regions.failure_labels),
-                      "quantile": regions.quantile}
+                      "quantile": regions.quantile, "label": against}
     for name, spec in (("val", ctx.cfg.data.validation_spec()), ("test", ctx.cfg.test_spec())):
         members = regions.members(load_split(spec))
         inside = members.inside
-        data[f"real_region_{name}_x"] = members.split.images[inside]
-        data[f"real_region_{name}_y"], data[f"real_region_{name}_region"] = members.target[inside], members.region[inside]
+        x = members.split.images[inside]
+        data[f"real_region_{name}_x"], data[f"real_region_{name}_region"] = x, members.region[inside]
+        data[f"real_region_{name}_y"] = members.target[inside] if oracle is None else _predict(oracle, x)
         info[f"{name}_images"] = len(members.split)
     info["criterion"] = regions.criterion
     return data, info
+
+
+def _predict(classifier, images: np.ndarray) -> np.ndarray:
+    """A classifier's label for each image (the oracle's, with ``real_region_label: oracle``)."""
+    with torch.no_grad():
+        return np.concatenate([classifier(to_float(images[i: i + 1024])).argmax(1).numpy()
+                               for i in range(0, len(images), 1024)]) if len(images) else np.zeros(0, np.int64)
 
 
 def real_region_accuracy(models: dict[str, nn.Module], data: dict[str, np.ndarray], info: dict) -> dict:

@@ -158,3 +158,17 @@ def test_real_region_accuracy_recomputes_from_the_runs_own_tables(labelled_run):
         assert real["overall"][name] == pytest.approx(float((pred == 3).mean()))
     # Every trial scored the same real members of the test split; the chosen one's figure is the same.
     assert results["defuse"]["real_region_test_acc"] == pytest.approx(real["overall"]["defuse"])
+
+
+def test_real_region_images_can_be_scored_against_the_oracles_label_per_image(tiny_config, tiny_models, request):
+    """With the classifier itself as the oracle, its own real-region accuracy before correction is 1."""
+    tiny_config["oracle"] = {"uri": tiny_models["classifier"]}
+    tiny_config["strategy"]["centred"] = True  # regions around real images' latents: real members exist
+    store = request.getfixturevalue("labelled_run")
+    results = run_correction(store.uri, {"baseline": False, "workers": 0, "lambdas": [1.0],
+                                         "real_region_label": "oracle", "member_quantile": 0.99}).results
+    real = results["real_region"]
+    assert real["label"] == "oracle" and real["quantile"] == 0.99
+    if real["overall"]["n"] < 10:
+        pytest.skip(f"only {real['overall']['n']} real members in the tiny run's failure region")
+    assert real["overall"]["before"] == 1.0

@@ -1,0 +1,130 @@
+"""The commands that label a run and repair its data: ``genstress label`` and ``genstress repair``."""
+
+from __future__ import annotations
+
+from genstress_ray.labeling import LabelError
+
+RUN_HELP = "the run URI: <output>/<campaign>/<run_id>"
+CONFIG_HELP = ("the campaign's own config file; needed when the run's config names code to import (a "
+               "'factory'), which is never taken from the run folder")
+
+
+def _label(args) -> int:
+    from genstress_ray import labeling
+    from genstress_ray.storage import RunStore
+
+    store = RunStore.from_uri(args.run)
+    manifest = store.read_manifest()
+    if "class_names" not in manifest:
+        raise LabelError(f"run {store.uri} was made by an older genstress_ray (no class_names in its manifest); "
+                         "rerun it with the same run id to record them")
+    class_names = manifest["class_names"]
+    method = next((name for name in labeling.LABELLERS if getattr(args, name)), None)
+    if method not in ("file", "import_label_studio") and not store.is_complete("region_samples"):
+        raise LabelError(f"run {store.uri} has no finished region_samples stage to label")
+    if args.export_label_studio:
+        return _export_label_studio(store, class_names, args)
+    if method is None:
+        return _serve_review_page(store, args)
+    options = {"rho": args.rho, "per_region": args.per_region, "fault_labels": args.fault_labels, "config": args.config}
+    labeling.write_labels(store, labeling.LABELLERS.get(method).label(store, getattr(args, method), options),
+                          class_names)
+    info = store.marker("labels")
+    faults = info["labels"] - info["regions"]
+    print(f"labels: {info['regions']} regions labelled, {info['failure_regions']} failure regions"
+          + (f", {faults} faults labelled one by one" if faults else "") + f" -> {store.uri}/labels")
+    return 0
+
+
+
+def _export_label_studio(store, class_names: list[str], args) -> int:
+    import json
+
+    from genstress_ray import labeling
+    from genstress_ray.storage import filesystem_for, write_bytes_atomic
+
+    tasks = labeling.export_tasks(store.read_table("region_samples"), class_names, store.uri, args.per_region)
+    fs, path = filesystem_for(args.export_label_studio)
+    write_bytes_atomic(fs, path, json.dumps(tasks).encode())
+    config_path = path.rsplit(".", 1)[0] + ".xml"
+    write_bytes_atomic(fs, config_path, labeling.labeling_config(class_names).encode())
+    print(f"wrote {len(tasks)} Label Studio tasks to {args.export_label_studio} "
+          f"and the labeling config to {config_path}")
+    return 0
+
+
+
+def _serve_review_page(store, args) -> int:
+    from genstress_ray.labeling.review import ReviewServer
+
+    server = ReviewServer(store, args.port, per_region=args.per_region)
+    print(f"review page for {store.uri} (labels are saved as you click; Ctrl-C stops):\n  {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+
+def _repair(args) -> int:
+    from genstress_ray import repair
+    from genstress_ray.context import RunContext
+
+    quantile = {"correction": {"member_quantile": args.quantile}} if args.quantile is not None else None
+    ctx = RunContext.open(args.run, args.config, overrides=quantile)  # a bad quantile is named here
+    store = ctx.store
+    method = next((name for name in repair.DECIDERS if getattr(args, name)), None)
+    if args.again or quantile or not store.is_complete("proposals"):
+        repair.write_proposals(store, *repair.propose(ctx, ctx.cfg.correction.member_quantile))
+    info = store.marker("proposals")
+    print(f"repair: {info['proposals']} of {info['train_images']} training images lie inside a failure region "
+          f"with another dataset label ({info['members']} inside one) -> {store.stage_uri('proposals')} "
+          "(proposals.csv, label_studio_tasks.json)")
+    if method is not None:
+        decide = repair.DECIDERS.get(method)
+        repair.write_relabels(store, decide.label(store, getattr(args, method), {"config": args.config}),
+                              ctx.class_names)
+        done = store.marker("relabels")
+        print(f"relabels: {done['accepted']} of {done['decisions']} decided proposals accepted -> "
+              f"{store.stage_uri('relabels')}; apply them with: genstress correct {store.uri} --relabel")
+    return 0
+
+
+
+def add_label(sub) -> None:
+    from genstress_ray.labeling import LABELLERS
+
+    label = sub.add_parser("label", help="label a run's regions, one label per region: with no option, serve the "
+                                         "review page on 127.0.0.1")
+    label.add_argument("run", help=RUN_HELP)
+    how = label.add_mutually_exclusive_group()
+    for labeller in LABELLERS.values():
+        how.add_argument(labeller.option, metavar=labeller.metavar, help=labeller.help,
+                         **({"nargs": "?", "const": labeller.default} if labeller.default else {}))
+    how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
+    label.add_argument("--config", help=CONFIG_HELP)
+    label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
+    label.add_argument("--per-region", type=int, default=10, help="samples reviewed (or shown) per region")
+    label.add_argument("--port", type=int, default=0, help="review page: port on 127.0.0.1 (default: any free one)")
+    label.add_argument("--fault-labels", type=int, default=5000, metavar="N",
+                       help="oracle: also label N random faults one by one, for the correction baseline (0: none)")
+    label.set_defaults(func=_label)
+
+
+
+def add_repair(sub) -> None:
+    from genstress_ray.repair import DECIDERS
+
+    repair = sub.add_parser("repair", help="propose relabelling the training images inside failure regions whose "
+                                           "dataset label differs from the region's, and decide the proposals")
+    repair.add_argument("run", help=RUN_HELP)
+    how = repair.add_mutually_exclusive_group()
+    for decider in DECIDERS.values():
+        how.add_argument(decider.option, metavar=decider.metavar, help=decider.help,
+                         **({"nargs": "?", "const": decider.default} if decider.default else {}))
+    repair.add_argument("--quantile", type=float, help="membership radius: this quantile of a region's own faults' "
+                                                         "distances (default: correction.member_quantile)")
+    repair.add_argument("--again", action="store_true", help="make the proposals again (after relabelling regions)")
+    repair.add_argument("--config", help=CONFIG_HELP)
+    repair.set_defaults(func=_repair)
