@@ -228,18 +228,19 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
     results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
                                "n_failure_regions": len(failure_labels), "select_by": cfg.correction.select_by}
     lease.check()
-    store.begin_stage("correction")
-    if not failure_labels:
-        results["message"] = "no failure regions were labelled: nothing to fine-tune"
-        results["before"] = evaluate(classifier.net, dataset_splits(cfg)[0])
-        trials = []
-    else:
+    if failure_labels:  # read and checked before the previous correction is cleared
         regions = FailureRegions.open(ctx, failure_labels, cfg.correction.member_quantile)
         data, relabelled = correction_data(ctx, labels, regions)
         if relabelled is not None:
             results["relabels"] = relabelled
         real, real_info = real_region_data(ctx, regions)
         data.update(real)
+    store.begin_stage("correction")
+    if not failure_labels:
+        results["message"] = "no failure regions were labelled: nothing to fine-tune"
+        results["before"] = evaluate(classifier.net, dataset_splits(cfg)[0])
+        trials = []
+    else:
         results["before"] = evaluate(classifier.net, data)
         methods = {m: key for m, key in METHODS.items() if f"{key}_x" in data}
         if cfg.correction.baseline and "baseline" not in methods:

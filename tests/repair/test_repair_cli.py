@@ -173,3 +173,12 @@ def test_a_relabelling_method_decides_every_proposal_validly(name, repair_run, t
     table = DECIDERS.get(name).label(store, DECIDER_VALUE[name](store, tmp_path), {})
     validate_relabels(table, read_proposals(store), [str(i) for i in range(10)])
     assert sorted(table["sample_id"].to_pylist()) == expected
+
+
+def test_relabel_without_decisions_is_refused_and_changes_nothing(labelled_run, capsys):
+    store = labelled_run
+    assert main(["correct", store.uri, "--lambdas", "1", "--no-baseline", "--workers", "0"]) == 0
+    before = {p: store.fs.cat_file(p) for p in store.fs.find(store.path)}
+    assert main(["correct", store.uri, "--relabel"]) == 2
+    assert "no relabelling decisions" in capsys.readouterr().err
+    assert {p: store.fs.cat_file(p) for p in store.fs.find(store.path)} == before
