@@ -136,6 +136,10 @@ def main() -> int:
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "genstress-planted-data"),
                         help="where the planted data is written (the same path lets the model cache serve reruns)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rho", type=float, default=0.25,
+                        help="oracle labels: a failure region when more than rho of its reviewed samples are "
+                             "misclassified (the subgroup's region sits on the boundary: about a third are)")
+    parser.add_argument("--per-region", type=int, default=50, help="oracle labels: samples reviewed per region")
     parser.add_argument("--quick", action="store_true", help="a smoke test of the script: 500 search images, "
                                                              "20 draws, one lambda, one epoch; no results file")
     args = parser.parse_args()
@@ -169,13 +173,15 @@ def main() -> int:
     print(campaign.summary(), flush=True)
     store = RunStore.from_uri(campaign.run_uri)
     ctx = RunContext.open(store.uri)
-    labeling.write_labels(store, labeling.label_run(store, ctx.oracle(), rho=0.5, per_region=10, fault_labels=5000),
+    labeling.write_labels(store, labeling.label_run(store, ctx.oracle(), rho=args.rho, per_region=args.per_region,
+                                                              fault_labels=5000),
                           ctx.class_names)
     regions = _found_regions(store, ctx.class_names)
     searched = time.time()
     result = {"planted": {k: v for k, v in planted.items() if k != "planted_train_rows"}
               | {"planted_train": len(planted["planted_train_rows"])},
-              "oracle_val_acc": metrics.get("val_acc"), "regions": regions,
+              "oracle_val_acc": metrics.get("val_acc"), "rho": args.rho, "per_region": args.per_region,
+              "regions": regions,
               "before": scores(ctx.models["classifier"].uri, test, subgroup), "region_data": {}}
     for choice in REGION_DATA:
         result["region_data"][choice] = correct(store.uri, {"region_data": choice, "baseline": choice == "generated"},
@@ -201,15 +207,18 @@ def main() -> int:
 
 
 def _found_regions(store, class_names: list[str]) -> list[dict]:
-    """The failure regions the oracle labelled: size, the classes of their faults, their label."""
-    labels = {r["region_id"]: r for r in store.read_table("labels").to_pylist()
-              if r["region_id"] is not None and r["is_failure"]}
+    """The regions the oracle labelled failures, and every region whose faults are mostly 1s called 7
+    (the planted flaw): size, top (true, predicted) pairs, label."""
+    labels = {r["region_id"]: r for r in store.read_table("labels").to_pylist() if r["region_id"] is not None}
     out = []
     for r in store.read_table("regions").to_pylist():
-        if r["region_id"] in labels:
-            out.append({"region_id": r["region_id"], "faults": r["n_members"], "label": labels[r["region_id"]]["label"],
-                        "true": class_names[r["dominant_source_label"]], "predicted": class_names[r["dominant_pred"]],
-                        "pairs": json.loads(r["top_pairs"] or "[]")[:3]})
+        pairs = json.loads(r["top_pairs"] or "[]")
+        planted_share = sum(share for t, p, share in pairs if (t, p) == (TRUE, WRONG))
+        label = labels.get(r["region_id"], {})
+        if label.get("is_failure") or planted_share >= 0.3:
+            out.append({"region_id": r["region_id"], "faults": r["n_members"], "failure": bool(label.get("is_failure")),
+                        "label": label.get("label"), "share_1_called_7": round(planted_share, 3),
+                        "pairs": [f"{class_names[t]} -> {class_names[p]} {share:.0%}" for t, p, share in pairs[:3]]})
     return out
 
 

@@ -153,6 +153,9 @@ def run_trials(data: dict[str, np.ndarray], model: ModelRef, fine_sets: dict[str
         for result in tuner.fit():
             if result.error is not None:
                 raise RuntimeError(f"correction trial {result.config} failed: {result.error}")
+            if "method" not in (result.metrics or {}):
+                # Tune takes Ctrl-C itself and returns the trials it stopped, unreported: an interrupt.
+                raise KeyboardInterrupt(f"correction trial {result.config} was stopped before it reported")
             rows.append(result.metrics)
     rows = [{k: v for k, v in row.items() if k in _TRIAL_KEYS} for row in rows]
     return sorted(rows, key=lambda r: (r["method"], r["lam"]))

@@ -172,3 +172,27 @@ def test_real_region_images_can_be_scored_against_the_oracles_label_per_image(ti
     if real["overall"]["n"] < 10:
         pytest.skip(f"only {real['overall']['n']} real members in the tiny run's failure region")
     assert real["overall"]["before"] == 1.0
+
+
+def test_ctrl_c_during_the_lambda_sweep_is_one_line_not_a_traceback(labelled_run):
+    """Tune takes SIGINT itself and hands back the trials it stopped; that is an interrupt, not a crash."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = labelled_run
+    proc = subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "correct", store.uri, "--epochs", "400",
+                             "--no-baseline"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not store.is_complete("region_sets"):
+        time.sleep(0.5)
+    time.sleep(8)  # the trials are running
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyError" not in err, err[-3000:]
+    assert "interrupted" in err
+    assert not store.is_complete("correction")
