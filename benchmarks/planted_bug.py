@@ -189,7 +189,7 @@ def main() -> int:
 
     # Data repair: proposals, the oracle's decisions, and a correction on the relabelled D.
     table, info = repair.propose(ctx, ctx.cfg.correction.member_quantile)
-    repair.write_proposals(store, table, info)
+    repair.write_proposals(store, table, info, ctx.class_names)
     repair.write_relabels(store, repair.DECIDERS.get("oracle").label(store, CONFIG_ORACLE, {}), ctx.class_names)
     decided = repair.read_relabels(store)
     result["repair"] = _precision_recall(table, decided, planted["planted_train_rows"], ctx)

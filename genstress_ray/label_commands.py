@@ -76,11 +76,11 @@ def _repair(args) -> int:
     store = ctx.store
     method = next((name for name in repair.DECIDERS if getattr(args, name)), None)
     if args.again or quantile or not store.is_complete("proposals"):
-        repair.write_proposals(store, *repair.propose(ctx, ctx.cfg.correction.member_quantile))
+        repair.write_proposals(store, *repair.propose(ctx, ctx.cfg.correction.member_quantile), ctx.class_names)
     info = store.marker("proposals")
     print(f"repair: {info['proposals']} of {info['train_images']} training images lie inside a failure region "
           f"with another dataset label ({info['members']} inside one) -> {store.stage_uri('proposals')} "
-          "(proposals.csv, label_studio_tasks.json)")
+          "(proposals.csv; label_studio_tasks.json with label_studio_config.xml)")
     if method is not None:
         decide = repair.DECIDERS.get(method)
         repair.write_relabels(store, decide.label(store, getattr(args, method), {"config": args.config}),

@@ -14,7 +14,6 @@ import json
 import time
 from collections import Counter
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import pyarrow as pa
@@ -40,13 +39,6 @@ def relabels_table(rows: list[dict]) -> pa.Table:
     now = time.time()
     return pa.Table.from_pylist([{**{n: None for n in RELABELS_SCHEMA.names}, "time": now, **r} for r in rows],
                                 schema=RELABELS_SCHEMA)
-
-
-def labeling_config(class_names: list[str]) -> str:
-    """Label Studio's labeling config for the proposals' tasks: the classes and ``KEEP``."""
-    choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in [*class_names, KEEP])
-    return (f'<View>\n  <Image name="image" value="$image"/>\n  <Text name="question" value="$question"/>\n'
-            f'  <Choices name="label" toName="image" choice="single" showInline="true">\n{choices}\n  </Choices>\n</View>\n')
 
 
 def validate_relabels(table: pa.Table, proposals: pa.Table, class_names: list[str]) -> None:

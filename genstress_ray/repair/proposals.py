@@ -5,8 +5,8 @@ A flaw that comes from mislabelled training data (a visual subgroup of one class
 is taught again by every pass over D, and fine-tuning on generated samples of the region does not undo
 it. The proposals name those rows so that a person (or an oracle) can correct D itself.
 
-``genstress repair RUN`` writes them to ``repair/proposals`` (a table), ``repair/proposals.csv`` (one row
-each, an empty ``accept`` column to fill in) and ``repair/label_studio_tasks.json``.
+``genstress repair RUN`` writes them to ``repair/proposals`` (a table), ``repair/proposals/proposals.csv``
+(one row each, an empty ``accept`` column to fill in) and Label Studio tasks with their labeling config.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import base64
 import csv
 import io
 import json
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,7 @@ from genstress_ray.storage import PROPOSALS_SCHEMA, RunStore
 STAGE = "proposals"
 PROPOSALS_CSV = "proposals.csv"
 LABEL_STUDIO_TASKS = "label_studio_tasks.json"
+LABEL_STUDIO_CONFIG = "label_studio_config.xml"
 # The Label Studio choice (and review-page button) that rejects a proposal.
 KEEP = "keep the dataset label"
 
@@ -67,8 +69,8 @@ def proposal_table(members: RegionMembers, class_names: list[str]) -> pa.Table:
          "image": png_bytes(split.images[i])} for i in rows], schema=PROPOSALS_SCHEMA)
 
 
-def write_proposals(store: RunStore, table: pa.Table, info: dict) -> None:
-    """Replace the run's proposals (table, CSV and Label Studio tasks) under the run's lease."""
+def write_proposals(store: RunStore, table: pa.Table, info: dict, class_names: list[str]) -> None:
+    """Replace the run's proposals (table, CSV, Label Studio tasks and labeling config) under the run's lease."""
     with RunLease.for_store(store):
         store.begin_stage(STAGE)
         store.write_table(STAGE, table)
@@ -80,6 +82,7 @@ def write_proposals(store: RunStore, table: pa.Table, info: dict) -> None:
         store.fs.pipe_file(f"{store.stage_path(STAGE)}/{PROPOSALS_CSV}", buf.getvalue().encode())
         tasks = label_studio_tasks(table, store.uri)
         store.fs.pipe_file(f"{store.stage_path(STAGE)}/{LABEL_STUDIO_TASKS}", json.dumps(tasks).encode())
+        store.fs.pipe_file(f"{store.stage_path(STAGE)}/{LABEL_STUDIO_CONFIG}", labeling_config(class_names).encode())
         store.complete_stage(STAGE, info)
 
 
@@ -91,9 +94,16 @@ def read_proposals(store: RunStore) -> pa.Table:
 
 def label_studio_tasks(proposals: pa.Table, run_uri: str) -> list[dict]:
     """Image-classification tasks, one per proposal: the image, what D says and what the region says.
-    The choices are the classes and ``KEEP`` (``decisions.labeling_config``)."""
+    The choices are the classes and ``KEEP`` (``labeling_config``)."""
     return [{"data": {"image": "data:image/png;base64," + base64.b64encode(r["image"]).decode(),
                       "question": f"the dataset says {r['dataset_label']}; its failure region says "
                                   f"{r['proposed_label']}. What is this image?",
                       "sample_id": r["sample_id"], "region_id": r["region_id"], "genstress_run": run_uri}}
             for r in proposals.to_pylist()]
+
+
+def labeling_config(class_names: list[str]) -> str:
+    """Label Studio's labeling config for the proposals' tasks: the classes and ``KEEP``."""
+    choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in [*class_names, KEEP])
+    return (f'<View>\n  <Image name="image" value="$image"/>\n  <Text name="question" value="$question"/>\n'
+            f'  <Choices name="label" toName="image" choice="single" showInline="true">\n{choices}\n  </Choices>\n</View>\n')

@@ -90,6 +90,8 @@ def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, c
     # Label Studio: the tasks exported with the proposals, annotated, imported (KEEP rejects).
     tasks = json.loads(store.fs.cat_file(f"{store.stage_path('proposals')}/label_studio_tasks.json"))
     assert sorted(t["data"]["sample_id"] for t in tasks) == ids
+    config = store.fs.cat_file(f"{store.stage_path('proposals')}/label_studio_config.xml").decode()
+    assert f'<Choice value="{KEEP}"/>' in config and '<Choice value="3"/>' in config
     for i, t in enumerate(tasks):
         t["annotations"] = [{"result": [{"value": {"choices": [KEEP if i == 0 else "3"]}}]}]
     export = tmp_path / "export.json"
