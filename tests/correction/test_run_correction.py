@@ -174,6 +174,7 @@ def test_real_region_images_can_be_scored_against_the_oracles_label_per_image(ti
     assert real["overall"]["before"] == 1.0
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_lambda_sweep_is_one_line_not_a_traceback(labelled_run):
     """Tune takes SIGINT itself and hands back the trials it stopped; that is an interrupt, not a crash."""
     import os

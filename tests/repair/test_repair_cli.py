@@ -55,6 +55,7 @@ def _decide(store, capsys, *args) -> dict:
     return {r["sample_id"]: r for r in read_relabels(store).to_pylist()}
 
 
+@pytest.mark.slow
 def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, capsys):
     store, expected = repair_run
     assert main(["repair", store.uri]) == 0
