@@ -80,3 +80,17 @@ def configure_output(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning)
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):  # before Ray's first (auth) warning
             logging.getLogger(name).setLevel(logging.ERROR)
+        sys.unraisablehook = _quiet_ray_destructors(sys.unraisablehook)
+
+
+def _quiet_ray_destructors(default):
+    """An unraisable-exception hook that drops errors raised in Ray's own destructors and passes every
+    other one on. A Ctrl-C can leave a Ray Data dataset half built, and its ``__del__`` then prints an
+    "Exception ignored ... Traceback" after the one-line interrupt message."""
+    def hook(unraisable) -> None:
+        if getattr(unraisable.object, "__module__", "").startswith("ray."):
+            logging.getLogger(__name__).debug("ignored in %r: %s", unraisable.object, unraisable.exc_value)
+            return
+        default(unraisable)
+    hook.quiet_ray = True
+    return default if getattr(default, "quiet_ray", False) else hook

@@ -116,3 +116,22 @@ def test_train_ddpm_writes_a_class_conditional_unet(tmp_path):
     assert main(["train", "ddpm", "--data", "digits", "--epochs", "1", "--output", str(out)]) == 0
     module, meta = load_module(str(out))
     assert meta["architecture"] == "small_ddpm" and module.config.num_class_embeds == 11
+
+
+def test_errors_in_rays_own_destructors_are_dropped_and_every_other_one_is_shown():
+    """A Ctrl-C can leave a Ray Data dataset half built; its __del__ then raised into the one-line
+    interrupt message ("Exception ignored in: <function Dataset.__del__>")."""
+    from types import SimpleNamespace
+
+    import ray.data
+
+    from genstress_ray.console import _quiet_ray_destructors
+
+    shown = []
+    hook = _quiet_ray_destructors(shown.append)
+    hook(SimpleNamespace(object=ray.data.Dataset.__del__, exc_value=AttributeError("_current_executor")))
+    assert shown == []
+    mine = SimpleNamespace(object=test_version_and_help_text_for_every_argument, exc_value=ValueError("x"))
+    hook(mine)
+    assert shown == [mine]
+    assert _quiet_ray_destructors(hook) is hook  # installed once, however often output is configured
