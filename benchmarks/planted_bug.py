@@ -13,7 +13,7 @@ subgroup is their 1s above the same slant threshold, the rest is every other ima
 Workflow, as the README documents it: ``genstress run`` (Defuse, jobs/mnist_defuse.yaml's settings),
 oracle labels, ``genstress correct`` once per ``correction.region_data`` (generated with the
 baseline, real, both, augmented), then ``genstress repair --oracle`` and ``genstress correct --relabel``.
-Lambda is chosen with ``select_by: real_region``. Writes benchmarks/results/planted_bug.json.
+Lambda is chosen with ``select_by: combined``. Writes benchmarks/results/planted_bug.json.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def config(root: Path, output: str, oracle: str, lambdas: list[float]) -> dict:
     cfg["data"] = {"search": {"kind": "mnist", "uri": planted, "split": "test"},
                    "train": {"kind": "mnist", "uri": planted, "split": "train", "validation_fraction": 0.1},
                    "validation": {"kind": "mnist", "uri": planted, "split": "validation", "validation_fraction": 0.1}}
-    cfg["correction"].update(lambdas=lambdas, select_by="real_region",
+    cfg["correction"].update(lambdas=lambdas, select_by="combined",
                              test={"kind": "mnist", "uri": str(root / "clean_test"), "split": "test"})
     return cfg
 

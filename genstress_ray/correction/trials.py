@@ -20,7 +20,7 @@ import torch
 from ray import train, tune
 from ray.train.torch import TorchTrainer
 
-from genstress_ray.correction.finetune import FinetuneSettings, evaluate, finetune
+from genstress_ray.correction.finetune import EVAL_SETS, FinetuneSettings, evaluate, finetune
 from genstress_ray.models import ModelRef, load_module, save_checkpoint
 from genstress_ray.pipeline import verbose
 from genstress_ray.storage import filesystem_for, read_bytes, write_bytes_atomic
@@ -161,7 +161,8 @@ def run_trials(data: dict[str, np.ndarray], model: ModelRef, fine_sets: dict[str
     return sorted(rows, key=lambda r: (r["method"], r["lam"]))
 
 
-_TRIAL_KEYS = ("method", "lam", "val_acc", "region_val_acc", "test_acc", "region_test_acc", "checkpoint")
+# A trial's row: its method and lambda, every evaluation set's accuracy (``EVAL_SETS``), its weights.
+_TRIAL_KEYS = ("method", "lam", *EVAL_SETS, "checkpoint")
 
 
 def _max_concurrent(resources: TrialResources) -> int:

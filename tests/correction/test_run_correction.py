@@ -160,18 +160,26 @@ def test_real_region_accuracy_recomputes_from_the_runs_own_tables(labelled_run):
     assert results["defuse"]["real_region_test_acc"] == pytest.approx(real["overall"]["defuse"])
 
 
-def test_real_region_images_can_be_scored_against_the_oracles_label_per_image(tiny_config, tiny_models, request):
-    """With the classifier itself as the oracle, its own real-region accuracy before correction is 1."""
+def test_real_region_images_scored_against_the_oracle_and_lambda_chosen_by_them(tiny_config, tiny_models, request):
+    """With the classifier itself as the oracle, its own real-region accuracy before correction is 1;
+    every trial carries its real-region figures, and select_by real_region chooses by them."""
+    from genstress_ray.correction.finetune import selection_score
+
     tiny_config["oracle"] = {"uri": tiny_models["classifier"]}
     tiny_config["strategy"]["centred"] = True  # regions around real images' latents: real members exist
     store = request.getfixturevalue("labelled_run")
-    results = run_correction(store.uri, {"baseline": False, "workers": 0, "lambdas": [1.0],
-                                         "real_region_label": "oracle", "member_quantile": 0.99}).results
+    results = run_correction(store.uri, {"baseline": False, "workers": 0, "lambdas": [1e-10, 100.0],
+                                         "real_region_label": "oracle", "member_quantile": 0.99,
+                                         "select_by": "real_region"}).results
     real = results["real_region"]
     assert real["label"] == "oracle" and real["quantile"] == 0.99
-    if real["overall"]["n"] < 10:
-        pytest.skip(f"only {real['overall']['n']} real members in the tiny run's failure region")
+    assert real["overall"]["n"] >= 10, "the centred tiny run should have real members in its failure region"
     assert real["overall"]["before"] == 1.0
+    trials = store.read_table("correction").to_pylist()
+    assert all(0 <= t["real_region_val_acc"] <= 1 and 0 <= t["real_region_test_acc"] <= 1 for t in trials)
+    best = max(trials, key=lambda t: selection_score(t, "real_region"))
+    assert [t["lam"] for t in trials if t["selected"]] == [best["lam"]] == [results["defuse"]["lam"]]
+    assert results["defuse"]["real_region_test_acc"] == pytest.approx(real["overall"]["defuse"])
 
 
 @pytest.mark.slow
