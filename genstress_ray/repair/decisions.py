@@ -161,7 +161,7 @@ def _label_studio(store: RunStore, value: str, options: dict[str, Any]) -> pa.Ta
         votes = Counter(c for c in (annotation_choice(a) for a in task.get("annotations", []) if isinstance(a, dict)
                                     and not a.get("was_cancelled")) if c is not None)
         if votes:
-            label, count = votes.most_common(1)[0]
+            label = votes.most_common(1)[0][0]
             rows.append({"sample_id": data["sample_id"], "label": None if label == KEEP else label,
                          "accepted": label != KEEP, "source": "label_studio", "annotator": "label_studio"})
     return relabels_table(rows)
