@@ -92,16 +92,22 @@ def _repair(args) -> int:
 
 
 
+def _method_options(parser, methods):
+    """One option per registered method (``Labeller``), mutually exclusive; returns the group."""
+    how = parser.add_mutually_exclusive_group()
+    for method in methods.values():
+        how.add_argument(method.option, metavar=method.metavar, help=method.help,
+                         **({"nargs": "?", "const": method.default} if method.default else {}))
+    return how
+
+
 def add_label(sub) -> None:
     from genstress_ray.labeling import LABELLERS
 
     label = sub.add_parser("label", help="label a run's regions, one label per region: with no option, serve the "
                                          "review page on 127.0.0.1")
     label.add_argument("run", help=RUN_HELP)
-    how = label.add_mutually_exclusive_group()
-    for labeller in LABELLERS.values():
-        how.add_argument(labeller.option, metavar=labeller.metavar, help=labeller.help,
-                         **({"nargs": "?", "const": labeller.default} if labeller.default else {}))
+    how = _method_options(label, LABELLERS)
     how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
     label.add_argument("--config", help=CONFIG_HELP)
     label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
@@ -112,17 +118,13 @@ def add_label(sub) -> None:
     label.set_defaults(func=_label)
 
 
-
 def add_repair(sub) -> None:
     from genstress_ray.repair import DECIDERS
 
     repair = sub.add_parser("repair", help="propose relabelling the training images inside failure regions whose "
                                            "dataset label differs from the region's, and decide the proposals")
     repair.add_argument("run", help=RUN_HELP)
-    how = repair.add_mutually_exclusive_group()
-    for decider in DECIDERS.values():
-        how.add_argument(decider.option, metavar=decider.metavar, help=decider.help,
-                         **({"nargs": "?", "const": decider.default} if decider.default else {}))
+    _method_options(repair, DECIDERS)
     repair.add_argument("--quantile", type=float, help="membership radius: this quantile of a region's own faults' "
                                                          "distances (default: correction.member_quantile)")
     repair.add_argument("--again", action="store_true", help="make the proposals again (after relabelling regions)")

@@ -18,7 +18,7 @@ import torch
 
 from genstress_ray.context import RunContext
 from genstress_ray.data import ImageSet, to_float
-from genstress_ray.regions import assign_real
+from genstress_ray.regions import assign_real, membership_criterion
 
 
 @dataclass
@@ -57,7 +57,10 @@ class FailureRegions:
                  quantile: float):
         self.generator, self.regions, self.fault_latents = generator, regions, fault_latents
         self.failure_labels, self.quantile = failure_labels, quantile
-        self.criterion = ""
+
+    @property
+    def criterion(self) -> str:
+        return membership_criterion(self.quantile)
 
     @classmethod
     def open(cls, ctx: RunContext, failure_labels: dict[int, int], quantile: float) -> "FailureRegions | str":
@@ -82,7 +85,6 @@ class FailureRegions:
         latents = self.latents(split.images)
         known = self.fault_latents if len(self.fault_latents) else np.zeros((0, latents.shape[1]))
         membership = assign_real(self.regions, known, latents, self.quantile)
-        self.criterion = membership.criterion()
         target = np.array([self.failure_labels.get(int(r), -1) for r in membership.region], np.int64)
         region = np.where(target >= 0, membership.region, -1)
         return RegionMembers(split, region, target)

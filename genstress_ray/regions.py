@@ -114,9 +114,14 @@ class RealMembership:
     quantile: float
 
     def criterion(self) -> str:
-        return (f"inside a region when its squared Mahalanobis distance to the region is within the "
-                f"{self.quantile:.0%} quantile of the region's own faults' distances (the highest-density "
-                "such region when several claim it); every other image belongs to no region")
+        return membership_criterion(self.quantile)
+
+
+def membership_criterion(quantile: float) -> str:
+    """How ``assign_real`` places a real image, in words."""
+    return (f"inside a region when its squared Mahalanobis distance to the region is within the "
+            f"{quantile:.0%} quantile of the region's own faults' distances (the highest-density "
+            "such region when several claim it); every other image belongs to no region")
 
 
 def assign_real(regions: pa.Table, fault_latents: np.ndarray, latents: np.ndarray, quantile: float = 0.9) -> RealMembership:

@@ -11,45 +11,39 @@ on the failure regions' real members.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
-from genstress_ray.context import RunContext, load_split
-from genstress_ray.data import to_float
-from genstress_ray.models.training import images_accuracy
+from genstress_ray.context import RunContext
+from genstress_ray.data import ImageSet
+from genstress_ray.models.training import images_accuracy, images_predictions
 from genstress_ray.real_regions import FailureRegions
 
 # A region's real members must reach this many before a rate is reported for it.
 MIN_REAL_MEMBERS = 10
 
 
-def real_region_data(ctx: RunContext, regions: FailureRegions | str) -> tuple[dict[str, np.ndarray], dict]:
+def real_region_data(ctx: RunContext, regions: FailureRegions | str,
+                     splits: dict[str, ImageSet]) -> tuple[dict[str, np.ndarray], dict]:
     """The real images inside the failure regions, labelled with their region's label: of D's validation
     split (``real_region_val_*``, which lambda selection may use) and of the test split
     (``real_region_test_*``, with ``real_region_test_region``), and what says how they were chosen.
-    ``regions`` is a message where they cannot be placed (no encoder)."""
+    ``regions`` is a message where they cannot be placed (no encoder); ``splits`` holds D's ``val`` and
+    the ``test`` split, as correction loaded them."""
     if isinstance(regions, str):
         return {}, {"message": regions}
     against = ctx.cfg.correction.real_region_label
     oracle = ctx.oracle() if against == "oracle" else None
     data, info = {}, {"min_members": MIN_REAL_MEMBERS, "regions": sorted(regions.failure_labels),
                       "quantile": regions.quantile, "label": against}
-    for name, spec in (("val", ctx.cfg.data.validation_spec()), ("test", ctx.cfg.test_spec())):
-        members = regions.members(load_split(spec))
+    for name in ("val", "test"):
+        members = regions.members(splits[name])
         inside = members.inside
         x = members.split.images[inside]
         data[f"real_region_{name}_x"], data[f"real_region_{name}_region"] = x, members.region[inside]
-        data[f"real_region_{name}_y"] = members.target[inside] if oracle is None else _predict(oracle, x)
+        data[f"real_region_{name}_y"] = members.target[inside] if oracle is None else images_predictions(oracle, x)
         info[f"{name}_images"] = len(members.split)
     info["criterion"] = regions.criterion
     return data, info
-
-
-def _predict(classifier, images: np.ndarray) -> np.ndarray:
-    """A classifier's label for each image (the oracle's, with ``real_region_label: oracle``)."""
-    with torch.no_grad():
-        return np.concatenate([classifier(to_float(images[i: i + 1024])).argmax(1).numpy()
-                               for i in range(0, len(images), 1024)]) if len(images) else np.zeros(0, np.int64)
 
 
 def real_region_accuracy(models: dict[str, nn.Module], data: dict[str, np.ndarray], info: dict) -> dict:

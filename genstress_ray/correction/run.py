@@ -102,22 +102,24 @@ def build_region_sets(cfg: CampaignConfig, store: RunStore, failure_labels: dict
                                  failure_labels, {**constructor, "seed": cfg.seed + 1})
 
 
-def dataset_splits(cfg: CampaignConfig) -> tuple[dict[str, np.ndarray], ImageSet]:
-    """D's train, validation and test splits as arrays, and the training split itself."""
-    data, train = {}, None
+def dataset_splits(cfg: CampaignConfig) -> tuple[dict[str, np.ndarray], dict[str, ImageSet]]:
+    """D's train, validation and test splits as arrays, and the splits themselves (``train``, ``val``,
+    ``test``)."""
+    data, splits = {}, {}
     for name, spec in (("train", cfg.data.train_spec()), ("val", cfg.data.validation_spec()), ("test", cfg.test_spec())):
-        split = load_split(spec)
+        splits[name] = split = load_split(spec)
         data[f"{name}_x"], data[f"{name}_y"] = split.images, split.labels.astype(np.int64)
-        train = train or split
-    return data, train
+    return data, splits
 
 
-def correction_data(ctx: RunContext, labels: pa.Table, regions: FailureRegions | str) -> tuple[dict, dict | None]:
+def correction_data(ctx: RunContext, labels: pa.Table, regions: FailureRegions | str) -> tuple[dict, dict | None, dict]:
     """Every array the trials need: D's splits (relabelled with ``correction.relabel``), Df as
-    ``correction.region_data`` says, the regions' validation and test samples and the baseline's
-    labelled faults; and the relabels applied, when asked for."""
+    ``correction.region_data`` says, the regions' validation and test samples, the baseline's labelled
+    faults and the real images inside the failure regions; then the relabels applied (when asked for)
+    and how the real images were chosen."""
     cfg, store, c = ctx.cfg, ctx.store, ctx.cfg.correction
-    data, train = dataset_splits(cfg)
+    data, splits = dataset_splits(cfg)
+    train = splits["train"]
     relabelled = None
     if c.relabel:
         data["train_y"], changes = apply_relabels(train, read_relabels(store))
@@ -142,7 +144,8 @@ def correction_data(ctx: RunContext, labels: pa.Table, regions: FailureRegions |
         x, y = _fault_labels(store, labels, ctx.class_names, len(data["finetune_y"]), cfg.seed)
         if x is not None:
             data["baseline_x"], data["baseline_y"] = x, y
-    return data, relabelled
+    real, real_info = real_region_data(ctx, regions, splits)
+    return {**data, **real}, relabelled, real_info
 
 
 def _real_members(train: ImageSet, regions: FailureRegions | str, choice: str) -> tuple[np.ndarray, np.ndarray]:
@@ -230,11 +233,9 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
     lease.check()
     if failure_labels:  # read and checked before the previous correction is cleared
         regions = FailureRegions.open(ctx, failure_labels, cfg.correction.member_quantile)
-        data, relabelled = correction_data(ctx, labels, regions)
+        data, relabelled, real_info = correction_data(ctx, labels, regions)
         if relabelled is not None:
             results["relabels"] = relabelled
-        real, real_info = real_region_data(ctx, regions)
-        data.update(real)
     store.begin_stage("correction")
     if not failure_labels:
         results["message"] = "no failure regions were labelled: nothing to fine-tune"

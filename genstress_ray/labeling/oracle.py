@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from genstress_ray.data import decode_images, to_float
+from genstress_ray.data import decode_images
 from genstress_ray.labeling.table import NOT_A_FAILURE, labels_table
 from genstress_ray.models import Classifier
+from genstress_ray.models.training import images_predictions
 from genstress_ray.storage import RunStore
 
 
@@ -45,8 +46,7 @@ def oracle_fault_labels(faults: pa.Table, reference: Classifier, limit: int, see
     if not ids:
         return labels_table([])
     images = decode_images(chosen["image"].to_pylist(), ids, None)
-    truth = np.concatenate([reference(to_float(images[i: i + 1024])).argmax(1).numpy()
-                            for i in range(0, len(ids), 1024)])
+    truth = images_predictions(reference, images)
     tested = chosen["pred"].to_numpy()
     return labels_table([{"sample_id": sid, "label": reference.class_names[t], "is_failure": bool(t != p),
                           "source": "oracle", "annotator": annotator, "agreement": 1.0}
@@ -64,7 +64,7 @@ def oracle_labels(region_samples: pa.Table, reference: Classifier, rho: float = 
         return labels_table([])
     region, draw = reviewed["region_id"].to_numpy(), reviewed["draw"].to_numpy()
     images = decode_images(reviewed["image"].to_pylist(), [f"region {r} draw {d}" for r, d in zip(region, draw)], None)
-    oracle = reference(to_float(images)).argmax(1).numpy()
+    oracle = images_predictions(reference, images)
     tested = reviewed["pred"].to_numpy()
     rows = []
     for rid in np.unique(region).tolist():

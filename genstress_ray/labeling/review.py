@@ -93,9 +93,12 @@ class ReviewStore:
             kept = [r for r in self.labels().to_pylist() if r["region_id"] != region_id]
             write_labels(self.store, pa.concat_tables([labels_table(kept), row]), self.class_names)
 
+    def relabels(self) -> pa.Table:
+        return read_relabels(self.store) if self.store.is_complete("relabels") else relabels_table([])
+
     def decisions(self) -> dict[str, bool]:
         """Relabelling decisions so far: sample id -> accepted."""
-        table = read_relabels(self.store) if self.store.is_complete("relabels") else relabels_table([])
+        table = self.relabels()
         return dict(zip(table["sample_id"].to_pylist(), table["accepted"].to_pylist()))
 
     def save_relabel(self, sample_id: str, accept: bool) -> None:
@@ -107,8 +110,7 @@ class ReviewStore:
         row = {"sample_id": sample_id, "label": proposed[sample_id] if accept else None, "accepted": accept,
                "source": "human", "annotator": self.annotator}
         with self._lock:
-            table = read_relabels(self.store) if self.store.is_complete("relabels") else relabels_table([])
-            kept = [r for r in table.to_pylist() if r["sample_id"] != sample_id]
+            kept = [r for r in self.relabels().to_pylist() if r["sample_id"] != sample_id]
             write_relabels(self.store, relabels_table([*kept, row]), self.class_names)
 
     def _proposal_cards(self) -> str:

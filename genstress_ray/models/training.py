@@ -34,20 +34,25 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 
 
 @torch.no_grad()
-def images_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 1024,
-                    device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy on uint8 images (N, C, H, W); ``nan`` for an empty set. Leaves the model's
-    train/eval mode as it found it."""
-    if len(labels) == 0:
-        return float("nan")
+@torch.no_grad()
+def images_predictions(model: nn.Module, images: np.ndarray, batch_size: int = 1024,
+                       device: torch.device | str = "cpu") -> np.ndarray:
+    """The top-1 class of each uint8 image (N, C, H, W), in batches. Leaves the model's train/eval mode
+    as it found it."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        x = to_float(images[i: i + batch_size]).to(device)
-        correct += int((model(x).argmax(1).cpu() == torch.tensor(labels[i: i + batch_size])).sum())  # a copy: labels may be read-only (Ray object store)
+    preds = [model(to_float(images[i: i + batch_size]).to(device)).argmax(1).cpu().numpy()
+             for i in range(0, len(images), batch_size)]
     model.train(was_training)
-    return correct / len(labels)
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def images_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 1024,
+                    device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy on uint8 images (N, C, H, W); ``nan`` for an empty set."""
+    if len(labels) == 0:
+        return float("nan")
+    return int((images_predictions(model, images, batch_size, device) == labels).sum()) / len(labels)
 
 
 def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> float:

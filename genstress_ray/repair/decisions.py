@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from genstress_ray.context import RunContext
-from genstress_ray.data import ImageSet, decode_images, to_float
+from genstress_ray.data import ImageSet, decode_images
 from genstress_ray.labeling import LabelError
 from genstress_ray.labeling.files import truthy
 from genstress_ray.labeling.label_studio import annotation_choice
@@ -27,6 +27,7 @@ from genstress_ray.labeling.methods import CONFIG_ORACLE, Labeller
 from genstress_ray.labeling.table import SOURCES
 from genstress_ray.lease import RunLease
 from genstress_ray.models import ModelRef
+from genstress_ray.models.training import images_predictions
 from genstress_ray.registry import Registry
 from genstress_ray.repair.proposals import KEEP, RepairError, read_proposals
 from genstress_ray.storage import RELABELS_SCHEMA, RunStore, StorageError, read_bytes
@@ -108,8 +109,7 @@ def _oracle(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
     if not ids:
         return relabels_table([])
     images = decode_images(proposals["image"].to_pylist(), ids, None)
-    truth = np.concatenate([reference(to_float(images[i: i + 1024])).argmax(1).numpy()
-                            for i in range(0, len(ids), 1024)])
+    truth = images_predictions(reference, images)
     return relabels_table([{"sample_id": sid, "label": reference.class_names[t], "source": "oracle",
                             "accepted": reference.class_names[t] != dataset, "annotator": "oracle"}
                            for sid, t, dataset in zip(ids, truth.tolist(), proposals["dataset_label"].to_pylist())])
