@@ -104,6 +104,12 @@ TRAIN_OPTIONS = {
 }
 
 
+# Architecture parameters ``genstress train`` sets (a config sets them under ``<model>.params``).
+ARCHITECTURE_OPTIONS = {"latent_dim": "vae: latent size (the Defuse paper: 10 on MNIST, 15 on traffic signs)",
+                        "width": "classifier, vae: channels of the first conv layer",
+                        "hidden": "classifier, vae: units of the fully connected layers"}
+
+
 def _load_module(uri: str):
     from genstress_ray.models import load_module
 
@@ -120,8 +126,9 @@ def _train(args) -> int:
     settings = {"seed": args.seed, **({"epochs": args.epochs} if args.epochs else {})}
     for option in kind.train_options:
         settings.update(TRAIN_OPTIONS[option](getattr(args, option)))
+    params = {name: getattr(args, name) for name in ARCHITECTURE_OPTIONS if getattr(args, name) is not None}
     metrics = train_and_save(kind.name, args.architecture or kind.default["architecture"], train, val, args.output,
-                             None, settings, args.threads)
+                             params, settings, args.threads)
     print(f"wrote {args.output}: {metrics}")
     return 0
 
@@ -249,6 +256,8 @@ def _add_train(sub) -> None:
     train.add_argument("--epochs", type=int, help="default: " + ", ".join(
         f"{kind.default['train']['epochs']} ({command})" for command, kind in kinds.items()))
     train.add_argument("--beta", type=float, default=4.0, help="vae: KL weight")
+    for name, text in ARCHITECTURE_OPTIONS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=int, help=text)
     train.add_argument("--reference", metavar="CHECKPOINT",
                        help="stylegan: a classifier trained on real data; its accuracy on generated images against "
                             "their class (sample validity) is logged each epoch and stored with the model")

@@ -93,11 +93,23 @@ class DataConfig(_Strict):
         return self.validation or self.train_spec().model_copy(update={"split": "validation", "limit": None})
 
 
+class InputConfig(_Strict):
+    """What a classifier's network takes, for checkpoints that do not say (TorchScript, state dicts):
+    ``shape`` [C, H, W]; ``resize``: scale the shorter side to this before a centre crop; ``mean`` and
+    ``std``: per-channel normalisation. A transformers folder brings its own."""
+
+    shape: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+    resize: Annotated[int, Field(gt=0)] | None = None
+    mean: list[float] | None = None
+    std: list[Annotated[float, Field(gt=0)]] | None = None
+
+
 class ModelSpec(_Strict):
     """A model: a checkpoint at ``uri`` (any fsspec URI), or, with no uri, a built-in trained once and cached.
 
     ``architecture`` names a registered model; ``factory`` ("package.module:function") builds a user's
     own; ``params`` go to either; ``train`` holds training settings for built-ins (epochs, lr, ...).
+    ``input`` declares a classifier's input size and normalisation (``InputConfig``).
     """
 
     uri: Location | None = None
@@ -106,6 +118,7 @@ class ModelSpec(_Strict):
     factory: str | None = None
     params: dict[str, Any] = {}
     train: dict[str, Any] = {}
+    input: InputConfig | None = None
 
     @field_validator("format")
     @classmethod

@@ -42,9 +42,10 @@ def load_split(spec: DataSpec, field: str = "data") -> ImageSet:
 
 def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
     """The reference a run uses for a model: the configured checkpoint, or the cached built-in at ``uri``."""
+    declared = spec.input.model_dump() if spec.input else None
     if spec.uri:
-        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params)
-    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params)
+        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params, declared)
+    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params, declared)
 
 
 def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, class_names: list[str], image_shape) -> ModelRef:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from genstress_ray.cli import build_parser, main
 from genstress_ray.models import load_module
@@ -70,17 +71,23 @@ def test_the_readmes_first_command_as_a_user_types_it(tmp_path):
     assert re.search(r"defuse +[\d.]+ +([\d.]+)", again.stdout).group(1) == f"{after:.4f}"
 
 
-def test_train_on_images_no_architecture_can_take_is_one_error_line(tmp_path, capsys):
+def test_train_takes_odd_sized_rgb_images_and_architecture_options(tmp_path, capsys):
     from PIL import Image
+
+    from genstress_ray.models import load_module
 
     for label in ("a", "b"):
         (tmp_path / "signs" / label).mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (35, 35), (40 * i, 0, 0)).save(tmp_path / "signs" / label / f"{i}.png")
-    assert main(["train", "classifier", "--data", "image_folder", "--data-uri", str(tmp_path / "signs"),
-                 "--output", str(tmp_path / "m.safetensors")]) == 2
-    err = capsys.readouterr().err
-    assert "error: architecture 'small_cnn' cannot be built" in err and "35x35" in err and "--resize 36" in err
+    common = ["--data", "image_folder", "--data-uri", str(tmp_path / "signs"), "--epochs", "1"]
+    assert main(["train", "vae", *common, "--latent-dim", "15", "--width", "8", "--beta", "1",
+                 "--output", str(tmp_path / "vae.safetensors")]) == 0
+    vae, meta = load_module(str(tmp_path / "vae.safetensors"))
+    assert meta["params"]["latent_dim"] == 15 and meta["params"]["in_shape"] == [3, 35, 35]
+    assert vae.encode(torch.rand(1, 3, 35, 35))[0].shape == (1, 15)
+    assert main(["train", "classifier", *common, "--latent-dim", "4", "--output", str(tmp_path / "c.safetensors")]) == 2
+    assert "error: architecture 'small_cnn' cannot be built with" in capsys.readouterr().err
 
 
 def test_version_and_help_text_for_every_argument():

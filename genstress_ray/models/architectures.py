@@ -2,7 +2,9 @@
 
 Both follow the shapes of the Defuse paper's MNIST models: a two-block conv classifier, and a
 beta-VAE with a strided-conv encoder / transposed-conv decoder (Burgess et al.'s layout, scaled to
-28x28) and a 10-dimensional latent. Both take any (C, H, W) with H and W divisible by 4.
+28x28) and a 10-dimensional latent. Both take any (C, H, W): sides that 4 does not divide are pooled
+with ceil mode (the CNN) or padded by edge replication and cropped back (the VAE), so 28x28 models
+are exactly what they were and GTSRB's 35x35 needs no resize.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from genstress_ray.models.registry import register_model
 
 
 def _check_shape(in_shape) -> tuple[int, int, int]:
-    c, h, w = (int(s) for s in in_shape)
-    if h % 4 or w % 4:
-        raise ValueError(f"images of {h}x{w}: height and width must be divisible by 4; resize them "
-                         f"(genstress train --resize {-(-max(h, w) // 4) * 4}, or data.resize in a config)")
+    try:
+        c, h, w = (int(s) for s in in_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape!r}") from None
+    if min(c, h, w) < 1:
+        raise ValueError(f"in_shape must be positive, got {in_shape!r}")
     return c, h, w
+
+
+def _quarter(side: int) -> int:
+    """The side after two halvings that round up (ceil-mode pooling, or padding to a multiple of 4)."""
+    return -(-side // 4)
 
 
 class SmallCNN(nn.Module):
@@ -26,11 +35,11 @@ class SmallCNN(nn.Module):
         super().__init__()
         c, h, w = _check_shape(in_shape)
         self.features = nn.Sequential(
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(2 * width * (h // 4) * (w // 4), hidden), nn.ReLU(),
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(2 * width * _quarter(h) * _quarter(w), hidden), nn.ReLU(),
             nn.Dropout(0.5), nn.Linear(hidden, num_classes),
         )
 
@@ -47,8 +56,9 @@ class BetaVAE(nn.Module):
         super().__init__()
         c, h, w = _check_shape(in_shape)
         self.latent_dim = latent_dim
-        self._grid = (width, h // 4, w // 4)
-        flat = width * (h // 4) * (w // 4)
+        self._size = (h, w)
+        self._grid = (width, _quarter(h), _quarter(w))
+        flat = width * _quarter(h) * _quarter(w)
         self.encoder = nn.Sequential(
             nn.Conv2d(c, width, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(width, width, 4, stride=2, padding=1), nn.ReLU(),
@@ -65,11 +75,15 @@ class BetaVAE(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (h, w), (_, gh, gw) = self._size, self._grid
+        if (4 * gh, 4 * gw) != (h, w):
+            x = nn.functional.pad(x, (0, 4 * gw - w, 0, 4 * gh - h), mode="replicate")
         mean, log_var = self.encoder(x).chunk(2, dim=1)
         return mean, log_var
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder_conv(self.decoder_fc(z).view(-1, *self._grid))
+        h, w = self._size
+        return self.decoder_conv(self.decoder_fc(z).view(-1, *self._grid))[..., :h, :w]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decode_logits(z))

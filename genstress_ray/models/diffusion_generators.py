@@ -15,19 +15,16 @@ in [0, 1] (differentiably: KLDB's gradient flows through it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from genstress_ray.models.diffusion import NOISE_SCHEDULE
 from genstress_ray.models.protocols import ModelError
-from genstress_ray.storage import StorageError, default_cache, filesystem_for
+from genstress_ray.models.folders import local_folder
 
 # The sub-folders of a diffusers Stable Diffusion folder this project loads (the safety checker and
 # feature extractor are not needed to sample).
@@ -176,29 +173,13 @@ class StableDiffusion(DiffusionGenerator):
         return images
 
 
-def _local_folder(uri: str) -> Path:
-    """A local copy of the folder at ``uri`` (the folder itself when it is local)."""
-    fs, path = filesystem_for(uri)
-    if isinstance(fs, LocalFileSystem):
-        return Path(path)
-
-    local = Path(default_cache()) / "diffusers" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (local / "_COMPLETE").exists():
-        try:
-            fs.get(path.rstrip("/") + "/", str(local), recursive=True)
-        except (OSError, StorageError) as exc:
-            raise ModelError(f"diffusers folder {uri!r} cannot be copied: {exc}") from exc
-        (local / "_COMPLETE").write_text(uri)
-    return local
-
-
 def load_stable_diffusion(uri: str, dtype: torch.dtype = torch.float32) -> StableDiffusionComponents:
     """Load a Stable Diffusion v1.x folder in diffusers format from a local path or fsspec URI.
 
     Raises:
         ModelError: naming every component the folder lacks.
     """
-    folder = _local_folder(uri)
+    folder = local_folder(uri, "diffusers")
     missing = [f"{name}/{marker}" for name, marker in SD_COMPONENTS.items() if not (folder / name / marker).exists()]
     if missing:
         raise ModelError(f"Stable Diffusion folder {uri!r} lacks {', '.join(missing)} (diffusers layout: "

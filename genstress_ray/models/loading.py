@@ -1,7 +1,8 @@
 """Loading model weights from any fsspec URI without unpickling arbitrary objects.
 
 Formats: TorchScript archives, safetensors files, plain state dicts read with
-``torch.load(weights_only=True)``, and diffusers folders (Stable Diffusion). For the last two the architecture comes from the registry
+``torch.load(weights_only=True)``, and model folders (``models.folders``): diffusers (Stable
+Diffusion, an AutoencoderKL) and transformers image classifiers. For state dicts the architecture comes from the registry
 (``architecture`` + ``params``), a user factory (``"package.module:function"``), or, for checkpoints
 this project wrote, from the safetensors metadata.
 """
@@ -19,11 +20,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from genstress_ray.models.folders import folder_format, load_diffusers, load_transformers_classifier
 from genstress_ray.models.protocols import ModelError
 from genstress_ray.models.registry import get_model
 from genstress_ray.storage import StorageError, filesystem_for, read_bytes, write_bytes_atomic
 
-FORMATS = ("auto", "torchscript", "safetensors", "state_dict", "diffusers")
+FORMATS = ("auto", "torchscript", "safetensors", "state_dict", "diffusers", "transformers")
 _META_KEY = "genstress"
 
 
@@ -93,15 +95,19 @@ def load_module(uri: str, fmt: str = "auto", architecture: str | None = None, fa
                 params: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a module and its metadata (empty unless the checkpoint carries some) from ``uri``.
 
+    A transformers classifier's metadata holds its ``class_names`` and ``input`` spec.
+
     Example:
         >>> module, meta = load_module("/tmp/model.safetensors")  # doctest: +SKIP
     """
     if fmt not in FORMATS:
         raise ModelError(f"format: unknown checkpoint format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    if fmt == "diffusers":  # a folder of components (Stable Diffusion), not one file
-        from genstress_ray.models.diffusion_generators import load_stable_diffusion
-
-        return load_stable_diffusion(uri), {}
+    if fmt == "auto":
+        fmt = folder_format(uri) or fmt
+    if fmt == "diffusers":
+        return load_diffusers(uri, params), {}
+    if fmt == "transformers":
+        return load_transformers_classifier(uri)
     try:
         data = read_bytes(uri)
     except StorageError as exc:
@@ -126,7 +132,7 @@ def load_module(uri: str, fmt: str = "auto", architecture: str | None = None, fa
         how = f"format auto: read as {fmt}" if guessed else f"format {fmt}"
         raise ModelError(f"checkpoint {uri!r} is not a model checkpoint ({how} failed: {str(exc).splitlines()[0]}); "
                          f"it is {_describe(data)}. Formats: TorchScript (.pt), safetensors, a torch.save "
-                         "state dict, a diffusers folder (format: diffusers)") from exc
+                         "state dict, a diffusers or transformers model folder") from exc
     architecture = architecture or meta.get("architecture")
     params = {**meta.get("params", {}), **(params or {})}
     if factory:

@@ -7,6 +7,8 @@ generator has ``encode`` and ``decode``); the wrappers here add what the pipelin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -15,8 +17,84 @@ class ModelError(ValueError):
     """A model could not be loaded, or does not fit the data it is asked to work on."""
 
 
+# ITU-R BT.601 luma, as PIL's RGB -> L conversion.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a classifier's network takes, and how [0, 1] images of any size are made into it.
+
+    ``shape``: (channels, height, width) of the network's input. ``resize``: the side the shorter edge
+    is scaled to before a centre crop to ``shape`` (the usual ImageNet evaluation: 256 then 224); None
+    scales straight to ``shape``. ``mean``/``std``: per-channel normalisation after that (None: none).
+    Grey images are repeated to three channels and RGB made grey by luma, so any generator's images
+    can feed any classifier; other channel counts cannot be made and are refused.
+
+    Example:
+        >>> spec = InputSpec((3, 4, 4), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        >>> spec(torch.ones(2, 1, 8, 8)).shape, float(spec(torch.ones(1, 1, 8, 8)).max())
+        (torch.Size([2, 3, 4, 4]), 1.0)
+    """
+
+    shape: tuple[int, int, int]
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                if len(value) not in (1, self.shape[0]):
+                    raise ModelError(f"classifier input {name} has {len(value)} values for {self.shape[0]} channels")
+                object.__setattr__(self, name, value)
+        if self.std is not None and min(self.std) <= 0:
+            raise ModelError(f"classifier input std must be positive, got {self.std}")
+        if self.resize is not None and self.resize < max(self.shape[1:]):
+            raise ModelError(f"classifier input resize {self.resize} is smaller than its crop {self.shape[1:]}")
+
+    def check(self, image_shape) -> None:
+        """Refuse images of ``image_shape`` (C, H, W) this input cannot be made from."""
+        have, want = int(image_shape[0]), self.shape[0]
+        if have != want and {have, want} != {1, 3}:
+            raise ModelError(f"the classifier takes {want}-channel images; images of shape {tuple(image_shape)} "
+                             f"cannot be made into them (only grey <-> RGB is converted)")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        c, h, w = self.shape
+        if images.shape[1] != c:
+            images = images.expand(-1, 3, -1, -1) if c == 3 else \
+                (images * images.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if tuple(images.shape[-2:]) != (h, w):
+            images = self._resized(images, h, w)
+        if self.mean is not None or self.std is not None:
+            mean = images.new_tensor(self.mean or (0.0,)).view(1, -1, 1, 1)
+            std = images.new_tensor(self.std or (1.0,)).view(1, -1, 1, 1)
+            images = (images - mean) / std
+        return images
+
+    def _resized(self, images: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if self.resize is None:
+            size = (h, w)
+        else:
+            ih, iw = images.shape[-2:]
+            scale = self.resize / min(ih, iw)
+            size = (max(h, round(ih * scale)), max(w, round(iw * scale)))
+        images = nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        top, left = (size[0] - h) // 2, (size[1] - w) // 2
+        return images[..., top: top + h, left: left + w]
+
+
 class Classifier(nn.Module):
     """Batch of images (N, C, H, W) in [0, 1] -> logits (N, len(class_names)).
+
+    ``input_shape`` is the shape of the images it is given (the run's); ``input_spec`` what its
+    network takes (default: those images as they are). Images are made into the network's input here,
+    so a generator at one resolution can test a classifier at another. ``class_index`` picks, in the
+    run's class order, the network's outputs (a classifier over more classes, or in another order).
 
     Example:
         >>> from genstress_ray.models import get_model
@@ -26,25 +104,39 @@ class Classifier(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, net: nn.Module, class_names: list[str], input_shape: tuple[int, int, int]):
+    def __init__(self, net: nn.Module, class_names: list[str], input_shape: tuple[int, int, int],
+                 input_spec: InputSpec | None = None, class_index: list[int] | None = None):
         super().__init__()
         self.net = net
         self.class_names = list(class_names)
         self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_spec = input_spec
+        if input_spec is not None:
+            input_spec.check(self.input_shape)
+        self.register_buffer("class_index", None if class_index is None else torch.tensor(class_index), persistent=False)
         self._check()
 
     def _check(self) -> None:
         with torch.no_grad():
             try:
-                out = self.net(torch.zeros(1, *self.input_shape))
+                out = self.net(self.prepare(torch.zeros(1, *self.input_shape)))
             except Exception as exc:
-                raise ModelError(f"classifier does not accept images of shape {self.input_shape}: {exc}") from exc
+                takes = self.input_spec.shape if self.input_spec else self.input_shape
+                raise ModelError(f"classifier does not accept images of shape {takes}: {exc}") from exc
+        if self.class_index is not None and out.ndim == 2 and int(self.class_index.max()) >= out.shape[1]:
+            raise ModelError(f"classifier gives {out.shape[1]} outputs per image, fewer than its class list")
+        out = out if self.class_index is None else out[:, self.class_index]
         if out.ndim != 2 or out.shape[1] != len(self.class_names):
             raise ModelError(f"classifier gives {tuple(out.shape[1:])} outputs per image but the dataset has "
                              f"{len(self.class_names)} classes ({', '.join(self.class_names[:5])}...)")
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The run's images made into the network's input (resize, crop, channels, normalisation)."""
+        return images if self.input_spec is None else self.input_spec(images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        logits = self.net(self.prepare(images))
+        return logits if self.class_index is None else logits[:, self.class_index]
 
 
 class LatentGenerator(nn.Module):
@@ -60,10 +152,17 @@ class LatentGenerator(nn.Module):
                 raise ModelError(f"latent generator {type(net).__name__} has no {method}() method")
         self.net = net
         self.image_shape = tuple(int(s) for s in image_shape)
+        # A generator with a resolution of its own (``image_size``: an AutoencoderKL) gets the run's images
+        # resized to it, and its decodes resized back; any other must work at the run's shape.
+        native = getattr(net, "image_size", None)
+        self._to_native = self._to_run = None
+        if native is not None and tuple(native) != self.image_shape:
+            self._to_native, self._to_run = InputSpec(tuple(native)), InputSpec(self.image_shape)
+            self._to_native.check(self.image_shape)
         with torch.no_grad():
             try:
-                mean, log_var = net.encode(torch.zeros(1, *self.image_shape))
-                decoded = net.decode(mean)
+                mean, log_var = self.encode(torch.zeros(1, *self.image_shape))
+                decoded = self.decode(mean)
             except Exception as exc:
                 raise ModelError(f"latent generator does not accept images of shape {self.image_shape}: {exc}") from exc
         if tuple(decoded.shape[1:]) != self.image_shape or mean.shape != log_var.shape:
@@ -71,10 +170,11 @@ class LatentGenerator(nn.Module):
         self.latent_dim = int(mean.shape[1])
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.encode(images)
+        return self.net.encode(images if self._to_native is None else self._to_native(images))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.net.decode(latents)
+        images = self.net.decode(latents)
+        return images if self._to_run is None else self._to_run(images)
 
 
 def _attr(net: nn.Module, name: str, default=None):

@@ -90,3 +90,37 @@ def write_tiny_stable_diffusion(folder, words=("a", "photo", "of", "and", "chihu
                                  pad_token_id=1)).save_pretrained(folder / "text_encoder")
     LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
         folder / "scheduler")
+
+
+def write_tiny_transformers_classifier(folder, class_names, family: str = "resnet", side: int = 16) -> None:
+    """A random-weight transformers image classifier (``save_pretrained`` layout) with its image-processor
+    config: a two-stage ResNet (ConvNeXt-style processor: shortest edge ``side``, crop_pct 0.875) or a
+    one-layer ViT (processor resizes to side x side). Built from configs, nothing downloaded."""
+    from transformers import (ConvNextImageProcessorPil, ResNetConfig, ResNetForImageClassification, ViTConfig,
+                              ViTForImageClassification, ViTImageProcessorPil)
+
+    torch.manual_seed(0)
+    labels = {"id2label": dict(enumerate(class_names)), "label2id": {n: i for i, n in enumerate(class_names)},
+              "num_labels": len(class_names)}
+    if family == "resnet":
+        model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                                          depths=[1, 1], layer_type="basic", **labels))
+        processor = ConvNextImageProcessorPil(size={"shortest_edge": side}, crop_pct=0.875)
+    else:
+        model = ViTForImageClassification(ViTConfig(image_size=side, patch_size=side // 2, num_channels=3, hidden_size=16,
+                                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                                    **labels))
+        processor = ViTImageProcessorPil(size={"height": side, "width": side})
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def write_tiny_autoencoder_kl(folder, channels: int = 1, side: int = 16, latent_channels: int = 2) -> None:
+    """A random-weight diffusers ``AutoencoderKL`` (Stable Diffusion's VAE layout, two blocks: latents of half
+    the side) at ``side`` x ``side``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=latent_channels, norm_num_groups=4, sample_size=side).save_pretrained(folder)

@@ -76,7 +76,7 @@ def test_a_stable_diffusion_folder_loads_from_object_storage(tiny_sd, s3_bucket,
     parts, _ = load_module(f"{s3_bucket}/models/tiny-sd", "diffusers")
     local, _ = load_module(tiny_sd, "diffusers")
     assert torch.equal(parts.unet.conv_in.weight, local.unet.conv_in.weight)
-    assert list((tmp_path / "cache" / "diffusers").iterdir())  # copied once into the cache
+    assert list((tmp_path / "cache" / "folders").iterdir())  # copied once into the cache
 
 
 def test_a_folder_missing_a_component_is_named(tiny_sd, tmp_path):
