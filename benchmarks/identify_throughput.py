@@ -77,7 +77,7 @@ def plain_loop(cfg: dict, threads: int, batch_size: int, chunk: int, out_dir: st
     for i in range(0, len(search), batch_size):
         batch = {"source_id": search.source_ids[i: i + batch_size], "source_label": search.labels[i: i + batch_size],
                  "image": [row.tobytes() for row in flat[i: i + batch_size]]}
-        tables.append(stage(batch))
+        tables.append(stage.run_batch(batch))
     pq.write_table(pa.concat_tables(tables), f"{out_dir}/plain.parquet")
     elapsed = time.perf_counter() - t0
     torch.set_num_threads(2)

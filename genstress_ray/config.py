@@ -164,6 +164,8 @@ class StageResources(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = 64
     threads: Annotated[int, Field(gt=0)] | None = None
     chunk_size: Annotated[int, Field(gt=0)] = 512
+    # CPUs of each task that reads and decodes a shard of a streaming source (image folders, Parquet).
+    read_cpus: Annotated[float, Field(gt=0)] = 0.5
 
     def ray_args(self) -> dict[str, Any]:
         """Keyword arguments for ``Dataset.map_batches`` with a callable class."""
@@ -276,6 +278,8 @@ class CampaignConfig(_Strict):
     # Torch threads for the driver's own work (training built-ins, calibration, labelling, evaluation).
     # Set, not left to torch's default, because trained weights depend on the thread count.
     threads: Annotated[int, Field(gt=0)] = 1
+    # Source rows per shard: the unit a stage writes, counts and resumes by (fixed for a run).
+    shard_rows: Annotated[int, Field(gt=0)] = 256
     output: Location = Field(default="genstress-runs", validate_default=True)
     run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     cache: Location = Field(default_factory=default_cache, validate_default=True)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from genstress_ray.config import CampaignConfig, ConfigError, DataSpec, ModelSpec
-from genstress_ray.data import DataError, ImageSet, get_source
+from genstress_ray.data import Catalog, DataError, DatasetSource, ImageSet, get_source
 from genstress_ray.metrics import fit_temperature
 from genstress_ray.models import (ModelError, ModelRef, cached_model_uri, load_classifier, load_generator, model_kind,
                                   train_and_save)
@@ -31,13 +32,27 @@ from genstress_ray.strategies import Strategy
 log = logging.getLogger(__name__)
 
 
-def load_split(spec: DataSpec, field: str = "data") -> ImageSet:
-    """The images of one ``DataSpec``; a DataError names the config ``field`` it came from."""
+@contextlib.contextmanager
+def _named(field: str):
+    """Re-raise a DataError naming the config ``field`` its data came from."""
     try:
-        return get_source(spec.kind, **spec.source_params()).load()
+        yield
     except DataError as exc:
         msg = str(exc)
         raise DataError(f"{field}.{msg[5:]}" if msg.startswith("data.") else f"{field}: {msg}") from None
+
+
+def load_split(spec: DataSpec, field: str = "data") -> ImageSet:
+    """The images of one ``DataSpec``; a DataError names the config ``field`` it came from."""
+    with _named(field):
+        return get_source(spec.kind, **spec.source_params()).load()
+
+
+def open_source(spec: DataSpec, field: str = "data") -> tuple[DatasetSource, Catalog]:
+    """The source of one ``DataSpec`` and its catalog (metadata only, for a streaming source)."""
+    with _named(field):
+        source = get_source(spec.kind, **spec.source_params())
+        return source, source.catalog()
 
 
 def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
@@ -86,6 +101,7 @@ class RunContext:
     models: dict[str, ModelRef]
     manifest: dict[str, Any] = field(default_factory=dict)
     _search: ImageSet | None = None
+    _source: tuple[DatasetSource, Catalog] | None = None
 
     @classmethod
     def open(cls, run_uri: str, config=None, storage_options: dict | None = None,
@@ -117,11 +133,11 @@ class RunContext:
         or finds in the cache) the classifier and generator; bad data or models fail here, named.
         ``manifest``: the run's, when the caller has read it (``{}`` for a new run)."""
         torch.set_num_threads(cfg.threads)
-        search = load_split(cfg.data.search, "data.search")
-        if len(search) == 0:
+        source, catalog = open_source(cfg.data.search, "data.search")
+        if catalog.rows == 0:
             raise DataError("data.search: the split holds no images")
         manifest = store.read_manifest() if manifest is None else manifest
-        ctx = cls(cfg, store, search.class_names, tuple(search.image_shape), {}, manifest, search)
+        ctx = cls(cfg, store, catalog.class_names, tuple(catalog.image_shape), {}, manifest, _source=(source, catalog))
         ctx.models = {role: ctx.prepare(role, getattr(cfg, role)) for role in ("classifier", "generator")}
         return ctx
 
@@ -132,10 +148,24 @@ class RunContext:
 
     @property
     def search(self) -> ImageSet:
-        """The ``data.search`` images (loaded on first use)."""
+        """The ``data.search`` images, in memory (loaded on first use; the search itself streams them:
+        ``search_source``)."""
         if self._search is None:
             self._search = load_split(self.cfg.data.search, "data.search")
         return self._search
+
+    @property
+    def search_source(self) -> DatasetSource:
+        """The ``data.search`` source, whose shards the search reads."""
+        if self._source is None:
+            self._source = open_source(self.cfg.data.search, "data.search")
+        return self._source[0]
+
+    @property
+    def catalog(self) -> Catalog:
+        """Class names, image shape and row count of ``data.search``, without its pixels."""
+        self.search_source
+        return self._source[1]
 
     def prepare(self, role: str, spec: ModelSpec) -> ModelRef:
         """The checkpoint for a model of the config (``oracle``, the assessment's ``detector``, ...)."""

@@ -1,7 +1,8 @@
 """Build and run a campaign: identify (Ray Data) -> regions (DP-GMM) -> region samples (Ray Data).
 
 Every stage writes under ``<output>/<campaign>/<run_id>/<stage>/`` and finishes with a completion
-marker. Rerunning a run id skips finished stages and redoes unfinished ones from scratch.
+marker. Rerunning a run id skips finished stages; the Ray stages (identify, region samples) are written
+shard by shard, and an unfinished one computes only its missing shards (``stages.shards``).
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import yaml
 from genstress_ray.cleanup import watch_started_processes
 from genstress_ray.config import CampaignConfig, ConfigError, load_config
 from genstress_ray.context import RunContext
-from genstress_ray.data import DataError
+from genstress_ray.data import DataError, slice_shards
 from genstress_ray.lease import RunLease
 from genstress_ray.models import ModelError
-from genstress_ray.progress import Progress, StageProgress
+from genstress_ray.progress import Progress
 from genstress_ray.regions import fit_regions, region_pairs, sample_regions
 from genstress_ray.registry import resolve
 from genstress_ray.runs import manifest_config, refuse_differences
-from genstress_ray.stages import RegionDecode, StageCounters
-from genstress_ray.stages.base import ROWS_DONE
+from genstress_ray.stages import RegionDecode, run_sharded
 from genstress_ray.storage import STAGES, RunStore, StageError, StorageError, library_versions
 
 log = logging.getLogger(__name__)
@@ -130,38 +130,20 @@ def _quiet_ray_data_logging() -> str:
     return path
 
 
-def _source_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
-    """Source rows as Ray blocks of exactly one batch each, so batches do not depend on the pool size."""
-    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-    return ray.data.from_arrow(blocks)
-
-
-def _run_model_stage(store: RunStore, stage: str, ds: ray.data.Dataset, stage_cls, resources, constructor: dict,
-                     total: int, progress=None) -> dict:
-    """Run ``stage_cls`` over ``ds`` (``total`` source rows) into the stage's Parquet files, reporting
-    progress (rows done, total, ETA) while it runs; returns the stage's counters."""
-    counters = StageCounters.remote()
-    ds = ds.map_batches(stage_cls, batch_format="numpy", **resources.ray_args(),
-                        fn_constructor_kwargs={**constructor, "threads": resources.torch_threads(),
-                                               "chunk_size": resources.chunk_size, "counters": counters})
-    try:
-        with StageProgress(stage, total, lambda: ray.get(counters.get.remote()).get(ROWS_DONE, 0), progress):
-            ds.write_parquet(store.stage_path(stage), filesystem=store.arrow_filesystem())
-        totals = ray.get(counters.get.remote())
-    finally:
-        ray.kill(counters)
-    totals.pop(ROWS_DONE, None)  # a retried batch counts twice: progress only
-    return totals
-
-
 def run_identify(ctx: RunContext, generator, constructor: dict, progress=None) -> dict:
-    """The search: the strategy's source rows through its Ray stage into ``identify``."""
+    """The search, shard by shard, into ``identify``: the search images (read by Ray tasks for a
+    streaming source) or the strategy's own source rows (seeds, sweep points)."""
     cfg, store = ctx.cfg, ctx.store
-    store.begin_stage("identify")
-    source = ctx.strategy.source_rows(cfg.strategy, ctx.search, generator)
-    ds = _source_dataset(source, cfg.resources.search.batch_size)
-    totals = _run_model_stage(store, "identify", ds, resolve(ctx.strategy.stage), cfg.resources.search,
-                              {**constructor, "params": cfg.strategy.model_dump()}, source.num_rows, progress)
+    store.resume_stage("identify")
+    source = None
+    if ctx.strategy.source_rows is None:
+        source = ctx.search_source
+        shards = source.shards(cfg.shard_rows)
+        source = source if source.streaming else None
+    else:
+        shards = slice_shards(ctx.strategy.source_rows(cfg.strategy, ctx.catalog, generator), cfg.shard_rows)
+    totals = run_sharded(store, "identify", shards, resolve(ctx.strategy.stage), cfg.resources.search,
+                         {**constructor, "params": cfg.strategy.model_dump()}, source, progress)
     totals["samples"] = store.count_rows("identify")
     return totals
 
@@ -194,15 +176,13 @@ def decode_region_samples(cfg: CampaignConfig, store: RunStore, stage: str, regi
     table = pa.table({"region_id": region_ids, "draw": np.tile(np.arange(per_region), regions.num_rows),
                       "source_label": np.asarray([labels[r] for r in region_ids], np.int64),
                       "latent": list(latents)})
-    size = cfg.resources.region_samples.batch_size
-    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
-    totals = _run_model_stage(store, stage, ds, RegionDecode, cfg.resources.region_samples, constructor,
-                              table.num_rows, progress)
+    totals = run_sharded(store, stage, slice_shards(table, cfg.shard_rows), RegionDecode,
+                         cfg.resources.region_samples, constructor, progress=progress)
     return {stage: store.count_rows(stage), **totals}
 
 
 def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict, progress=None) -> dict:
-    store.begin_stage("region_samples")
+    store.resume_stage("region_samples")
     regions = store.read_table("regions")
     if regions.num_rows == 0 or cfg.reduce.samples_per_region == 0:
         return {"region_samples": 0, "candidates": 0}

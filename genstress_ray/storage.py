@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import posixpath
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ import pyarrow.parquet as pq
 
 MARKER = "_COMPLETE"
 MANIFEST = "manifest.json"
+# Stages written shard by shard: <stage>/shard-<name>.parquet, counts under this key of its metadata.
+SHARD_PREFIX = "shard-"
+SHARD_COUNTS = b"genstress_counts"
 
 # The tables of DESIGN.md. A stage that produced no rows writes no file; reading it still gives
 # these columns, so no reader has to special-case an empty stage.
@@ -215,6 +219,37 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     fs.mv(tmp, path)
 
 
+def write_shard(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, counts: dict[str, Any]) -> None:
+    """One shard's rows as one Parquet file, its counts in the file's metadata, written atomically: a
+    shard is there whole or not at all, and writing it again (a retried task) replaces it."""
+    meta = {**(table.schema.metadata or {}), SHARD_COUNTS: json.dumps(counts).encode()}
+    buf = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    write_bytes_atomic(fs, path, buf.getvalue().to_pybytes())
+
+
+def read_shard_counts(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    with fs.open(path, "rb") as f:
+        meta = pq.read_metadata(f).metadata or {}
+    return json.loads(meta.get(SHARD_COUNTS, b"{}"))
+
+
+def sum_counts(parts) -> dict[str, Any]:
+    """Counts of several shards: numbers added, lists (first names of skipped images) joined, up to 5.
+
+    >>> sum_counts([{"candidates": 2, "unreadable_first": ["a"]}, {"candidates": 3}])
+    {'candidates': 5, 'unreadable_first': ['a']}
+    """
+    total: dict[str, Any] = {}
+    for counts in parts:
+        for key, value in counts.items():
+            if isinstance(value, list):
+                total[key] = (total.get(key, []) + value)[:5]
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for dist in ("genstress-ray", "torch", "ray", "numpy", "pyarrow", "scikit-learn", "diffusers", "fsspec", "s3fs"):
@@ -310,6 +345,37 @@ class RunStore:
             self.fs.rm(path, recursive=True)
         self.fs.makedirs(path, exist_ok=True)
         return path
+
+    def resume_stage(self, stage: str) -> dict[str, str]:
+        """Open a stage written shard by shard, keeping the shards an interrupted attempt finished;
+        returns them, ``{shard name: path}``. Anything else there (a half-written temporary file, a
+        marker, files of another layout) is removed: shard files are written whole or not at all."""
+        path = self.stage_path(stage)
+        self.fs.makedirs(path, exist_ok=True)
+        self.fs.invalidate_cache(path)
+        for entry in self.fs.ls(path, detail=False) if self.fs.exists(path) else []:  # S3 has no empty folders
+            name = posixpath.basename(entry.rstrip("/"))
+            if not (name.startswith(SHARD_PREFIX) and name.endswith(".parquet")):
+                self.fs.rm(entry, recursive=True)
+        return self.shard_files(stage)
+
+    def shard_files(self, stage: str) -> dict[str, str]:
+        """``{shard name: path}`` of the shard files a stage holds."""
+        return {posixpath.basename(p)[len(SHARD_PREFIX): -len(".parquet")]: p for p in self._parquet_files(stage)
+                if posixpath.basename(p).startswith(SHARD_PREFIX)}
+
+    def shard_path(self, stage: str, shard: str) -> str:
+        return f"{self.stage_path(stage)}/{SHARD_PREFIX}{shard}.parquet"
+
+    def shard_counts(self, stage: str, shards: list[str]) -> dict[str, Any]:
+        """The counts stored in each of ``shards``' files, summed (lists joined); a StageError-worthy
+        StorageError names a shard that is missing."""
+        files = self.shard_files(stage)
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise StorageError(f"stage {stage} of {self.uri}: {len(missing)} shard(s) missing after the stage ran "
+                               f"({', '.join(missing[:5])})")
+        return sum_counts(read_shard_counts(self.fs, files[s]) for s in shards)
 
     def complete_stage(self, stage: str, info: dict) -> None:
         write_bytes_atomic(self.fs, f"{self.stage_path(stage)}/{MARKER}",

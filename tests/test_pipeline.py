@@ -113,29 +113,39 @@ def test_stop_after_identify_then_a_plain_rerun_finishes_the_rest(tiny_config):
         run_campaign(tiny_config, stop_after="train")
 
 
-def _interrupt_identify(store, extra_rows_from):
-    """What a crash mid-stage leaves: no marker, some files, and later stages not yet run."""
+def _interrupt_identify(store, lost_shards):
+    """What a crash mid-stage leaves: no marker, some shards written and others not, a half-written
+    temporary file, a stray file, and later stages not yet run."""
     for stage in STAGES:
         marker = f"{store.stage_path(stage)}/_COMPLETE"
         if store.fs.exists(marker):
             store.fs.rm(marker)
-    stray = f"{store.stage_path('identify')}/partial-from-crash.parquet"
-    store.fs.copy(extra_rows_from, stray)
+    shards = store.shard_files("identify")
+    some = next(iter(shards.values()))
+    store.fs.copy(some, f"{store.stage_path('identify')}/partial-from-crash.parquet")
+    store.fs.copy(some, f"{some}.tmp-0123")
+    for name in list(shards)[:lost_shards]:
+        store.fs.rm(shards[name])
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_an_interrupted_run_resumes_without_duplicate_or_partial_rows(tiny_config, where, request):
     if where == "s3":
         tiny_config["output"] = request.getfixturevalue("s3_bucket") + "/genstress"
+    tiny_config["shard_rows"] = 16
     clean = run_campaign(tiny_config)
     store = _store(clean, tiny_config)
     expected = _sorted_rows(store, "identify", ["sample_id", "pred"])
-    some_file = next(p for p in store.fs.ls(store.stage_path("identify")) if p.endswith(".parquet"))
-    _interrupt_identify(store, some_file)
-    assert store.count_rows("identify") > len(expected)  # the stray partial rows are visible before resuming
+    shards = store.marker("identify")["shards"]
+    assert shards == 3 and len(store.shard_files("identify")) == 3  # 48 images, 16 per shard
+    _interrupt_identify(store, lost_shards=1)
+    assert store.count_rows("identify") > len(expected) - 16  # the stray rows are visible before resuming
     resumed = run_campaign(tiny_config)
     assert resumed.skipped == []
+    info = store.marker("identify")
+    assert (info["shards_computed"], info["shards_reused"]) == (1, 2)  # only the lost shard was computed
     assert _sorted_rows(store, "identify", ["sample_id", "pred"]) == expected
+    assert not [p for p in store.fs.ls(store.stage_path("identify")) if "partial" in p or ".tmp-" in p]
     assert resumed.counts == clean.counts
 
 

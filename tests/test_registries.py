@@ -128,6 +128,25 @@ def _image_folder(tmp_path) -> dict:
     return {"uri": str(tmp_path)}
 
 
+def _imagenet(tmp_path) -> dict:
+    """Synset folders of differently sized RGB JPEGs and their mapping file (one class has no folder)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish\n"
+                                                     "n01484850 great white shark\n")
+    for synset in ("n01440764", "n01484850"):
+        (tmp_path / synset).mkdir()
+        for i in range(10):
+            buf = io.BytesIO()
+            size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            (tmp_path / synset / f"{synset}_{i}.JPEG").write_bytes(buf.getvalue())
+    return {"uri": str(tmp_path), "resize": 16}
+
+
 def _parquet(tmp_path) -> dict:
     rng = np.random.default_rng(1)
     images = [_png(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(20)]
@@ -147,7 +166,7 @@ def _shared(folder: str, split_from: str):
 # Where each registered source finds tiny data.
 SOURCE_OPTIONS = {"digits": lambda tmp_path: {}, "mnist": _shared("mnist_train_first20k", "train"),
                   "fashion_mnist": _shared("fashion_mnist", "test"), "image_folder": _image_folder,
-                  "parquet": _parquet}
+                  "imagenet": _imagenet, "parquet": _parquet}
 
 
 def test_every_source_has_tiny_test_data():
@@ -166,6 +185,26 @@ def test_a_source_gives_reproducible_disjoint_splits_with_stable_ids(kind, tmp_p
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     again = get_source(kind, split="test", **options).load()
     assert again.source_ids == splits["test"].source_ids and np.array_equal(again.images, splits["test"].images)
+
+
+@pytest.mark.parametrize("kind", SOURCES.names())
+def test_a_sources_shards_read_back_to_its_split(kind, tmp_path):
+    """What the search streams (shards read one by one, as Ray tasks do) is what ``load`` gives."""
+    import pickle
+
+    options = SOURCE_OPTIONS[kind](tmp_path)
+    source = get_source(kind, split="train", **options)
+    catalog, shards = source.catalog(), source.shards(7)
+    reader = pickle.loads(pickle.dumps(source))  # what a read task gets
+    tables = [reader.read_shard(shard)[0] for shard in shards]
+    assert [t.num_rows for t in tables] == [s.size for s in shards] and all(s.size <= 7 for s in shards)
+    data = get_source(kind, split="train", **options).load()
+    assert catalog.rows == len(data) and catalog.class_names == data.class_names
+    assert tuple(catalog.image_shape) == data.image_shape
+    rows = pa.concat_tables(tables)
+    assert rows["source_id"].to_pylist() == data.source_ids and rows["source_label"].to_pylist() == data.labels.tolist()
+    pixels = np.frombuffer(b"".join(rows["image"].to_pylist()), np.uint8).reshape(data.images.shape)
+    assert np.array_equal(pixels, data.images)
 
 
 # ---- model kinds -----------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_an_unconditional_user_generator_searches_from_the_classifiers_own_class
     mixing = MixingSearch(**common, params={"top_k": 2, "layer_sets": [[0], [1, 2, 3]], "max_iterations": 20,
                                             "tolerance": 0.01, "budget_calls": 30, "budget_seconds": 60,
                                             "target_tries": 8, "keep": "all"})
-    table = mixing(batch)
+    table = mixing.run_batch(batch)
     assert table.schema.equals(SAMPLES_SCHEMA)
     g = load_generator(refs["generator"], (1, 8, 8), "style_generator")
     clf = load_classifier(refs["classifier"], NAMES, (1, 8, 8))
@@ -145,7 +145,7 @@ def test_an_unconditional_user_generator_searches_from_the_classifiers_own_class
         assert row["fault"] == (row["pred"] != row["source_label"])
     truncation = TruncationSearch(**common, params={"budget_calls": 5, "psi": [1.0, 0.5], "clip_range": None,
                                                     "clip_probability": 0.0, "keep": "all"})
-    rows = truncation(batch).to_pylist()
+    rows = truncation.run_batch(batch).to_pylist()
     assert len(rows) == 60 and {r["source_label"] for r in rows} <= set(by_seed.values())
 
 

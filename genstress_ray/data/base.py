@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -55,6 +56,47 @@ class ImageSet:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Images as float NCHW in [0, 1] and labels as int64, the form models take."""
         return to_float(self.images), torch.from_numpy(self.labels.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the driver knows of a split without holding its pixels: class names, image shape, rows."""
+
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    rows: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A fixed, named slice of a split: the unit a stage reads, writes and resumes by.
+
+    ``rows`` is what ``DatasetSource.read_shard`` turns into source rows: the rows themselves for an
+    in-memory source, index rows (keys, labels, locations) for a streaming one.
+    """
+
+    name: str
+    size: int
+    rows: pa.Table
+
+
+def rows_table(source_ids: list[str], labels: np.ndarray, images: np.ndarray) -> pa.Table:
+    """Source rows of a search over images: ``source_id``, ``source_label`` and ``image`` (each image's
+    raw uint8 C*H*W bytes; the stage knows the shape)."""
+    flat = images.reshape(len(images), -1)
+    return pa.table({"source_id": pa.array(source_ids, pa.string()),
+                     "source_label": pa.array(np.asarray(labels, np.int64)),
+                     "image": pa.array([row.tobytes() for row in flat], pa.binary())})
+
+
+def slice_shards(table: pa.Table, rows_per_shard: int) -> list[Shard]:
+    """``table`` cut into consecutive shards named ``000000``, ``000001``, ...
+
+    >>> [(s.name, s.size) for s in slice_shards(pa.table({"x": range(5)}), 2)]
+    [('000000', 2), ('000001', 2), ('000002', 1)]
+    """
+    return [Shard(f"{start // rows_per_shard:06d}", min(rows_per_shard, table.num_rows - start),
+                  table.slice(start, rows_per_shard)) for start in range(0, table.num_rows, rows_per_shard)]
 
 
 def to_float(images_uint8: np.ndarray) -> torch.Tensor:
@@ -114,6 +156,8 @@ class DatasetSource:
     """
 
     name: ClassVar[str]
+    # Whether pixels stay out of the driver (``data.streaming``): shards are then read by Ray tasks.
+    streaming: ClassVar[bool] = False
 
     def __init__(self, uri: str | None = None, split: str = "test", limit: int | None = None,
                  validation_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
@@ -134,6 +178,25 @@ class DatasetSource:
         if not self.uri:
             raise DataError(f"data.uri: the {self.name} source needs {what}")
         return filesystem_for(self.uri)
+
+    def catalog(self) -> Catalog:
+        """Class names, image shape and row count of the split (an in-memory source loads it)."""
+        data = self._loaded()
+        return Catalog(data.class_names, data.image_shape, len(data))
+
+    def shards(self, rows_per_shard: int) -> list[Shard]:
+        """The split cut into named shards of ``rows_per_shard`` rows, always the same way."""
+        data = self._loaded()
+        return slice_shards(rows_table(data.source_ids, data.labels, data.images), rows_per_shard)
+
+    def read_shard(self, shard: Shard) -> tuple[pa.Table, dict]:
+        """A shard's source rows (``rows_table``) and its read counts (images skipped, ...)."""
+        return shard.rows, {}
+
+    def _loaded(self) -> ImageSet:
+        if getattr(self, "_data", None) is None:
+            self._data = self.load()
+        return self._data
 
     def load(self) -> ImageSet:
         images, labels, default_names, keys = self._load_split()

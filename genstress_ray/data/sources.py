@@ -1,4 +1,5 @@
-"""Dataset sources: bundled digits, MNIST-format files, image folders and Parquet, on any fsspec URI."""
+"""In-memory dataset sources: bundled digits and MNIST-format files, on any fsspec URI. The large
+ones (image folders, ImageNet, Parquet) stream: ``genstress_ray.data.streaming``."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ import io
 import posixpath
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from genstress_ray.data.base import DataError, DatasetSource, split_indices
 from genstress_ray.storage import StorageError, filesystem_for, read_bytes
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -158,86 +157,3 @@ class FashionMnistSource(MnistSource):
 
     name = "fashion_mnist"
     default_class_names = FASHION_MNIST_CLASSES
-
-
-class ImageFolderSource(DatasetSource):
-    """One sub-folder per class (``<uri>/<class>/<image>``), class names sorted; any fsspec URI.
-
-    ``mode`` "L" or "RGB" converts every image; all images must share one size.
-    """
-
-    name = "image_folder"
-
-    def __init__(self, *args, mode: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.mode = mode
-
-    def _load_split(self):
-        fs, root = self._location("a folder")
-        try:
-            entries = fs.ls(root, detail=True)
-            classes = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
-        except (FileNotFoundError, NotADirectoryError, OSError) as exc:
-            raise DataError(f"data.uri: cannot list {self.uri!r}: {exc}") from exc
-        if not classes:
-            raise DataError(f"data.uri: {self.uri!r} has no class sub-folders")
-        files, labels = [], []
-        for label, cls in enumerate(classes):
-            for path in sorted(fs.find(f"{root.rstrip('/')}/{cls}")):
-                if path.lower().endswith(IMAGE_SUFFIXES):
-                    files.append(path)
-                    labels.append(label)
-        if not files:
-            raise DataError(f"data.uri: {self.uri!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        idx = split_indices(len(files), self.split, self.validation_fraction, self.test_fraction, self.seed)
-        chosen = [files[i] for i in idx]
-        if not chosen:
-            raise DataError(f"data.uri: {self.uri!r} has no images in split {self.split!r}")
-        images = decode_images((fs.cat_file(p) for p in chosen), chosen, self.mode)
-        keys = [posixpath.relpath(p, root.rstrip("/")) for p in chosen]
-        return images, np.asarray(labels, np.int64)[idx], classes, keys
-
-
-class ParquetSource(DatasetSource):
-    """A Parquet file or folder with encoded image bytes and a label column, on any fsspec URI.
-
-    ``image_column`` holds PNG/JPEG bytes (or a struct with a ``bytes`` field, as Hugging Face datasets
-    write it); ``label_column`` holds ints or class-name strings; ``id_column`` (optional) gives stable
-    keys. When a ``split_column`` is present its values select the split; otherwise the rows are one pool.
-    """
-
-    name = "parquet"
-
-    def __init__(self, *args, image_column: str = "image", label_column: str = "label",
-                 id_column: str | None = None, split_column: str = "split", mode: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.image_column, self.label_column = image_column, label_column
-        self.id_column, self.split_column, self.mode = id_column, split_column, mode
-
-    def _load_split(self):
-        fs, path = self._location("a file or folder")
-        try:
-            table = pq.read_table(path, filesystem=fs)
-        except (FileNotFoundError, OSError, ValueError) as exc:
-            raise DataError(f"data.uri: cannot read Parquet at {self.uri!r}: {exc}") from exc
-        for field, column in (("image_column", self.image_column), ("label_column", self.label_column)):
-            if column not in table.column_names:
-                raise DataError(f"data.{field}: column {column!r} not in {self.uri!r} (columns: {table.column_names})")
-        if self.split_column in table.column_names:
-            rows = np.flatnonzero(np.asarray(table[self.split_column].to_pylist()) == self.split)
-        else:
-            rows = split_indices(table.num_rows, self.split, self.validation_fraction, self.test_fraction, self.seed)
-        raw_labels = table[self.label_column].to_pylist()
-        if all(isinstance(v, str) for v in raw_labels):
-            names = sorted(set(raw_labels))
-            all_labels = np.asarray([names.index(v) for v in raw_labels], np.int64)
-        else:
-            all_labels = np.asarray(raw_labels, np.int64)
-            names = [str(i) for i in range(int(all_labels.max()) + 1)] if len(all_labels) else []
-        if len(rows) == 0:
-            raise DataError(f"data.uri: {self.uri!r} has no rows for split {self.split!r}")
-        cells = table[self.image_column].to_pylist()
-        keys = table[self.id_column].to_pylist() if self.id_column else list(range(table.num_rows))
-        data = (cells[i]["bytes"] if isinstance(cells[i], dict) else cells[i] for i in rows)
-        images = decode_images(data, [f"{self.uri} row {i}" for i in rows], self.mode)
-        return images, all_labels[rows], names, [keys[i] for i in rows]

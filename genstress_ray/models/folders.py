@@ -185,13 +185,11 @@ def load_autoencoder_kl(uri: str, folder: Path, resolution: int | None = None) -
 def load_diffusers(uri: str, params: dict | None = None) -> nn.Module:
     """A diffusers folder: Stable Diffusion's parts (``model_index.json``), or one ``AutoencoderKL``."""
     folder = local_folder(uri, "diffusers")
-    if (folder / "model_index.json").exists() or (folder / "unet").is_dir():
+    config_path = folder / "config.json"
+    if not config_path.exists():  # a pipeline folder (its loader names any component it lacks)
         from genstress_ray.models.diffusion_generators import load_stable_diffusion
 
         return load_stable_diffusion(uri)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise ModelError(f"diffusers folder {uri!r} has neither model_index.json (a pipeline) nor config.json (a model)")
     kind = _json(config_path.read_bytes(), str(config_path)).get("_class_name")
     if kind != "AutoencoderKL":
         raise ModelError(f"diffusers folder {uri!r} holds a {kind}; a folder of one model must be an AutoencoderKL "

@@ -3,6 +3,7 @@ Models are referenced and loaded through ``genstress_ray.models.refs`` (no Ray t
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -14,23 +15,8 @@ import torch
 from genstress_ray.data import png_bytes, to_uint8
 from genstress_ray.metrics import score_boundary, score_logits
 from genstress_ray.models.refs import ModelRef, load_classifier, load_generator
-
-
-ROWS_DONE = "rows_done"
-
-
-@ray.remote(num_cpus=0)
-class StageCounters:
-    """Totals that are not rows of the output (candidates generated, non-finite ones dropped)."""
-
-    def __init__(self):
-        self.totals: Counter = Counter()
-
-    def add(self, counts: dict[str, int]) -> None:
-        self.totals.update(counts)
-
-    def get(self) -> dict[str, int]:
-        return dict(self.totals)
+from genstress_ray.stages.shards import bytes_table
+from genstress_ray.storage import LAYOUT, RunStore, write_shard
 
 
 def candidate_table(schema: pa.Schema, columns: dict[str, Any], latents: torch.Tensor, images: torch.Tensor,
@@ -49,7 +35,11 @@ def candidate_table(schema: pa.Schema, columns: dict[str, Any], latents: torch.T
 
 
 class ModelStage:
-    """Holds classifier and generator, on the GPU when the actor was given one.
+    """Holds classifier and generator, on the GPU when the actor was given one, and computes shards.
+
+    Each call gets whole shards (``genstress_ray.stages.shards``): their source rows go through
+    ``process_batch`` ``rows_per_call`` at a time, and the shard's rows and counts are written as its
+    one file under ``output`` (the run's URI), stage ``stage``.
 
     Models load on the first batch, on the thread that runs the batches. Ray Data constructs the
     UDF on the actor's main thread but calls it from another one; torch work on both gives the
@@ -59,15 +49,19 @@ class ModelStage:
     """
 
     def __init__(self, classifier: ModelRef, generator: ModelRef, class_names: list[str], image_shape,
-                 seed: int, threads: int = 1, chunk_size: int = 512, counters=None,
-                 generator_kind: str = "latent_generator", boundary: dict | None = None, strategy: str = "defuse"):
+                 seed: int, output: str | None = None, stage: str | None = None, threads: int = 1,
+                 chunk_size: int = 512, rows_per_call: int = 64, storage_options: dict | None = None,
+                 generator_kind: str = "latent_generator",
+                 boundary: dict | None = None, strategy: str = "defuse"):
         self.refs, self.generator_kind, self.strategy = (classifier, generator), generator_kind, strategy
         # KLDB runs: {"subset": class indices of C, "threshold": boundary_kldb, "temperature": T}. Their
         # candidates are scored against C (``score_boundary``), the region samples' too.
         self.boundary = boundary
         self.class_names, self.image_shape, self.seed = class_names, tuple(image_shape), seed
-        self.threads, self.chunk_size, self.counters = threads, chunk_size, counters
-        self._pending: Counter = Counter()  # this batch's totals, see __call__
+        self.threads, self.chunk_size, self.rows_per_call = threads, chunk_size, rows_per_call
+        self.store = RunStore.from_uri(output, storage_options) if output else None
+        self.stage = stage
+        self._pending: Counter = Counter()  # this shard's totals, see __call__
         self.classifier = self.generator = None
 
     def _load(self) -> None:
@@ -92,21 +86,34 @@ class ModelStage:
         logits = self.classifier(images.float())
         return logits if self.boundary is None else logits / self.temperature
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         if self.classifier is None:
             self._load()
-        self._pending = Counter({ROWS_DONE: len(next(iter(batch.values())))})  # the driver's progress line
-        out = self.process_batch(batch)
-        if self.counters is not None:
-            # One call per batch, waited for, so the totals are complete once the dataset is written.
-            ray.get(self.counters.add.remote(dict(self._pending)))
-        return out
+        sizes = []
+        for name, payload, read_counts in zip(batch["shard"], batch["rows"], batch["counts"]):
+            rows = bytes_table(payload)
+            self._pending = Counter()
+            parts = [self.process_batch({c: v.to_numpy(zero_copy_only=False) for c, v in
+                                         zip(part.column_names, part.columns)})
+                     for part in (rows.slice(i, self.rows_per_call) for i in range(0, rows.num_rows, self.rows_per_call))]
+            table = pa.concat_tables(parts) if parts else LAYOUT[self.stage].schema.empty_table()
+            counts = {**json.loads(read_counts), **self._pending}
+            write_shard(self.store.fs, self.store.shard_path(self.stage, str(name)), table, counts)
+            sizes.append(rows.num_rows)
+        return {"shard": list(batch["shard"]), "rows": sizes}
+
+    def run_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """One batch of source rows computed in this process, nothing written (tests, benchmarks)."""
+        if self.classifier is None:
+            self._load()
+        self._pending = Counter()
+        return self.process_batch(batch)
 
     def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         raise NotImplementedError
 
     def _count(self, counts: dict[str, int]) -> None:
-        """Add to this batch's totals (sent to the counters once the batch is done)."""
+        """Add to this shard's totals (stored in its file)."""
         self._pending.update(counts)
 
     @torch.no_grad()

@@ -41,8 +41,10 @@ class Strategy:
         name: the value of ``strategy.name``.
         params: its parameter model (a ``StrategyParams`` with ``name: Literal[<name>]``).
         generator_kind: the model kind its generator must be (``genstress_ray.models.MODEL_KINDS``).
-        source_rows: ``(params, search images, generator) -> pa.Table``: the rows the search starts from,
-            one Ray batch per ``resources.search.batch_size`` of them.
+        source_rows: ``(params, search catalog, generator) -> pa.Table``: the rows the search starts from
+            (cut into shards of ``shard_rows``); None: the ``data.search`` images themselves
+            (``data.rows_table``), streamed from their source. ``resources.search.batch_size`` rows go
+            to the stage at a time.
         stage: ``"module:Class"`` of its Ray Data stage (imported when a run starts: no Ray here).
         assess: ``"module:function"`` ``(context, classifier) -> dict``: what ``genstress assess`` measures.
         report: ``"module:function"`` ``(assessment dict) -> html``: the report's assessment section.
@@ -54,7 +56,7 @@ class Strategy:
     name: str
     params: type[StrategyParams]
     generator_kind: str
-    source_rows: Callable[[Any, Any, Any], pa.Table]
+    source_rows: Callable[[Any, Any, Any], pa.Table] | None
     stage: str
     assess: str
     report: str

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-import pyarrow as pa
 import torch
 from pydantic import Field
 
@@ -69,12 +68,6 @@ def select_candidates(fault: torch.Tensor, noise_norm: torch.Tensor, max_per_ima
     return fault & (rank < max_per_image)
 
 
-def image_rows(params: DefuseParams, search, generator) -> pa.Table:
-    """The search starts from every image of ``data.search`` (its pixels travel in the rows)."""
-    flat = search.images.reshape(len(search), -1)
-    return pa.table({"source_id": search.source_ids, "source_label": search.labels,
-                     "image": [row.tobytes() for row in flat]})
-
-
-DEFUSE = Strategy("defuse", DefuseParams, "latent_generator", image_rows, stage="genstress_ray.stages.defuse:DefuseSearch",
+# No source rows of its own: the search starts from the data.search images, shard by shard.
+DEFUSE = Strategy("defuse", DefuseParams, "latent_generator", None, stage="genstress_ray.stages.defuse:DefuseSearch",
                   assess="genstress_ray.assessment:assess_search", report="genstress_ray.report.html:search_table")

@@ -18,9 +18,9 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def test_registry_lists_every_source_and_rejects_unknown_kinds():
-    assert {"digits", "mnist", "fashion_mnist", "image_folder", "parquet"} <= set(list_sources())
-    with pytest.raises(DataError, match="unknown dataset kind 'imagenet'.*allowed: digits"):
-        get_source("imagenet")
+    assert {"digits", "mnist", "fashion_mnist", "image_folder", "imagenet", "parquet"} <= set(list_sources())
+    with pytest.raises(DataError, match="unknown dataset kind 'cifar'.*allowed: digits"):
+        get_source("cifar")
 
 
 def test_digits_splits_are_disjoint_complete_and_reproducible():
@@ -94,16 +94,69 @@ def test_image_folder_reads_classes_from_sub_folders(tmp_path):
     parts = [get_source("image_folder", uri=str(tmp_path), split=s, test_fraction=0.2).load()
              for s in ("train", "validation", "test")]
     assert parts[0].class_names == ["cat", "dog"]
-    assert [len(p) for p in parts] == [7, 1, 2]
+    assert sum(len(p) for p in parts) == 10 and all(len(p) for p in (parts[0], parts[2]))
     assert len(set().union(*(p.source_ids for p in parts))) == 10
     assert parts[2].images.shape[1:] == (1, 12, 12)
     assert all(i.startswith("image_folder:test:") and i.endswith(".png") for i in parts[2].source_ids)
+
+
+def test_a_split_is_a_function_of_the_key_alone(tmp_path):
+    """Adding images never moves an existing image to another split (no driver-side permutation)."""
+    _write_folder(tmp_path)
+    before = {s: set(get_source("image_folder", uri=str(tmp_path), split=s).load().source_ids)
+              for s in ("train", "validation", "test")}
+    (tmp_path / "dog" / "extra.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
+    for split, ids in before.items():
+        assert ids <= set(get_source("image_folder", uri=str(tmp_path), split=split).load().source_ids)
 
 
 def test_image_folder_names_the_file_whose_size_differs(tmp_path):
     _write_folder(tmp_path, sizes={("dog", 3): 10})
     with pytest.raises(DataError, match="dog/3.png.*differs"):
         get_source("image_folder", uri=str(tmp_path), split="train", test_fraction=0.0).load()
+
+
+def test_an_unreadable_image_in_a_shard_is_counted_skipped_and_named(tmp_path):
+    _write_folder(tmp_path)
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
+    source = get_source("image_folder", uri=str(tmp_path), split="train", test_fraction=0.0,
+                        validation_fraction=0.0)
+    tables = [source.read_shard(shard) for shard in source.shards(4)]
+    counts = [c for _, c in tables if c]
+    assert len(counts) == 1 and counts[0]["unreadable"] == 1 and "cat/broken.png" in counts[0]["unreadable_first"][0]
+    assert sum(t.num_rows for t, _ in tables) == 10
+
+
+@needs_shared_data
+def test_limit_is_a_seeded_sample_across_classes_and_classes_picks_a_subset():
+    uri = str(SHARED_DATA / "gtsrb" / "images")
+    sample = get_source("image_folder", uri=uri, split="train", limit=400).load()
+    assert len(sample) == 400 and len(set(sample.labels.tolist())) > 30  # not the first classes in path order
+    assert get_source("image_folder", uri=uri, split="train", limit=400, seed=1).load().source_ids != sample.source_ids
+    names = ["01_speed_limit_30", "03_speed_limit_60"]
+    subset = get_source("image_folder", uri=uri, split="test", classes=names).load()
+    assert subset.class_names == names and set(subset.labels.tolist()) == {0, 1} and subset.images.shape[1:] == (3, 35, 35)
+    with pytest.raises(DataError, match="classes: '99_unicorn' not among the data's 43 classes"):
+        get_source("image_folder", uri=uri, split="test", classes=["99_unicorn"]).catalog()
+
+
+def test_imagenet_synset_folders_follow_their_mapping_file(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\nn03 shark\n")
+    for synset in ("n01", "n03"):
+        (tmp_path / synset).mkdir()
+        for i in range(6):
+            arr = rng.integers(0, 255, (int(rng.integers(20, 40)), int(rng.integers(20, 40)), 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG")
+            (tmp_path / synset / f"{i}.JPEG").write_bytes(buf.getvalue())
+    data = get_source("imagenet", uri=str(tmp_path), split="train", test_fraction=0, validation_fraction=0,
+                      resize=16).load()
+    assert data.class_names == ["tench, Tinca tinca", "goldfish", "shark"]
+    assert set(data.labels.tolist()) == {0, 2} and data.images.shape == (12, 3, 16, 16)
+    (tmp_path / "n09").mkdir()
+    with pytest.raises(DataError, match="mapping file disagrees with the folders: 1 folder.*n09"):
+        get_source("imagenet", uri=str(tmp_path), split="train").catalog()
 
 
 def _parquet_table():
@@ -118,8 +171,28 @@ def test_parquet_source_uses_its_split_column_and_string_labels(tmp_path):
     test = get_source("parquet", uri=str(tmp_path / "d.parquet"), split="test").load()
     assert test.class_names == ["a", "b"] and test.labels.tolist() == [0, 1, 1]
     assert test.images.shape == (3, 1, 8, 8)
-    with pytest.raises(DataError, match="label_column: column 'y'"):
+    with pytest.raises(DataError, match="label_column: column 'y' not in .*d.parquet"):
         get_source("parquet", uri=str(tmp_path / "d.parquet"), label_column="y").load()
+
+
+def test_parquet_shards_with_train_and_test_only_give_a_validation_split(tmp_path):
+    """Hugging Face style: a folder of shards, image structs, several row groups, no validation rows."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "data").mkdir()
+    for part in range(2):
+        images = [{"bytes": _png(rng.integers(0, 255, (8, 8), dtype=np.uint8)), "path": None} for _ in range(40)]
+        pq.write_table(pa.table({"image": images, "label": np.arange(40) % 3,
+                                 "split": ["train"] * 30 + ["test"] * 10}), tmp_path / "data" / f"p{part}.parquet",
+                       row_group_size=16)
+    splits = {s: get_source("parquet", uri=str(tmp_path / "data"), split=s, validation_fraction=0.2).load()
+              for s in ("train", "validation", "test")}
+    assert len(splits["test"]) == 20 and len(splits["train"]) + len(splits["validation"]) == 60
+    assert 3 <= len(splits["validation"]) <= 25
+    assert not set(splits["train"].source_ids) & set(splits["validation"].source_ids)
+    assert splits["test"].source_ids[0] == "parquet:test:p0.parquet:30"
+    pq.write_table(pa.table({"image": [b"x"], "split": ["train"]}), tmp_path / "data" / "p9.parquet")
+    with pytest.raises(DataError, match="label_column: column 'label' not in .*p9.parquet"):
+        get_source("parquet", uri=str(tmp_path / "data"), split="train").catalog()
 
 
 def test_parquet_source_reads_from_s3(s3_bucket):
@@ -128,5 +201,5 @@ def test_parquet_source_reads_from_s3(s3_bucket):
     fs = s3fs.S3FileSystem()
     with fs.open(f"{s3_bucket}/data/d.parquet", "wb") as f:
         pq.write_table(_parquet_table(), f)
-    train = get_source("parquet", uri=f"{s3_bucket}/data/d.parquet", split="train").load()
+    train = get_source("parquet", uri=f"{s3_bucket}/data/d.parquet", split="train", validation_fraction=0.0).load()
     assert len(train) == 3 and train.labels.tolist() == [0, 1, 0]

@@ -124,7 +124,7 @@ def test_the_stage_writes_samples_rows_from_stable_diffusion(tiny_sd, tmp_path):
                        boundary={"subset": [0, 1], "threshold": 0.1, "temperature": 1.0})
     batch = {"source_id": np.array(["seed:0", "seed:1", "seed:0"]), "alpha": np.array([0.0, 0.1, 0.1]),
              "beta": np.array([3.0, 3.0, 6.0]), "draw": np.array([0, 1, 2])}
-    table = stage(batch)
+    table = stage.run_batch(batch)
     assert table.schema.equals(SAMPLES_SCHEMA) and table.num_rows == 3
     assert len(table["latent"][0].as_py()) == 4 * 8 * 8  # the SD latent, not the image
     images = decode_images(table["image"].to_pylist(), table["sample_id"].to_pylist(), None)
