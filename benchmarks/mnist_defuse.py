@@ -33,20 +33,28 @@ def main() -> int:
                                                         "settings); results go to benchmarks/results/<job>.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="genstress: %(message)s")
+    run_defuse(args.job, args.output, args.run_id, args.rho, Path(args.job).stem,
+               f"python benchmarks/mnist_defuse.py --job {args.job}")
+    return 0
 
+
+def run_defuse(job, output: str, run_id: str, rho: float, name: str, command: str, extra: dict | None = None) -> dict:
+    """Campaign, oracle labels (``rho``, 10 samples per region, 5,000 faults for the baseline),
+    correction and report; the figures go to benchmarks/results/<name>.json and are returned."""
     from genstress_ray import labeling
     from genstress_ray.correction import run_correction
     from genstress_ray.context import RunContext
     from genstress_ray.pipeline import run_campaign
+    from genstress_ray.regions import region_pairs
     from genstress_ray.report import write_report
     from genstress_ray.storage import RunStore
 
     started = time.time()
-    campaign = run_campaign(args.job, output=args.output, run_id=args.run_id)
+    campaign = run_campaign(job, output=output, run_id=run_id)
     print(campaign.summary(), flush=True)
     searched = time.time()
     store = RunStore.from_uri(campaign.run_uri)
-    labels = labeling.label_run(store, RunContext.open(store.uri).oracle(), rho=args.rho, per_region=10, fault_labels=5000)
+    labels = labeling.label_run(store, RunContext.open(store.uri).oracle(), rho=rho, per_region=10, fault_labels=5000)
     labeling.write_labels(store, labels, campaign.class_names)
     labelled = time.time()
     correction = run_correction(campaign.run_uri)
@@ -56,6 +64,7 @@ def main() -> int:
 
     r = correction.results
     get = (lambda name, key: r.get(name, {}).get(key))
+    failure = set(r.get("failure_regions", []))
     result = {
         "test_acc_before": get("before", "test_acc"), "test_acc_after": get("defuse", "test_acc"),
         "region_acc_before": get("before", "region_test_acc"), "region_acc_after": get("defuse", "region_test_acc"),
@@ -64,21 +73,23 @@ def main() -> int:
         "lambda_defuse": get("defuse", "lam"), "lambda_baseline": get("baseline", "lam"),
         "n_regions": r["n_regions"], "n_failure_regions": r["n_failure_regions"],
         "candidates": campaign.counts["candidates"], "faults": campaign.counts["faults"],
-        "rho": args.rho, "message": r.get("message", ""),
+        "regions": [{"region_id": g["region_id"], "weight": round(g["weight"], 4), "faults": g["n_members"],
+                     "true_to_predicted": region_pairs(g, campaign.class_names),
+                     "failure": g["region_id"] in failure} for g in campaign.regions],
+        "rho": rho, "message": r.get("message", ""),
         "real_region": {k: r.get("real_region", {}).get("overall", {}).get(k) for k in ("n", "before", "defuse",
                                                                                         "baseline")},
         "seconds": {"search_and_regions": round(searched - started, 1), "labels": round(labelled - searched, 1),
                     "correction": round(finished - labelled, 1), "total": round(finished - started, 1)},
-        "command": f"python benchmarks/mnist_defuse.py --job {args.job}",
-        "run": campaign.run_uri, "report": report,
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "command": command, "run": campaign.run_uri, "report": report,
+        "machine": {"platform": platform.platform(), "python": platform.python_version()}, **(extra or {}),
     }
-    results = ROOT / "benchmarks" / "results" / f"{Path(args.job).stem}.json"
+    results = ROOT / "benchmarks" / "results" / f"{name}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {results}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -171,8 +171,9 @@ class StageResources(_Strict):
         """Keyword arguments for ``Dataset.map_batches`` with a callable class."""
         from ray.data import ActorPoolStrategy
 
+        # SPREAD: on a cluster the actors go to different nodes (on one machine it changes nothing).
         return {"compute": ActorPoolStrategy(size=self.actors), "num_cpus": self.num_cpus,
-                "num_gpus": self.num_gpus, "batch_size": self.batch_size}
+                "num_gpus": self.num_gpus, "scheduling_strategy": "SPREAD"}
 
     def torch_threads(self) -> int:
         return self.threads or max(1, round(self.num_cpus))

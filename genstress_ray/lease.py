@@ -3,7 +3,7 @@
 Two drivers on the same run id would both write every stage (duplicate rows, regions fitted on
 them). The first to create ``<run>/_LEASE`` owns the run; the file names its holder and when the
 lease expires. A heartbeat renews it every ``ttl / 3`` seconds; a crashed driver's lease expires and
-the next driver takes it over. Every write of the file is conditional, so two drivers cannot both
+the next driver takes it over (at once when the holder was a process on this host that is gone). Every write of the file is conditional, so two drivers cannot both
 win: on object storage through S3's conditional writes (``If-None-Match: *`` to create, ``If-Match:
 <etag>`` to replace), on a local or mounted folder through ``O_EXCL`` and an ``flock``ed swap.
 The owner checks the lease before committing each stage, and stops when it has lost it.
@@ -139,6 +139,22 @@ def _swap_for(fs: fsspec.AbstractFileSystem, path: str):
                        f"not on {protocols[0]}://")
 
 
+def _holder_gone(record: dict[str, Any]) -> bool:
+    """Whether the holder ran on this host in a process that no longer exists (a driver killed with
+    SIGKILL): its lease need not be waited out. A holder on another host is judged by expiry alone."""
+    host, _, rest = str(record.get("holder", "")).partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class RunLease:
     """The lease on one run folder; use as a context manager around the run's work."""
 
@@ -167,7 +183,7 @@ class RunLease:
         tag = self.swap.create(self._record())
         if tag is None:
             current, current_tag = self.swap.read()
-            if current is not None and current.get("expires_at", 0) > time.time():
+            if current is not None and current.get("expires_at", 0) > time.time() and not _holder_gone(current):
                 raise LeaseHeld(f"run {self.uri.rsplit('/', 1)[0]} is being written by {describe(current)}; "
                                 "wait for it to finish, or rerun after the lease expires if that driver is gone")
             tag = self.swap.replace(current_tag, self._record()) if current is not None else \
@@ -176,7 +192,8 @@ class RunLease:
                 current, _ = self.swap.read()
                 raise LeaseHeld(f"run {self.uri.rsplit('/', 1)[0]} was just taken over by "
                                 f"{describe(current or {})}")
-            log.info("took over the expired lease of %s", describe(current or {}))
+            log.info("took over the lease of %s, %s", describe(current or {}),
+                     "whose process is gone" if current and _holder_gone(current) else "expired")
         self.tag = tag
         self._thread = threading.Thread(target=self._heartbeat, name="genstress-lease", daemon=True)
         self._thread.start()

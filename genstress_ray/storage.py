@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 # Stages written shard by shard: <stage>/shard-<name>.parquet, counts under this key of its metadata.
 SHARD_PREFIX = "shard-"
 SHARD_COUNTS = b"genstress_counts"
+SHARD_MADE_BY = b"genstress_made_by"
 
 # The tables of DESIGN.md. A stage that produced no rows writes no file; reading it still gives
 # these columns, so no reader has to special-case an empty stage.
@@ -219,19 +220,23 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     fs.mv(tmp, path)
 
 
-def write_shard(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, counts: dict[str, Any]) -> None:
-    """One shard's rows as one Parquet file, its counts in the file's metadata, written atomically: a
-    shard is there whole or not at all, and writing it again (a retried task) replaces it."""
-    meta = {**(table.schema.metadata or {}), SHARD_COUNTS: json.dumps(counts).encode()}
+def write_shard(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, counts: dict[str, Any],
+                made_by: dict[str, Any] | None = None) -> None:
+    """One shard's rows as one Parquet file, its counts (and ``made_by``: which node and how long) in
+    the file's metadata, written atomically: a shard is there whole or not at all, and writing it
+    again (a retried task) replaces it."""
+    meta = {**(table.schema.metadata or {}), SHARD_COUNTS: json.dumps(counts).encode(),
+            SHARD_MADE_BY: json.dumps(made_by or {}).encode()}
     buf = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata(meta), buf)
     write_bytes_atomic(fs, path, buf.getvalue().to_pybytes())
 
 
-def read_shard_counts(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+def read_shard_counts(fs: fsspec.AbstractFileSystem, path: str, key: bytes = SHARD_COUNTS) -> dict[str, Any]:
+    """A shard file's counts (or, with ``key=SHARD_MADE_BY``, where it was computed)."""
     with fs.open(path, "rb") as f:
         meta = pq.read_metadata(f).metadata or {}
-    return json.loads(meta.get(SHARD_COUNTS, b"{}"))
+    return json.loads(meta.get(key, b"{}"))
 
 
 def sum_counts(parts) -> dict[str, Any]:

@@ -78,8 +78,8 @@ def test_train_takes_odd_sized_rgb_images_and_architecture_options(tmp_path, cap
 
     for label in ("a", "b"):
         (tmp_path / "signs" / label).mkdir(parents=True)
-        for i in range(6):
-            Image.new("RGB", (35, 35), (40 * i, 0, 0)).save(tmp_path / "signs" / label / f"{i}.png")
+        for i in range(20):
+            Image.new("RGB", (35, 35), (12 * i, 0, 0)).save(tmp_path / "signs" / label / f"{i}.png")
     common = ["--data", "image_folder", "--data-uri", str(tmp_path / "signs"), "--epochs", "1"]
     assert main(["train", "vae", *common, "--latent-dim", "15", "--width", "8", "--beta", "1",
                  "--output", str(tmp_path / "vae.safetensors")]) == 0

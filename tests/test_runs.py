@@ -278,6 +278,40 @@ def test_a_sigkilled_driver_leaves_no_process_behind(config_file, tiny_config, t
     assert not watchdogs()  # the watchdog itself ends once its work is done
 
 
+def test_a_driver_killed_mid_identify_resumes_computing_only_the_unwritten_shards(tiny_config, tmp_path):
+    """Kill -9 mid-identify, rerun: the rows equal an uninterrupted run's, no shard is computed twice,
+    and the dead driver's lease (its process gone from this host) is taken over at once."""
+    cfg = {**tiny_config, "shard_rows": 4, "strategy": {**tiny_config["strategy"], "draws": 3000}}
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    identify = tmp_path / "runs" / "test" / "r1" / "identify"
+    proc = subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(path), "--until", "identify"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(identify.glob("shard-*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 30
+    while time.time() < deadline and _session_processes(proc.pid):
+        time.sleep(0.5)
+    written = len(list(identify.glob("shard-*.parquet")))
+    assert 3 <= written < 12 and not (identify / "_COMPLETE").exists()  # 48 images, 4 per shard
+
+    resumed = _cli(["run", str(path), "--until", "identify"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    store = RunStore(str(tmp_path / "runs"), "test", "r1")
+    info = store.marker("identify")
+    assert (info["shards"], info["shards_reused"], info["shards_computed"]) == (12, written, 12 - written)
+
+    clean = run_campaign(cfg, run_id="clean", stop_after="identify")
+    clean_store = RunStore(str(tmp_path / "runs"), "test", "clean")
+    columns = ["sample_id", "pred", "fault", "latent"]
+    assert store.read_table("identify", columns=columns).equals(clean_store.read_table("identify", columns=columns))
+    counts = ("candidates", "faults", "nonfinite_dropped", "samples")
+    assert {k: info.get(k) for k in counts} == {k: clean_store.marker("identify").get(k) for k in counts}
+
+
 def _cmdline(pid: str) -> str:
     try:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()

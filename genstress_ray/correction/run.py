@@ -229,7 +229,8 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
     init_ray(cfg)
     _ensure_region_sets(ctx, failure_labels, lease)
     results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
-                               "n_failure_regions": len(failure_labels), "select_by": cfg.correction.select_by}
+                               "n_failure_regions": len(failure_labels), "failure_regions": sorted(failure_labels),
+                               "select_by": cfg.correction.select_by}
     lease.check()
     if failure_labels:  # read and checked before the previous correction is cleared
         regions = FailureRegions.open(ctx, failure_labels, cfg.correction.member_quantile)

@@ -56,6 +56,7 @@ class BetaVAE(nn.Module):
         super().__init__()
         c, h, w = _check_shape(in_shape)
         self.latent_dim = latent_dim
+        self.image_size = (c, h, w)  # its native resolution: data of another is resized to it and back
         self._size = (h, w)
         self._grid = (width, _quarter(h), _quarter(w))
         flat = width * _quarter(h) * _quarter(w)

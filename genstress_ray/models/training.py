@@ -126,8 +126,12 @@ def train_vae(train: ImageSet, validation: ImageSet | None = None, architecture:
     if validation is not None:
         with torch.no_grad():
             model.eval()
-            _, recon, kl = vae_loss(model, validation.tensors()[0], beta)
-        metrics.update(val_recon=float(recon), val_kl=float(kl))
+            x_val = validation.tensors()[0]
+            _, recon, kl = vae_loss(model, x_val, beta)
+            mean, log_var = model.encode(x_val)
+            kl_per_dim = (-0.5 * (1 + log_var - mean.pow(2) - log_var.exp())).mean(0)
+        # Dimensions the posterior uses (mean KL above 0.01 nats): a collapsed VAE has few.
+        metrics.update(val_recon=float(recon), val_kl=float(kl), active_dims=int((kl_per_dim > 0.01).sum()))
     return model.eval(), {"params": params, **metrics}
 
 

@@ -4,6 +4,8 @@ Models are referenced and loaded through ``genstress_ray.models.refs`` (no Ray t
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections import Counter
 from typing import Any
 
@@ -91,6 +93,7 @@ class ModelStage:
             self._load()
         sizes = []
         for name, payload, read_counts in zip(batch["shard"], batch["rows"], batch["counts"]):
+            started = time.time()
             rows = bytes_table(payload)
             self._pending = Counter()
             parts = [self.process_batch({c: v.to_numpy(zero_copy_only=False) for c, v in
@@ -98,7 +101,9 @@ class ModelStage:
                      for part in (rows.slice(i, self.rows_per_call) for i in range(0, rows.num_rows, self.rows_per_call))]
             table = pa.concat_tables(parts) if parts else LAYOUT[self.stage].schema.empty_table()
             counts = {**json.loads(read_counts), **self._pending}
-            write_shard(self.store.fs, self.store.shard_path(self.stage, str(name)), table, counts)
+            made_by = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                       "device": str(self.device), "seconds": round(time.time() - started, 3)}
+            write_shard(self.store.fs, self.store.shard_path(self.stage, str(name)), table, counts, made_by)
             sizes.append(rows.num_rows)
         return {"shard": list(batch["shard"]), "rows": sizes}
 

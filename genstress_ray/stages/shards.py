@@ -67,7 +67,7 @@ def run_sharded(store: RunStore, stage: str, shards: list[Shard], stage_cls, res
         if source is not None:
             ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"source": source},
                                 num_cpus=resources.read_cpus)
-        ds = ds.map_batches(stage_cls, batch_format="numpy", **resources.ray_args(),
+        ds = ds.map_batches(stage_cls, batch_size=1, batch_format="numpy", **resources.ray_args(),
                             fn_constructor_kwargs={**constructor, "threads": resources.torch_threads(),
                                                    "chunk_size": resources.chunk_size, "stage": stage,
                                                    "output": store.uri, "storage_options": store.storage_options,
