@@ -50,7 +50,7 @@ class DataSpec(_Strict):
     limit: Annotated[int, Field(gt=0)] | None = None
     seed: int = 0
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    test_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2  # 1: every image is test (a search-only folder)
     resize: Annotated[int, Field(gt=0)] | None = None
     options: dict[str, Any] = {}
 
@@ -63,6 +63,13 @@ class DataSpec(_Strict):
     @classmethod
     def _known_split(cls, v):
         return _one_of(v, SPLITS, "split")
+
+    @model_validator(mode="after")
+    def _fractions_fit(self):
+        if self.validation_fraction + self.test_fraction > 1:
+            raise ValueError(f"validation_fraction + test_fraction = {self.validation_fraction + self.test_fraction} "
+                             "exceeds 1")
+        return self
 
     @model_validator(mode="after")
     def _known_options(self):
@@ -171,9 +178,8 @@ class StageResources(_Strict):
         """Keyword arguments for ``Dataset.map_batches`` with a callable class."""
         from ray.data import ActorPoolStrategy
 
-        # SPREAD: on a cluster the actors go to different nodes (on one machine it changes nothing).
-        return {"compute": ActorPoolStrategy(size=self.actors), "num_cpus": self.num_cpus,
-                "num_gpus": self.num_gpus, "scheduling_strategy": "SPREAD"}
+        # Ray Data schedules its actors with SPREAD: on a cluster they go to different nodes.
+        return {"compute": ActorPoolStrategy(size=self.actors), "num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
     def torch_threads(self) -> int:
         return self.threads or max(1, round(self.num_cpus))

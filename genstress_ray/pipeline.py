@@ -64,6 +64,8 @@ class CampaignResult:
         for r in self.regions:
             lines.append(f"  region {r['region_id']}: weight {r['weight']:.3f}, {r['n_members']} faults, "
                          f"{region_pairs(r, self.class_names)}")
+        if c.get("unreadable"):
+            lines.append(f"skipped {c['unreadable']} unreadable image(s): {'; '.join(c.get('unreadable_first', []))}")
         if self.skipped:
             lines.append(f"resumed: skipped finished stages {', '.join(self.skipped)}")
         return "\n".join(lines)
@@ -308,7 +310,8 @@ def _finish(ctx: RunContext, stages: tuple[str, ...], skipped: list[str], starte
               "samples": identify.get("samples", 0),
               "nonfinite_dropped": sum(m.get("nonfinite_dropped", 0) for m in markers.values()),
               "regions": regions_info.get("regions", 0),
-              "region_samples": markers.get("region_samples", {}).get("region_samples", 0)}
+              "region_samples": markers.get("region_samples", {}).get("region_samples", 0),
+              **{k: identify[k] for k in ("unreadable", "unreadable_first") if k in identify}}
     status = "complete" if stages == STAGES else f"stopped after {stages[-1]}"
     store.update_manifest(row_counts=counts, status=status,
                           timings={"total_last_invocation": round(time.time() - started, 3)})

@@ -10,7 +10,7 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 def test_defaults_validate_and_resources_become_ray_arguments():
     cfg = load_config({"campaign": "c"})
     args = cfg.resources.search.ray_args()
-    assert args["num_cpus"] == 0.5 and args["batch_size"] == 64 and args["compute"].min_size == 1
+    assert args["num_cpus"] == 0.5 and args["compute"].min_size == 1 and cfg.resources.search.batch_size == 64
 
 
 @pytest.mark.parametrize("raw, field, allowed", [
