@@ -304,7 +304,7 @@ def test_a_driver_killed_mid_identify_resumes_computing_only_the_unwritten_shard
     info = store.marker("identify")
     assert (info["shards"], info["shards_reused"], info["shards_computed"]) == (12, written, 12 - written)
 
-    clean = run_campaign(cfg, run_id="clean", stop_after="identify")
+    run_campaign(cfg, run_id="clean", stop_after="identify")
     clean_store = RunStore(str(tmp_path / "runs"), "test", "clean")
     columns = ["sample_id", "pred", "fault", "latent"]
     assert store.read_table("identify", columns=columns).equals(clean_store.read_table("identify", columns=columns))

@@ -95,17 +95,20 @@ class ModelStage:
         for name, payload, read_counts in zip(batch["shard"], batch["rows"], batch["counts"]):
             started = time.time()
             rows = bytes_table(payload)
-            self._pending = Counter()
-            parts = [self.process_batch({c: v.to_numpy(zero_copy_only=False) for c, v in
-                                         zip(part.column_names, part.columns)})
-                     for part in (rows.slice(i, self.rows_per_call) for i in range(0, rows.num_rows, self.rows_per_call))]
-            table = pa.concat_tables(parts) if parts else LAYOUT[self.stage].schema.empty_table()
-            counts = {**json.loads(read_counts), **self._pending}
+            table = self._compute(rows)
+            counts = {**json.loads(read_counts), **self._pending}  # read counts: images skipped
             made_by = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
                        "device": str(self.device), "seconds": round(time.time() - started, 3)}
             write_shard(self.store.fs, self.store.shard_path(self.stage, str(name)), table, counts, made_by)
             sizes.append(rows.num_rows)
         return {"shard": list(batch["shard"]), "rows": sizes}
+
+    def _compute(self, rows: pa.Table) -> pa.Table:
+        """One shard's output rows, ``rows_per_call`` source rows at a time; its totals in ``_pending``."""
+        self._pending = Counter()
+        parts = [self.process_batch({c: v.to_numpy(zero_copy_only=False) for c, v in zip(part.column_names, part.columns)})
+                 for part in (rows.slice(i, self.rows_per_call) for i in range(0, rows.num_rows, self.rows_per_call))]
+        return pa.concat_tables(parts) if parts else LAYOUT[self.stage].schema.empty_table()
 
     def run_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """One batch of source rows computed in this process, nothing written (tests, benchmarks)."""
