@@ -60,7 +60,10 @@ def class_index(model_names: list[str] | None, class_names: list[str]) -> list[i
 def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Classifier:
     """The classifier at ``ref`` behind its protocol, taking the run's images of ``image_shape``."""
     module, meta = ref.load_with_meta()
-    spec = ref.input or meta.get("input")
+    # A built-in checkpoint says the shape it was trained at (``params.in_shape``): data of another
+    # size is resized to it.
+    trained = meta.get("params", {}).get("in_shape")
+    spec = ref.input or meta.get("input") or ({"shape": trained} if trained else None)
     return Classifier(module, class_names, image_shape, InputSpec(**spec) if spec else None,
                       class_index(meta.get("class_names"), class_names)).eval()
 

@@ -105,3 +105,11 @@ def test_the_built_in_models_take_odd_image_sides():
     vae = get_model("beta_vae", in_shape=(3, 35, 35), latent_dim=15)
     x = torch.rand(2, 3, 35, 35)
     assert cnn(x).shape == (2, 43) and vae.decode(vae.encode(x)[0]).shape == (2, 3, 35, 35)
+
+
+def test_a_built_in_checkpoint_takes_data_of_another_size_resized_to_its_own(tiny_models):
+    clf = load_classifier(ModelRef(tiny_models["classifier"]), [str(i) for i in range(10)], (1, 28, 28))
+    assert clf.input_spec == InputSpec((1, 8, 8))  # from the checkpoint's params.in_shape
+    x = torch.rand(2, 1, 28, 28)
+    small = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", antialias=True)
+    assert torch.allclose(clf(x), clf.net(small), atol=1e-5)
