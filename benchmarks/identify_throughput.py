@@ -93,11 +93,31 @@ def pipeline(cfg: dict, run_id: str) -> float:
     return result.counts["candidates"] / manifest["timings"]["identify"]
 
 
+def peak_rss(fn):
+    """(fn(), this process's peak resident memory while it ran in MiB, sampled every 20 ms)."""
+    import threading
+
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        return fn(), peak[0] / 2 ** 20
+    finally:
+        done.set()
+        thread.join()
+
+
 def memory_child(images: int, draws: int, batch_size: int, actors: int, threads: int, chunk: int) -> None:
     """Run one pipeline in this fresh process and print the driver's resident memory: before the run
     (after imports and ray.init) and its peak during the run, sampled every 20 ms."""
-    import threading
-
     import psutil
     import ray
 
@@ -106,24 +126,13 @@ def memory_child(images: int, draws: int, batch_size: int, actors: int, threads:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = campaign_config(images, draws, batch_size, actors, threads, chunk, tmp)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        proc, peak, done = psutil.Process(), [0], threading.Event()
-        before = proc.memory_info().rss
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        result = run_campaign(cfg, run_id="mem", stop_after="identify")
-        done.set()
-        sampler.join()
+        before = psutil.Process().memory_info().rss
+        result, peak = peak_rss(lambda: run_campaign(cfg, run_id="mem", stop_after="identify"))
         manifest = json.loads((Path(result.run_uri) / "manifest.json").read_text())
         print(json.dumps({"candidates": result.counts["candidates"],
                           "pipeline_rate": result.counts["candidates"] / manifest["timings"]["identify"],
                           "rss_before_mib": before / 2 ** 20,
-                          "peak_rss_during_run_mib": peak[0] / 2 ** 20,
+                          "peak_rss_during_run_mib": peak,
                           "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -24,11 +24,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from identify_throughput import peak_rss  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 GTSRB = (ROOT / ".." / "shared" / "data" / "gtsrb" / "images").resolve()
 MODELS = ROOT / "genstress-models"
@@ -60,26 +62,6 @@ def config(folder: Path, draws: int, output: str) -> dict:
             "strategy": {"name": "defuse", "a": 75, "b": 75, "draws": draws, "centred": True},
             "resources": {"search": {"actors": 1, "num_cpus": 0.5, "threads": 2, "batch_size": 64,
                                      "chunk_size": 128, "read_cpus": 0.5}}}
-
-
-def peak_rss(fn):
-    """(fn(), the peak resident memory of this process while it ran, MiB)."""
-    import psutil
-
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        return fn(), peak[0] / 2 ** 20
-    finally:
-        done.set()
-        thread.join()
 
 
 def pipeline_child(folder: str, draws: int) -> None:

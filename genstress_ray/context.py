@@ -154,18 +154,20 @@ class RunContext:
             self._search = load_split(self.cfg.data.search, "data.search")
         return self._search
 
+    def _opened(self) -> tuple[DatasetSource, Catalog]:
+        if self._source is None:
+            self._source = open_source(self.cfg.data.search, "data.search")
+        return self._source
+
     @property
     def search_source(self) -> DatasetSource:
         """The ``data.search`` source, whose shards the search reads."""
-        if self._source is None:
-            self._source = open_source(self.cfg.data.search, "data.search")
-        return self._source[0]
+        return self._opened()[0]
 
     @property
     def catalog(self) -> Catalog:
         """Class names, image shape and row count of ``data.search``, without its pixels."""
-        self.search_source
-        return self._source[1]
+        return self._opened()[1]
 
     def prepare(self, role: str, spec: ModelSpec) -> ModelRef:
         """The checkpoint for a model of the config (``oracle``, the assessment's ``detector``, ...)."""
