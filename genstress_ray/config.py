@@ -231,6 +231,10 @@ class CorrectionConfig(_Strict):
     use_gpu: bool = False
     max_concurrent_trials: Annotated[int, Field(gt=0)] | None = None
     threads: Annotated[int, Field(gt=0)] = 1
+    # The trials' data streams from storage to the workers (Ray Data): CPUs of each read/decode task,
+    # and how many of D's rows are shuffled together as they stream (its shards come in random order).
+    read_cpus: Annotated[float, Field(gt=0)] = 0.25
+    shuffle_rows: Annotated[int, Field(gt=0)] = 4096
 
     @field_validator("lambdas")
     @classmethod

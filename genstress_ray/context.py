@@ -182,11 +182,15 @@ class RunContext:
         return load_generator(self.models["generator"], self.image_shape, self.cfg.strategy.generator_kind,
                               len(self.class_names))
 
-    def oracle(self):
-        """The config's ``oracle`` classifier (trained and cached on first use), ready to label."""
+    def oracle_ref(self) -> ModelRef:
+        """The checkpoint of the config's ``oracle`` classifier (trained and cached on first use)."""
         if self.cfg.oracle is None:
             raise ModelError(f"run {self.store.uri}: its config has no 'oracle' section; give a checkpoint to --oracle")
-        return self.classifier(self.prepare("oracle", self.cfg.oracle))
+        return self.prepare("oracle", self.cfg.oracle)
+
+    def oracle(self):
+        """The config's ``oracle`` classifier, ready to label."""
+        return self.classifier(self.oracle_ref())
 
     # ---- what its stages are built with ------------------------------------------------------------
     def check_generator(self):

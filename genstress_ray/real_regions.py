@@ -78,13 +78,16 @@ class FailureRegions:
         with torch.no_grad():
             return torch.cat([self.generator.encode(chunk)[0] for chunk in x.split(512)]).numpy()
 
-    def members(self, split: ImageSet) -> RegionMembers:
-        """Which of ``split``'s images lie inside which failure region."""
-        if not len(split):
-            return RegionMembers(split, np.zeros(0, np.int64), np.zeros(0, np.int64))
-        latents = self.latents(split.images)
+    def place(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's failure region (-1: none) and that region's label (-1: none)."""
+        if not len(images):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        latents = self.latents(images)
         known = self.fault_latents if len(self.fault_latents) else np.zeros((0, latents.shape[1]))
         membership = assign_real(self.regions, known, latents, self.quantile)
         target = np.array([self.failure_labels.get(int(r), -1) for r in membership.region], np.int64)
-        region = np.where(target >= 0, membership.region, -1)
-        return RegionMembers(split, region, target)
+        return np.where(target >= 0, membership.region, -1), target
+
+    def members(self, split: ImageSet) -> RegionMembers:
+        """Which of ``split``'s images lie inside which failure region."""
+        return RegionMembers(split, *self.place(split.images))

@@ -329,7 +329,8 @@ class RunStore:
             raise StorageError(f"output {self.uri!r} is not writable: {exc}") from exc
 
     # ---- stage state -----------------------------------------------------------------------
-    def _parquet_files(self, stage: str) -> list[str]:
+    def parquet_files(self, stage: str) -> list[str]:
+        """The paths of a stage's Parquet files (markers and other files left out)."""
         # Ray workers write behind the driver's back; s3fs would otherwise answer from a stale listing.
         self.fs.invalidate_cache(self.stage_path(stage))
         if not self.fs.exists(self.stage_path(stage)):
@@ -366,7 +367,7 @@ class RunStore:
 
     def shard_files(self, stage: str) -> dict[str, str]:
         """``{shard name: path}`` of the shard files a stage holds."""
-        return {posixpath.basename(p)[len(SHARD_PREFIX): -len(".parquet")]: p for p in self._parquet_files(stage)
+        return {posixpath.basename(p)[len(SHARD_PREFIX): -len(".parquet")]: p for p in self.parquet_files(stage)
                 if posixpath.basename(p).startswith(SHARD_PREFIX)}
 
     def shard_path(self, stage: str, shard: str) -> str:
@@ -398,7 +399,7 @@ class RunStore:
 
         A stage that wrote no rows reads as an empty table with its schema's columns.
         """
-        files = self._parquet_files(stage)
+        files = self.parquet_files(stage)
         if not files:
             schema = _layout(stage).schema
             empty = schema.empty_table() if schema is not None else pa.table({})
@@ -415,7 +416,7 @@ class RunStore:
         return table if wanted is columns else table.drop_columns([key])
 
     def count_rows(self, stage: str, filter=None) -> int:
-        files = self._parquet_files(stage)
+        files = self.parquet_files(stage)
         if not files:
             return 0
         return pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem()).count_rows(filter=filter)

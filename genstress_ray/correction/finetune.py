@@ -4,10 +4,15 @@ Defuse's objective is L(D) + lambda * L(Df): D is the classifier's training data
 samples of the failure regions (or, for the paper's baseline, the individually labelled faults).
 Every step takes one batch of D and one of Df and runs them through the model in a single forward
 pass, so DistributedDataParallel sees exactly one forward per backward.
+
+D arrives as batches (a Ray Train worker's shard of a Ray Data dataset, streamed from storage); Df is
+small and held whole. Evaluation counts correct predictions per set and per region, so scores over
+any stream of batches add up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,44 +21,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from genstress_ray.data import to_float
-from genstress_ray.models.training import images_accuracy as accuracy
 
-# Arrays the loop reads (uint8 images N x C x H x W, int64 labels): D's train / validation / test
-# splits, the fine-tune set ("finetune" for Defuse, "baseline" for the baseline), and the regions'
-# validation and test samples.
+# What the trials score (metric -> evaluation set): D's validation and test splits, the regions'
+# generated validation and test samples, and the real images inside the failure regions
+# (``correction.real``) of the validation and test splits.
 EVAL_SETS = {"val_acc": "val", "region_val_acc": "region_val", "test_acc": "test", "region_test_acc": "region_test",
-             # Real images inside the failure regions (``correction.real``), where they were measured.
              "real_region_val_acc": "real_region_val", "real_region_test_acc": "real_region_test"}
+
+# A batch: uint8 images (N, C, H, W), int64 labels and, for region sets, each image's region (-1: none).
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
 @dataclass
 class FinetuneSettings:
-    lam: float
+    lam: float | None  # None: the before trial, which trains nothing
     epochs: int = 2
     lr: float = 1e-4
     batch_size: int = 128
     seed: int = 0
     augment: bool = False  # augment Df's batches (``augment``)
+    shuffle_rows: int = 4096  # rows D is shuffled within as it streams (Ray Data's local shuffle buffer)
 
 
-def evaluate(model: nn.Module, data: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy on every evaluation set present in ``data``."""
-    return {metric: accuracy(model, data[f"{name}_x"], data[f"{name}_y"], device=device)
-            for metric, name in EVAL_SETS.items() if f"{name}_x" in data}
+def score(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict:
+    """Correct predictions of ``model`` over ``batches``: ``{"n", "correct", "regions": {id: [correct, n]}}``.
+
+    >>> score(model, [(images, labels, None)])  # doctest: +SKIP
+    {'n': 360, 'correct': 341, 'regions': {}}
+    """
+    model.eval()
+    n, correct, regions = 0, 0, {}
+    with torch.no_grad():
+        for x, y, region in batches:
+            if not len(y):
+                continue
+            right = (model(to_float(x).to(device)).argmax(1).cpu().numpy() == y)
+            n, correct = n + len(y), correct + int(right.sum())
+            for rid in np.unique(region) if region is not None else ():
+                if rid >= 0:
+                    tally = regions.setdefault(str(int(rid)), [0, 0])
+                    tally[0] += int(right[region == rid].sum())
+                    tally[1] += int((region == rid).sum())
+    return {"n": n, "correct": correct, "regions": regions}
 
 
-def region_accuracy(models: dict[str, nn.Module], data: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Accuracy of each model on each failure region's own test samples (``region_test_region``
-    names the region of each): ``{"3": {"n": 256, "before": 0.1, "defuse": 0.98}, ...}``."""
-    regions = data.get("region_test_region")
-    if regions is None:
-        return {}
-    out = {}
-    for rid in np.unique(regions):
-        mask = regions == rid
-        x, y = data["region_test_x"][mask], data["region_test_y"][mask]
-        out[str(int(rid))] = {"n": int(mask.sum()), **{name: accuracy(m, x, y) for name, m in models.items()}}
-    return out
+def rate(tally: dict | list) -> float:
+    """Accuracy of a ``score`` (or of one region's ``[correct, n]``); ``nan`` for an empty set."""
+    correct, n = (tally["correct"], tally["n"]) if isinstance(tally, dict) else tally
+    return correct / n if n else float("nan")
 
 
 def selection_score(metrics: dict[str, float], select_by: str) -> float:
@@ -84,45 +99,46 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((x - mean) * (0.8 + 0.6 * r(n, 1, 1, 1)) + mean).clamp(0, 1)
 
 
-def _shard(order: np.ndarray, step: int, rank: int, world: int, batch: int) -> np.ndarray:
-    start = (step * world + rank) * batch
-    return order[np.arange(start, start + batch) % len(order)]
+def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Callable[[int], Iterator[Batch]]:
+    """Epoch -> shuffled full batches of in-memory arrays: D for ``finetune`` without Ray Data (tests,
+    notebooks)."""
+    def epoch(e: int) -> Iterator[Batch]:
+        order = np.random.default_rng([seed, e]).permutation(len(y))
+        for start in range(0, len(y) - batch_size + 1, batch_size):
+            i = order[start: start + batch_size]
+            yield x[i], y[i], None
+    return epoch
 
 
-def finetune(model: nn.Module, data: dict[str, np.ndarray], fine: str, settings: FinetuneSettings,
-             rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> nn.Module:
-    """Minimise L(D) + lam * L(Df) with Adam; ``fine`` names the Df arrays (``finetune`` or ``baseline``).
-
-    Every rank draws the same permutations and takes its own slice, so all ranks run the same number
-    of steps (DDP needs that) and together see each D image once per epoch. Df is small and cycled.
+def finetune(model: nn.Module, d_epoch: Callable[[int], Iterable[Batch]], fine_x: np.ndarray, fine_y: np.ndarray,
+             settings: FinetuneSettings, rank: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """Minimise L(D) + lam * L(Df) with Adam: ``d_epoch(e)`` yields epoch ``e``'s batches of D (this
+    rank's share; every rank must get as many), ``fine_x``/``fine_y`` is Df, cycled in shuffled
+    batches of the same size.
 
     Example:
-        >>> finetune(model, data, "finetune", FinetuneSettings(lam=1.0))  # doctest: +SKIP
+        >>> finetune(model, array_batches(train_x, train_y, 128, 0), df_x, df_y, FinetuneSettings(lam=1.0))  # doctest: +SKIP
     """
-    rng = np.random.default_rng(settings.seed)
+    if len(fine_y) == 0:
+        raise ValueError("the fine-tune set is empty: nothing to fine-tune on")
+    rng = np.random.default_rng([settings.seed, rank])
     torch.manual_seed(settings.seed + rank)
     augment_rng = torch.Generator().manual_seed(settings.seed + rank)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    dx, dy = data["train_x"], data["train_y"]
-    fx, fy = data[f"{fine}_x"], data[f"{fine}_y"]
-    if len(fy) == 0:
-        raise ValueError(f"the {fine} set is empty: nothing to fine-tune on")
-    steps = max(1, len(dy) // (settings.batch_size * world))
+    f_order, f_at = rng.permutation(len(fine_y)), 0
     model.train()
-    for _ in range(settings.epochs):
-        d_order, f_order = rng.permutation(len(dy)), rng.permutation(len(fy))
-        for step in range(steps):
-            di = _shard(d_order, step, rank, world, settings.batch_size)
-            fi = _shard(f_order, step, rank, world, settings.batch_size)
-            n = len(di)
-            x = to_float(np.concatenate([dx[di], fx[fi]]))
+    for epoch in range(settings.epochs):
+        for dx, dy, _ in d_epoch(epoch):
+            n = len(dy)
+            fi = f_order[np.arange(f_at, f_at + settings.batch_size) % len(f_order)]
+            f_at += settings.batch_size
+            x = to_float(np.concatenate([dx, fine_x[fi]]))
             if settings.augment:
                 x[n:] = augment(x[n:], augment_rng)
             logits = model(x.to(device))
-            loss = F.cross_entropy(logits[:n], torch.from_numpy(dy[di]).to(device)) \
-                + settings.lam * F.cross_entropy(logits[n:], torch.from_numpy(fy[fi]).to(device))
+            loss = F.cross_entropy(logits[:n], torch.tensor(dy, dtype=torch.long, device=device)) \
+                + settings.lam * F.cross_entropy(logits[n:], torch.from_numpy(fine_y[fi]).to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
     return model.eval()
-

@@ -22,23 +22,23 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from genstress_ray.config import CampaignConfig
-from genstress_ray.context import RunContext, load_split
-from genstress_ray.correction.finetune import FinetuneSettings, evaluate, region_accuracy, selection_score
-from genstress_ray.correction.real import real_region_accuracy, real_region_data
+from genstress_ray.context import RunContext, open_source
+from genstress_ray.correction.datasets import fault_dataset, members_dataset, region_set_dataset, split_dataset
+from genstress_ray.correction.finetune import FinetuneSettings, rate, selection_score
+from genstress_ray.correction.real import real_region_accuracy, real_region_datasets, region_placement
 from genstress_ray.correction.trials import TrialResources, run_trials
-from genstress_ray.data import ImageSet, decode_images
+from genstress_ray.data import Catalog
 from genstress_ray.labeling.table import LabelError, read_labels
 from genstress_ray.lease import RunLease
-from genstress_ray.models import ModelRef, load_module
 from genstress_ray.pipeline import decode_region_samples, init_ray
 from genstress_ray.real_regions import FailureRegions, failure_region_labels
 from genstress_ray.repair import apply_relabels, read_relabels
 from genstress_ray.storage import CORRECTION_RESULTS, RunStore, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
-METHODS = {"defuse": "finetune", "baseline": "baseline"}
 RESULT_KEYS = ("test_acc", "region_test_acc", "val_acc", "region_val_acc", "real_region_val_acc",
                "real_region_test_acc")
 
@@ -72,23 +72,12 @@ class CorrectionResult:
         return "\n".join(lines)
 
 
-def _images(table: pa.Table, what: str) -> np.ndarray:
-    ids = table["sample_id"].to_pylist()
-    return decode_images(table["image"].to_pylist(), [f"{what} {i}" for i in ids], None) if ids else None
-
-
-def _fault_labels(store: RunStore, labels: pa.Table, class_names: list[str], limit: int, seed: int):
-    """Individually labelled faults (sample rows of the labels table) for the baseline, at most ``limit``."""
+def _fault_labels(labels: pa.Table, class_names: list[str], limit: int, seed: int) -> dict[str, int]:
+    """At most ``limit`` individually labelled faults (a seeded choice), sample id -> label index: the
+    baseline's Df."""
     labels = labels.filter(pc.invert(pc.is_null(pc.field("sample_id"))))
-    if labels.num_rows == 0:
-        return None, None
-    label_of = dict(zip(labels["sample_id"].to_pylist(), labels["label"].to_pylist()))
-    faults = store.read_table("identify", columns=["sample_id", "image"],
-                              filter=pc.field("sample_id").isin(list(label_of)))
-    order = np.random.default_rng(seed).permutation(faults.num_rows)[:limit]
-    faults = faults.take(order)
-    y = np.asarray([class_names.index(label_of[s]) for s in faults["sample_id"].to_pylist()], np.int64)
-    return _images(faults, "fault"), y
+    ids, names = labels["sample_id"].to_pylist(), labels["label"].to_pylist()
+    return {ids[i]: class_names.index(names[i]) for i in np.random.default_rng(seed).permutation(len(ids))[:limit]}
 
 
 def build_region_sets(cfg: CampaignConfig, store: RunStore, failure_labels: dict[int, int], constructor: dict) -> dict:
@@ -102,61 +91,70 @@ def build_region_sets(cfg: CampaignConfig, store: RunStore, failure_labels: dict
                                  failure_labels, {**constructor, "seed": cfg.seed + 1})
 
 
-def dataset_splits(cfg: CampaignConfig) -> tuple[dict[str, np.ndarray], dict[str, ImageSet]]:
-    """D's train, validation and test splits as arrays, and the splits themselves (``train``, ``val``,
-    ``test``)."""
-    data, splits = {}, {}
-    for name, spec in (("train", cfg.data.train_spec()), ("val", cfg.data.validation_spec()), ("test", cfg.test_spec())):
-        splits[name] = split = load_split(spec)
-        data[f"{name}_x"], data[f"{name}_y"] = split.images, split.labels.astype(np.int64)
-    return data, splits
+def d_splits(ctx: RunContext, relabels: dict[str, int] | None = None) -> dict[str, tuple[ray.data.Dataset, Catalog]]:
+    """D's ``train`` (relabelled, read in a shuffled shard order), ``val`` and ``test`` splits as
+    datasets, with their catalogs."""
+    cfg, c = ctx.cfg, ctx.cfg.correction
+    out = {}
+    for name, spec, field in (("train", cfg.data.train_spec(), "data.train"), ("val", cfg.data.validation_spec(),
+                                                                                "data.validation"),
+                              ("test", cfg.test_spec(), "correction.test")):
+        source, catalog = open_source(spec, field)
+        ds = split_dataset(source, catalog, cfg.shard_rows, c.read_cpus, relabels if name == "train" else None,
+                           cfg.seed if name == "train" else None)
+        out[name] = ds, catalog
+    return out
 
 
-def correction_data(ctx: RunContext, labels: pa.Table, regions: FailureRegions | str) -> tuple[dict, dict | None, dict]:
-    """Every array the trials need: D's splits (relabelled with ``correction.relabel``), Df as
-    ``correction.region_data`` says, the regions' validation and test samples, the baseline's labelled
-    faults and the real images inside the failure regions; then the relabels applied (when asked for)
-    and how the real images were chosen."""
+def _relabels(ctx: RunContext) -> tuple[dict[str, int], dict]:
+    """Data repair's accepted relabels of D's training split: source id -> new label, and what changed."""
+    source, _ = open_source(ctx.cfg.data.train_spec(), "data.train")
+    split = source.split_labels()
+    labels, changes = apply_relabels(split, read_relabels(ctx.store))
+    new = {sid: int(n) for sid, n, old in zip(split.source_ids, labels, split.labels) if n != old}
+    return new, {"applied": len(changes), "changes": changes}
+
+
+def correction_datasets(ctx: RunContext, labels: pa.Table, regions: FailureRegions | str):
+    """Every dataset the trials read (``trials.run_trials``): D's splits (relabelled with
+    ``correction.relabel``), Df as ``correction.region_data`` says, the regions' validation and test
+    samples, the baseline's labelled faults and the real images inside the failure regions; then the
+    Df of each method, the relabels applied (when asked for) and how the real images were chosen."""
     cfg, store, c = ctx.cfg, ctx.store, ctx.cfg.correction
-    data, splits = dataset_splits(cfg)
-    train = splits["train"]
-    relabelled = None
-    if c.relabel:
-        data["train_y"], changes = apply_relabels(train, read_relabels(store))
-        relabelled = {"applied": len(changes), "changes": changes}
-    sets = store.read_table("region_sets", columns=["sample_id", "image", "draw", "source_label", "region_id"])
-    draw = sets["draw"].to_numpy()
+    relabels, relabelled = _relabels(ctx) if c.relabel else (None, None)
+    splits = d_splits(ctx, relabels)
+    datasets = {name: ds for name, (ds, _) in splits.items()}
     n_val = max(1, int(round(c.finetune_per_region * c.region_validation_fraction)))
-    parts = {"finetune": draw < c.finetune_per_region - n_val,
-             "region_val": (draw >= c.finetune_per_region - n_val) & (draw < c.finetune_per_region),
-             "region_test": draw >= c.finetune_per_region}
-    for name, mask in parts.items():
-        part = sets.filter(pa.array(mask))
-        data[f"{name}_x"] = _images(part, "region sample")
-        data[f"{name}_y"] = part["source_label"].to_numpy().astype(np.int64)
-    data["region_test_region"] = sets.filter(pa.array(parts["region_test"]))["region_id"].to_numpy()
+    n_fine = c.finetune_per_region - n_val
+    for name, draws in (("finetune", (0, n_fine)), ("region_val", (n_fine, c.finetune_per_region)),
+                        ("region_test", (c.finetune_per_region, c.finetune_per_region + c.test_per_region))):
+        datasets[name] = region_set_dataset(store, draws, ctx.image_shape, c.read_cpus)
+    fine_rows = int(pc.sum(pc.less(store.read_table("region_sets", columns=["draw"])["draw"], n_fine)).as_py() or 0)
     if c.region_data in ("real", "both"):
-        real_x, real_y = _real_members(train, regions, c.region_data)
+        real = _real_members(ctx, splits["train"][0], regions, c.region_data)
         both = c.region_data == "both"
-        data["finetune_x"] = np.concatenate([data["finetune_x"], real_x]) if both else real_x
-        data["finetune_y"] = np.concatenate([data["finetune_y"], real_y]) if both else real_y
+        datasets["finetune"] = datasets["finetune"].union(real) if both else real
+        fine_rows = fine_rows + real.count() if both else real.count()
+    fine_sets = {"defuse": "finetune"}
     if c.baseline:
-        x, y = _fault_labels(store, labels, ctx.class_names, len(data["finetune_y"]), cfg.seed)
-        if x is not None:
-            data["baseline_x"], data["baseline_y"] = x, y
-    real, real_info = real_region_data(ctx, regions, splits)
-    return {**data, **real}, relabelled, real_info
+        faults = _fault_labels(labels, ctx.class_names, fine_rows, cfg.seed)
+        if faults:
+            datasets["baseline"] = fault_dataset(store, faults, ctx.image_shape, c.read_cpus)
+            fine_sets["baseline"] = "baseline"
+    real, real_info = real_region_datasets(ctx, regions, {"val": splits["val"], "test": splits["test"]})
+    return {**datasets, **real}, fine_sets, relabelled, real_info
 
 
-def _real_members(train: ImageSet, regions: FailureRegions | str, choice: str) -> tuple[np.ndarray, np.ndarray]:
+def _real_members(ctx: RunContext, train: ray.data.Dataset, regions: FailureRegions | str, choice: str):
     """The training images inside the failure regions, with their region's label (Df of ``real``)."""
     if isinstance(regions, str):
         raise LabelError(f"correction.region_data: {choice!r} needs the regions' real members, {regions}")
-    members = regions.members(train)
-    if not members.inside.any():
+    c = ctx.cfg.correction
+    members = members_dataset(train, region_placement(ctx, regions), c.num_cpus_per_worker, c.threads)
+    if members.count() == 0:
         raise LabelError(f"correction.region_data: {choice!r}: no training image lies inside a failure region "
                          "(use generated or augmented)")
-    return train.images[members.inside], members.target[members.inside]
+    return members
 
 
 def _publish(store: RunStore, trial: dict, method: str) -> str:
@@ -225,41 +223,49 @@ def table_digest(table: pa.Table, columns: list[str]) -> str:
 def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], n_labelled: int,
              lease: RunLease) -> dict[str, Any]:
     cfg, store = ctx.cfg, ctx.store
-    classifier = ctx.classifier()
+    ctx.classifier()  # a checkpoint that does not load fails here, before anything is written
     init_ray(cfg)
     _ensure_region_sets(ctx, failure_labels, lease)
     results: dict[str, Any] = {"n_regions": store.count_rows("regions"), "n_labelled_regions": n_labelled,
                                "n_failure_regions": len(failure_labels), "failure_regions": sorted(failure_labels),
                                "select_by": cfg.correction.select_by}
     lease.check()
+    real_info: dict = {}
     if failure_labels:  # read and checked before the previous correction is cleared
         regions = FailureRegions.open(ctx, failure_labels, cfg.correction.member_quantile)
-        data, relabelled, real_info = correction_data(ctx, labels, regions)
+        datasets, fine_sets, relabelled, real_info = correction_datasets(ctx, labels, regions)
         if relabelled is not None:
             results["relabels"] = relabelled
-    store.begin_stage("correction")
-    if not failure_labels:
-        results["message"] = "no failure regions were labelled: nothing to fine-tune"
-        results["before"] = evaluate(classifier.net, dataset_splits(cfg)[0])
-        trials = []
-    else:
-        results["before"] = evaluate(classifier.net, data)
-        methods = {m: key for m, key in METHODS.items() if f"{key}_x" in data}
-        if cfg.correction.baseline and "baseline" not in methods:
+        if cfg.correction.baseline and "baseline" not in fine_sets:
             results["message"] = "baseline skipped: the labels hold no individually labelled faults"
-        trials = _sweep(cfg, store, data, ctx.models["classifier"], methods)
-        results.update(_select(ctx, trials, methods))
+    else:
+        results["message"] = "no failure regions were labelled: nothing to fine-tune"
+        datasets, fine_sets = {name: ds for name, (ds, _) in d_splits(ctx).items() if name != "train"}, {}
+    store.begin_stage("correction")
+    before, *trials = _sweep(ctx, datasets, fine_sets)
+    results["before"] = {k: before[k] for k in RESULT_KEYS if k in before}
+    if trials:
+        selected = _select(ctx, trials, fine_sets)
+        results.update({m: {**{k: t[k] for k in RESULT_KEYS if k in t}, "lam": t["lam"], "checkpoint": t["published"]}
+                        for m, t in selected.items()})
         _drop_trial_checkpoints(store)
-        ref = ctx.models["classifier"]
-        chosen = {m: load_module(results[m]["checkpoint"], "auto", ref.architecture, ref.factory, ref.params)[0]
-                  for m in methods}
-        results["per_region"] = region_accuracy({"before": classifier.net, **chosen}, data)
-        results["real_region"] = real_region_accuracy({"before": classifier.net, **chosen}, data, real_info)
-    if trials:  # the weights' URIs are in results.json; the table keeps the figures
-        store.write_table("correction", pa.Table.from_pylist([{k: v for k, v in t.items() if k != "checkpoint"}
-                                                              for t in trials]))
+        scored = {"before": before, **selected}
+        results["per_region"] = _region_rates({m: t["scores"]["region_test"] for m, t in scored.items()})
+        results["real_region"] = real_region_accuracy(
+            {m: t["scores"]["real_region_test"] for m, t in scored.items() if "real_region_test" in t["scores"]},
+            real_info)
+        store.write_table("correction", pa.Table.from_pylist(
+            [{k: v for k, v in t.items() if k not in ("checkpoint", "scores", "published")} for t in trials]))
     results["_trials"] = len(trials)
     return results
+
+
+def _region_rates(scores: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each model's accuracy on each failure region's own test samples: ``{"3": {"n": 256, "before": 0.1,
+    "defuse": 0.98}, ...}`` (``scores``: each model's ``score`` of ``region_test``)."""
+    regions = scores["before"]["regions"]
+    return {rid: {"n": tally[1], **{m: rate(s["regions"].get(rid, [0, 0])) for m, s in scores.items()}}
+            for rid, tally in sorted(regions.items(), key=lambda kv: int(kv[0]))}
 
 
 def _ensure_region_sets(ctx: RunContext, failure_labels: dict[int, int], lease: RunLease) -> None:
@@ -275,31 +281,33 @@ def _ensure_region_sets(ctx: RunContext, failure_labels: dict[int, int], lease: 
 
 
 def _select(ctx: RunContext, trials: list[dict], methods: dict[str, str]) -> dict[str, dict]:
-    """Per method, the trial with the best ``select_by`` score (marked ``selected``), its figures and
-    its weights, published under ``correction/<method>/``."""
+    """Per method, the trial with the best ``select_by`` score (marked ``selected``), its weights
+    published under ``correction/<method>/`` (``published``)."""
     chosen = {}
     for method in methods:
         mine = [t for t in trials if t["method"] == method]
         best = max(mine, key=lambda t: selection_score(t, ctx.cfg.correction.select_by))
         for t in mine:
             t["selected"] = t is best
-        chosen[method] = {**{k: best[k] for k in RESULT_KEYS if k in best}, "lam": best["lam"],
-                          "checkpoint": _publish(ctx.store, best, method)}
+        chosen[method] = {**best, "published": _publish(ctx.store, best, method)}
     return chosen
 
 
-def _sweep(cfg: CampaignConfig, store: RunStore, data: dict, ref: ModelRef, methods: dict[str, str]) -> list[dict]:
-    c = cfg.correction
-    resources = TrialResources(c.workers, c.num_cpus_per_worker, c.use_gpu, c.threads, c.max_concurrent_trials)
+def _sweep(ctx: RunContext, datasets: dict, methods: dict[str, str]) -> list[dict]:
+    """The ``before`` row, then one row per method and lambda."""
+    cfg, c = ctx.cfg, ctx.cfg.correction
+    resources = TrialResources(c.workers, c.num_cpus_per_worker, c.use_gpu, c.threads, c.max_concurrent_trials,
+                               c.read_cpus)
     settings = FinetuneSettings(lam=0.0, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, seed=cfg.seed,
-                                augment=c.region_data == "augmented")
-    log.info("correction: %d trials (%s x %d lambdas)", len(methods) * len(c.lambdas), "/".join(methods),
+                                augment=c.region_data == "augmented", shuffle_rows=c.shuffle_rows)
+    log.info("correction: %d trials (%s x %d lambdas)", len(methods) * len(c.lambdas), "/".join(methods) or "none",
              len(c.lambdas))
-    trials = run_trials(data, ref, methods, c.lambdas, settings, resources, store.stage_uri("correction", "trials"))
-    for t in trials:
+    rows = run_trials(datasets, ctx.models["classifier"], ctx.class_names, ctx.image_shape, methods, c.lambdas,
+                      settings, resources, ctx.store.stage_uri("correction", "trials"))
+    for t in rows[1:]:
         log.info("correction: %-8s lambda %-8g val %.4f region val %.4f test %.4f region test %.4f", t["method"],
                  t["lam"], t["val_acc"], t["region_val_acc"], t["test_acc"], t["region_test_acc"])
-    return trials
+    return rows
 
 
 def _drop_trial_checkpoints(store: RunStore) -> None:

@@ -7,7 +7,7 @@ Example:
     ((1, 8, 8), 10)
 """
 
-from genstress_ray.data.base import (SPLITS, Catalog, DataError, DatasetSource, ImageSet, Shard, class_name, png_bytes,
+from genstress_ray.data.base import (SPLITS, Catalog, DataError, DatasetSource, ImageSet, Shard, SplitLabels, class_name, png_bytes,
                                      png_uri, rows_table, slice_shards, split_indices, to_float, to_uint8)
 from genstress_ray.data.sources import DigitsSource, FashionMnistSource, MnistSource, decode_images
 from genstress_ray.data.streaming import ImageFolderSource, ImageNetSource, ParquetSource, hash_split, hash_unit
@@ -48,6 +48,6 @@ def get_source(kind: str, **params) -> DatasetSource:
 for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, ImageNetSource, ParquetSource):
     register_source(_cls)
 
-__all__ = ["SOURCES", "SPLITS", "Catalog", "DataError", "class_name", "DatasetSource", "ImageSet", "Shard",
+__all__ = ["SOURCES", "SPLITS", "Catalog", "DataError", "class_name", "DatasetSource", "ImageSet", "Shard", "SplitLabels",
            "decode_images", "get_source", "hash_split", "hash_unit", "list_sources", "png_bytes", "png_uri",
            "register_source", "rows_table", "slice_shards", "source_options", "split_indices", "to_float", "to_uint8"]

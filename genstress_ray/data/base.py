@@ -68,6 +68,15 @@ class Catalog:
 
 
 @dataclass(frozen=True)
+class SplitLabels:
+    """A split's rows without their pixels: each row's source id and label, and the class names."""
+
+    source_ids: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+
+
+@dataclass(frozen=True)
 class Shard:
     """A fixed, named slice of a split: the unit a stage reads, writes and resumes by.
 
@@ -188,6 +197,11 @@ class DatasetSource:
         """The split cut into named shards of ``rows_per_shard`` rows, always the same way."""
         data = self._loaded()
         return slice_shards(rows_table(data.source_ids, data.labels, data.images), rows_per_shard)
+
+    def split_labels(self) -> SplitLabels:
+        """Every row's source id and label (an in-memory source loads the split)."""
+        data = self._loaded()
+        return SplitLabels(data.source_ids, data.labels, data.class_names)
 
     def read_shard(self, shard: Shard) -> tuple[pa.Table, dict]:
         """A shard's source rows (``rows_table``) and its read counts (images skipped, ...)."""

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from genstress_ray.data.base import Catalog, DataError, DatasetSource, ImageSet, Shard, rows_table, slice_shards
+from genstress_ray.data.base import Catalog, DataError, DatasetSource, ImageSet, Shard, SplitLabels, rows_table, slice_shards
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jpe")
 NAMED_SKIPS = 5  # unreadable images named per shard
@@ -138,6 +138,11 @@ class StreamingSource(DatasetSource):
     def shards(self, rows_per_shard: int) -> list[Shard]:
         self.catalog()  # fixes mode and shape before the source is sent to read tasks
         return slice_shards(self.index(), rows_per_shard)
+
+    def split_labels(self) -> SplitLabels:
+        index, catalog = self.index(), self.catalog()
+        ids = [f"{self.name}:{self.split}:{k}" for k in index["key"].to_pylist()]
+        return SplitLabels(ids, index["label"].to_numpy().astype(np.int64), catalog.class_names)
 
     # ---- a read task's side ---------------------------------------------------------------------------
     def _fetch(self, rows: pa.Table) -> list[bytes | None]:

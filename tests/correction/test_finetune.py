@@ -3,8 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from genstress_ray.correction import FinetuneSettings, accuracy, evaluate, finetune, selection_score
+from genstress_ray.correction import FinetuneSettings, array_batches, finetune, rate, score, selection_score
 from genstress_ray.models import load_module
+from genstress_ray.models.training import images_accuracy as accuracy
+
+
+def _finetuned(path, data, lam):
+    model, _ = load_module(path)
+    return finetune(model, array_batches(data["train_x"], data["train_y"], 64, 0), data["finetune_x"],
+                    data["finetune_y"], FinetuneSettings(lam=lam, epochs=4, lr=1e-3, batch_size=64))
 
 
 def test_a_large_lambda_fixes_the_planted_region_and_a_tiny_one_leaves_it(planted_data, planted_classifier):
@@ -13,15 +20,29 @@ def test_a_large_lambda_fixes_the_planted_region_and_a_tiny_one_leaves_it(plante
     assert region_before < 0.3
     results = {}
     for lam in (1e-10, 1.0, 100.0):
-        model, _ = load_module(planted_classifier)
-        finetune(model, planted_data, "finetune", FinetuneSettings(lam=lam, epochs=4, lr=1e-3, batch_size=64))
-        results[lam] = evaluate(model, planted_data)
-    assert results[1e-10]["region_test_acc"] < 0.3
-    assert results[1.0]["region_test_acc"] > 0.9
+        model = _finetuned(planted_classifier, planted_data, lam)
+        results[lam] = {name: accuracy(model, planted_data[f"{name}_x"], planted_data[f"{name}_y"])
+                        for name in ("test", "region_test")}
+    assert results[1e-10]["region_test"] < 0.3
+    assert results[1.0]["region_test"] > 0.9
     # The paper's trade-off: a moderate lambda keeps most of the test set, a huge one trades it away.
-    assert results[1.0]["test_acc"] > 0.7
-    assert results[100.0]["region_test_acc"] > 0.9
-    assert results[100.0]["test_acc"] < results[1.0]["test_acc"]
+    assert results[1.0]["test"] > 0.7
+    assert results[100.0]["region_test"] > 0.9
+    assert results[100.0]["test"] < results[1.0]["test"]
+
+
+def test_score_counts_per_region_and_adds_up_over_batches(planted_data, planted_classifier):
+    model, _ = load_module(planted_classifier)
+    x, y = planted_data["test_x"], planted_data["test_y"]
+    region = np.arange(len(y)) % 3 - 1  # regions -1 (none), 0 and 1
+    whole = score(model, [(x, y, region)])
+    pieces = score(model, [(x[i: i + 50], y[i: i + 50], region[i: i + 50]) for i in range(0, len(y), 50)])
+    assert whole == pieces and whole["n"] == len(y)
+    assert rate(whole) == pytest.approx(accuracy(model, x, y))
+    for rid in (0, 1):
+        inside = region == rid
+        assert whole["regions"][str(rid)] == [round(accuracy(model, x[inside], y[inside]) * inside.sum()), inside.sum()]
+    assert set(whole["regions"]) == {"0", "1"} and math.isnan(rate(score(model, [])))
 
 
 def test_selection_prefers_the_fixed_model_when_combined_and_plain_accuracy_otherwise():
@@ -42,19 +63,16 @@ def test_real_region_selection_uses_the_real_members_and_falls_back_to_combined(
     assert selection_score(no_real, "real_region") == selection_score(no_real, "combined") == 0.8
 
 
-def test_shards_of_two_ranks_cover_each_d_image_once_per_epoch():
-    seen = []
-    # The same seed on every rank draws the same permutation; each rank takes its own slice.
-    from genstress_ray.correction.finetune import _shard
-
-    order = np.random.default_rng(0).permutation(100)
-    for step in range(5):
-        for rank in range(2):
-            seen.extend(_shard(order, step, rank, 2, 10).tolist())
-    assert sorted(seen) == list(range(100))
+def test_array_batches_cover_each_image_once_per_epoch_in_a_new_order():
+    x, y = np.zeros((100, 1, 2, 2), np.uint8), np.arange(100)
+    epochs = array_batches(x, y, 10, seed=0)
+    first, second = [np.concatenate([b[1] for b in epochs(e)]) for e in (0, 1)]
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(100))
+    assert first.tolist() != second.tolist()
+    assert list(epochs(0))[0][1].tolist() == first[:10].tolist()  # the same epoch, the same order
 
 
 def test_an_empty_finetune_set_is_refused(planted_data, untrained_model):
-    data = {**planted_data, "finetune_x": planted_data["finetune_x"][:0], "finetune_y": planted_data["finetune_y"][:0]}
-    with pytest.raises(ValueError, match="finetune set is empty"):
-        finetune(untrained_model, data, "finetune", FinetuneSettings(lam=1.0, epochs=1))
+    with pytest.raises(ValueError, match="fine-tune set is empty"):
+        finetune(untrained_model, array_batches(planted_data["train_x"], planted_data["train_y"], 64, 0),
+                 planted_data["finetune_x"][:0], planted_data["finetune_y"][:0], FinetuneSettings(lam=1.0, epochs=1))
