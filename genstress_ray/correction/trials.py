@@ -203,11 +203,13 @@ def run_trials(datasets: dict[str, ray.data.Dataset], model: ModelRef, class_nam
                                       verbose=1 if verbose() else 0),
         )
         for result in tuner.fit():
+            # A trial Tune never started has no config.
+            trial = (result.config or {}).get("trial")
             if result.error is not None:
-                raise RuntimeError(f"correction trial {result.config['trial']} failed: {result.error}")
+                raise RuntimeError(f"correction trial {trial} failed: {result.error}")
             if "method" not in (result.metrics or {}):
                 # Tune takes Ctrl-C itself and returns the trials it stopped, unreported: an interrupt.
-                raise KeyboardInterrupt(f"correction trial {result.config['trial']} was stopped before it reported")
+                raise KeyboardInterrupt(f"correction trial {trial} was stopped before it reported")
     rows = [json.loads(read_bytes(_metrics_uri(_checkpoint(base, t)))) for t in trials]
     rows = [{k: v for k, v in row.items() if k in _TRIAL_KEYS} for row in rows]
     return rows[:1] + sorted(rows[1:], key=lambda r: (r["method"], r["lam"]))
