@@ -137,7 +137,8 @@ def members_dataset(split: ray.data.Dataset, placement: dict[str, Any], num_cpus
                     threads: int) -> ray.data.MaterializedDataset:
     """The members of ``split`` inside the failure regions, computed once and kept in the object store
     (every trial reads them)."""
-    return split.map_batches(PlaceInRegions, batch_format="numpy", batch_size=512, concurrency=1, num_cpus=num_cpus,
+    return split.map_batches(PlaceInRegions, batch_format="numpy", batch_size=512,
+                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus,
                              fn_constructor_kwargs={"placement": placement, "threads": threads}).materialize()
 
 

@@ -30,7 +30,7 @@ from genstress_ray.correction.datasets import fault_dataset, members_dataset, re
 from genstress_ray.correction.finetune import FinetuneSettings, rate, selection_score
 from genstress_ray.correction.real import real_region_accuracy, real_region_datasets, region_placement
 from genstress_ray.correction.trials import TrialResources, run_trials
-from genstress_ray.data import Catalog
+from genstress_ray.data import Catalog, DatasetSource
 from genstress_ray.labeling.table import LabelError, read_labels
 from genstress_ray.lease import RunLease
 from genstress_ray.pipeline import decode_region_samples, init_ray
@@ -91,26 +91,31 @@ def build_region_sets(cfg: CampaignConfig, store: RunStore, failure_labels: dict
                                  failure_labels, {**constructor, "seed": cfg.seed + 1})
 
 
-def d_splits(ctx: RunContext, relabels: dict[str, int] | None = None) -> dict[str, tuple[ray.data.Dataset, Catalog]]:
-    """D's ``train`` (relabelled, read in a shuffled shard order), ``val`` and ``test`` splits as
-    datasets, with their catalogs."""
+def d_splits(ctx: RunContext, names=("train", "val", "test"),
+             relabel: bool = False) -> tuple[dict[str, tuple[ray.data.Dataset, Catalog]], dict | None]:
+    """D's ``names`` splits as datasets with their catalogs (``train`` read in a shuffled shard order),
+    each source opened once; with ``relabel``, data repair's accepted relabels applied to ``train`` and
+    what changed (else None)."""
     cfg, c = ctx.cfg, ctx.cfg.correction
-    out = {}
-    for name, spec, field in (("train", cfg.data.train_spec(), "data.train"), ("val", cfg.data.validation_spec(),
-                                                                                "data.validation"),
-                              ("test", cfg.test_spec(), "correction.test")):
-        source, catalog = open_source(spec, field)
-        ds = split_dataset(source, catalog, cfg.shard_rows, c.read_cpus, relabels if name == "train" else None,
-                           cfg.seed if name == "train" else None)
-        out[name] = ds, catalog
-    return out
+    specs = {"train": (cfg.data.train_spec(), "data.train"), "val": (cfg.data.validation_spec(), "data.validation"),
+             "test": (cfg.test_spec(), "correction.test")}
+    out, relabelled = {}, None
+    for name in names:
+        source, catalog = open_source(*specs[name])
+        relabels, shuffle_seed = None, None
+        if name == "train":
+            shuffle_seed = cfg.seed
+            if relabel:
+                relabels, relabelled = _relabels(ctx.store, source)
+        out[name] = split_dataset(source, catalog, cfg.shard_rows, c.read_cpus, relabels, shuffle_seed), catalog
+    return out, relabelled
 
 
-def _relabels(ctx: RunContext) -> tuple[dict[str, int], dict]:
-    """Data repair's accepted relabels of D's training split: source id -> new label, and what changed."""
-    source, _ = open_source(ctx.cfg.data.train_spec(), "data.train")
+def _relabels(store: RunStore, source: DatasetSource) -> tuple[dict[str, int], dict]:
+    """Data repair's accepted relabels of D's training split (its opened ``source``): source id -> new
+    label, and what changed."""
     split = source.split_labels()
-    labels, changes = apply_relabels(split, read_relabels(ctx.store))
+    labels, changes = apply_relabels(split, read_relabels(store))
     new = {sid: int(n) for sid, n, old in zip(split.source_ids, labels, split.labels) if n != old}
     return new, {"applied": len(changes), "changes": changes}
 
@@ -121,8 +126,7 @@ def correction_datasets(ctx: RunContext, labels: pa.Table, regions: FailureRegio
     samples, the baseline's labelled faults and the real images inside the failure regions; then the
     Df of each method, the relabels applied (when asked for) and how the real images were chosen."""
     cfg, store, c = ctx.cfg, ctx.store, ctx.cfg.correction
-    relabels, relabelled = _relabels(ctx) if c.relabel else (None, None)
-    splits = d_splits(ctx, relabels)
+    splits, relabelled = d_splits(ctx, relabel=c.relabel)
     datasets = {name: ds for name, (ds, _) in splits.items()}
     n_val = max(1, int(round(c.finetune_per_region * c.region_validation_fraction)))
     n_fine = c.finetune_per_region - n_val
@@ -240,7 +244,7 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
             results["message"] = "baseline skipped: the labels hold no individually labelled faults"
     else:
         results["message"] = "no failure regions were labelled: nothing to fine-tune"
-        datasets, fine_sets = {name: ds for name, (ds, _) in d_splits(ctx).items() if name != "train"}, {}
+        datasets, fine_sets = {name: ds for name, (ds, _) in d_splits(ctx, ("val", "test"))[0].items()}, {}
     store.begin_stage("correction")
     before, *trials = _sweep(ctx, datasets, fine_sets)
     results["before"] = {k: before[k] for k in RESULT_KEYS if k in before}

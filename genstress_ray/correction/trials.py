@@ -146,13 +146,13 @@ def fit_trial(base: dict[str, Any], trial: dict[str, Any]) -> None:
         fine = base["fine_sets"][method]
         datasets.update(train=base["datasets"]["train"], **{fine: base["datasets"][fine]})
         lam = base["lambdas"][trial["index"]]
+    checkpoint = _checkpoint(base, trial)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={**base["loop"], "method": method, "fine": base["fine_sets"].get(method),
-                           "settings": {**base["settings"], "lam": lam}, "checkpoint": _checkpoint(base, trial)},
+                           "settings": {**base["settings"], "lam": lam}, "checkpoint": checkpoint},
         scaling_config=resources.scaling(),
-        run_config=train.RunConfig(name=_checkpoint(base, trial).rsplit("/", 2)[1],
-                                   storage_path=base["ray_storage"]),
+        run_config=train.RunConfig(name=checkpoint.rsplit("/", 2)[1], storage_path=base["ray_storage"]),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     trainer.fit()
