@@ -103,7 +103,10 @@ def test_guided_sampler_is_batched_and_deterministic(scheduler):
     _, mixed, moved_mixed = _sample(generator, scheduler, noise, clf, torch.tensor([0.0, 0.1] * 3))
     _, plain, none = _sample(generator, scheduler, noise, clf, 0.0)
     assert int(none.sum()) == 0 and moved_mixed[::2].sum() == 0
-    assert torch.allclose(mixed[::2], plain[::2], atol=1e-5) and torch.allclose(mixed[1::2], a[1::2], atol=1e-5)
+    # Guided rows take the same moves; their pixels agree up to float32 round-off, which depends on how
+    # many rows the guidance batch holds (seen at 2e-5 on AMD EPYC after 10 steps).
+    assert torch.equal(moved_mixed[1::2], moved[1::2])
+    assert torch.allclose(mixed[::2], plain[::2], atol=1e-4) and torch.allclose(mixed[1::2], a[1::2], atol=1e-4)
 
 
 def test_guidance_moves_ddim_samples_toward_the_boundary():
