@@ -65,9 +65,10 @@ def test_the_sweep_writes_one_scored_row_per_seed_and_grid_point(kldb_config):
                                  seed_noise(ids, g.latent_shape, 0), g.decode,
                                  beta=3.0, steps=6, guidance_every=2)
     stored = decode_images([samples["image"][i].as_py() for i in baseline], ids, None)
-    assert np.array_equal(to_uint8(images), stored)
+    # Within one uint8 level: float32 round-off depends on the batch the rows were sampled in.
+    assert np.abs(to_uint8(images).astype(int) - stored).max() <= 1
     latents = torch.tensor(np.stack([samples["latent"][i].as_py() for i in baseline]))
-    assert np.array_equal(to_uint8(g.decode(latents)), stored)
+    assert np.abs(to_uint8(g.decode(latents)).astype(int) - stored).max() <= 1
 
 
 def test_boundary_samples_flow_through_regions_assessment_and_report(kldb_config):
