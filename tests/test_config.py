@@ -73,15 +73,6 @@ def test_the_shipped_kldb_jobs_validate():
     assert imagenet.strategy.alphas == [0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0] and imagenet.resources.search.num_gpus == 1
 
 
-def test_cluster_yaml_is_a_valid_ray_launcher_config_with_a_gpu_worker():
-    import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    cfg = prepare_config(yaml.safe_load((JOBS.parent / "cluster.yaml").read_text()))
-    validate_config(cfg)  # raises on schema errors
-    assert any(n["node_config"]["InstanceType"].startswith(("g", "p")) for n in cfg["available_node_types"].values())
-
-
 def test_unknown_data_options_are_named_with_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"data.search.options: the digits source takes no option 'bogus'; "
                                           r"allowed: class_names"):
