@@ -235,6 +235,10 @@ class CorrectionConfig(_Strict):
     # and how many of D's rows are shuffled together as they stream (its shards come in random order).
     read_cpus: Annotated[float, Field(gt=0)] = 0.25
     shuffle_rows: Annotated[int, Field(gt=0)] = 4096
+    # Datasets whose decoded images fit in this many MiB (together, smallest first) are read once and
+    # kept in Ray's object store for every trial and epoch; larger ones (ImageNet's D) stream from
+    # storage each time. Reading D anew per trial and epoch made the MNIST job's sweep 3x slower.
+    cache_mib: Annotated[int, Field(ge=0)] = 2048
 
     @field_validator("lambdas")
     @classmethod
@@ -279,6 +283,10 @@ class RayConfig(_Strict):
     address: str | None = None
     num_cpus: Annotated[int, Field(gt=0)] | None = None
     object_store_memory: Annotated[int, Field(gt=0)] | None = None
+    # What the driver reserves when the campaign is submitted as a job (genstress submit): it trains
+    # built-in models, calibrates and evaluates, so a GPU for it is worth reserving on a GPU cluster.
+    entrypoint_num_cpus: Annotated[float, Field(ge=0)] | None = None
+    entrypoint_num_gpus: Annotated[float, Field(ge=0)] | None = None
 
 
 class CampaignConfig(_Strict):

@@ -113,6 +113,19 @@ def fault_dataset(store: RunStore, labels: dict[str, int], shape: tuple, read_cp
     return _stage_dataset(store, "identify", ["sample_id", "image"], read_cpus, labelled)
 
 
+def kept_in_memory(datasets: dict[str, ray.data.Dataset], rows: dict[str, int], image_bytes: int,
+                   budget_mib: int) -> tuple[dict[str, ray.data.Dataset], list[str]]:
+    """``datasets`` with those whose decoded images fit ``budget_mib`` together (smallest first, by
+    ``rows``) read once into Ray's object store (never the driver), and the names of those kept."""
+    out, left, kept = dict(datasets), budget_mib * 2**20, []
+    for name in sorted((n for n in rows if n in datasets), key=rows.get):
+        if rows[name] * image_bytes <= left:
+            out[name] = datasets[name].materialize()
+            left -= rows[name] * image_bytes
+            kept.append(name)
+    return out, kept
+
+
 class PlaceInRegions:
     """Ray Data actor: keep the images that lie inside a failure region, labelled with that region's
     label (or, with an ``oracle``, with the oracle's), their ``region`` set (``real_regions``)."""

@@ -26,7 +26,8 @@ import ray
 
 from genstress_ray.config import CampaignConfig
 from genstress_ray.context import RunContext, open_source
-from genstress_ray.correction.datasets import fault_dataset, members_dataset, region_set_dataset, split_dataset
+from genstress_ray.correction.datasets import (fault_dataset, kept_in_memory, members_dataset, region_set_dataset,
+                                               split_dataset)
 from genstress_ray.correction.finetune import FinetuneSettings, rate, selection_score
 from genstress_ray.correction.real import real_region_accuracy, real_region_datasets, region_placement
 from genstress_ray.correction.trials import TrialResources, run_trials
@@ -130,22 +131,30 @@ def correction_datasets(ctx: RunContext, labels: pa.Table, regions: FailureRegio
     datasets = {name: ds for name, (ds, _) in splits.items()}
     n_val = max(1, int(round(c.finetune_per_region * c.region_validation_fraction)))
     n_fine = c.finetune_per_region - n_val
+    rows = {name: catalog.rows for name, (_, catalog) in splits.items()}
+    drawn = store.read_table("region_sets", columns=["draw"])["draw"].to_numpy()
     for name, draws in (("finetune", (0, n_fine)), ("region_val", (n_fine, c.finetune_per_region)),
                         ("region_test", (c.finetune_per_region, c.finetune_per_region + c.test_per_region))):
         datasets[name] = region_set_dataset(store, draws, ctx.image_shape, c.read_cpus)
-    fine_rows = int(pc.sum(pc.less(store.read_table("region_sets", columns=["draw"])["draw"], n_fine)).as_py() or 0)
+        rows[name] = int(((drawn >= draws[0]) & (drawn < draws[1])).sum())
+    fine_rows = rows["finetune"]
     if c.region_data in ("real", "both"):
         real = _real_members(ctx, splits["train"][0], regions, c.region_data)
         both = c.region_data == "both"
         datasets["finetune"] = datasets["finetune"].union(real) if both else real
         fine_rows = fine_rows + real.count() if both else real.count()
+        rows["finetune"] = fine_rows
     fine_sets = {"defuse": "finetune"}
     if c.baseline:
         faults = _fault_labels(labels, ctx.class_names, fine_rows, cfg.seed)
         if faults:
             datasets["baseline"] = fault_dataset(store, faults, ctx.image_shape, c.read_cpus)
+            rows["baseline"] = len(faults)
             fine_sets["baseline"] = "baseline"
     real, real_info = real_region_datasets(ctx, regions, {"val": splits["val"], "test": splits["test"]})
+    datasets, kept = kept_in_memory(datasets, rows, int(np.prod(ctx.image_shape)), c.cache_mib)
+    log.info("correction: read once and kept in the object store: %s; streamed in every trial: %s",
+             ", ".join(kept) or "none", ", ".join(sorted(set(datasets) - set(kept))) or "none")
     return {**datasets, **real}, fine_sets, relabelled, real_info
 
 

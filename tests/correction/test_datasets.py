@@ -4,11 +4,13 @@ import io
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image
+from ray.data.dataset import MaterializedDataset
 
 from genstress_ray.context import open_source
 from genstress_ray.config import DataSpec
-from genstress_ray.correction.datasets import fault_dataset, region_set_dataset, split_dataset
+from genstress_ray.correction.datasets import fault_dataset, kept_in_memory, region_set_dataset, split_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -61,3 +63,15 @@ def test_region_sets_and_faults_are_read_from_the_runs_parquet(labelled_run):
     faults = store.read_table("identify", columns=["sample_id"])["sample_id"].to_pylist()[:4]
     chosen = fault_dataset(store, {s: i for i, s in enumerate(faults)}, shape, 0.25).take_all()
     assert sorted(r["label"] for r in chosen) == [0, 1, 2, 3] and {r["region"] for r in chosen} == {-1}
+
+
+def test_datasets_that_fit_the_budget_are_kept_smallest_first_and_the_rest_stream():
+    datasets = {name: ray.data.range(n).map_batches(lambda b: b) for name, n in (("small", 10), ("mid", 30),
+                                                                                ("big", 2000))}
+    image_bytes = 1024  # so 1 MiB holds 1024 rows: small and mid fit together, big does not
+    out, kept = kept_in_memory(datasets, {"small": 10, "mid": 30, "big": 2000}, image_bytes, 1)
+    assert kept == ["small", "mid"]
+    assert all(isinstance(out[n], MaterializedDataset) for n in kept)
+    assert not isinstance(out["big"], MaterializedDataset) and out["big"] is datasets["big"]
+    assert out["mid"].count() == 30
+    assert kept_in_memory(datasets, {"small": 10}, image_bytes, 0)[1] == []
