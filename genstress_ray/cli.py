@@ -1,15 +1,19 @@
-"""The genstress command: demo, run, runs, status, assess, label, repair, correct, report, train."""
+"""The genstress command: demo, run, submit, jobs, stop, runs, status, assess, label, repair, correct, report, train."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 
 from genstress_ray.config import ConfigError
 from genstress_ray.console import HideRayNotices, configure_output
 from genstress_ray.data import DataError, get_source
+from genstress_ray.job_commands import add_jobs
+from genstress_ray.jobs import JobError
 from genstress_ray.label_commands import CONFIG_HELP, RUN_HELP, add_label, add_repair
 from genstress_ray.labeling import LabelError
 from genstress_ray.models import ModelError, train_and_save
@@ -33,7 +37,7 @@ DEMO_CONFIG = {
     "oracle": {"architecture": "small_cnn", "train": {"epochs": 25, "seed": 1}},
     "correction": {"lambdas": [1e-10, 1.0, 100.0]},
 }
-USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError)
+USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError, JobError)
 log = logging.getLogger("genstress_ray.cli")
 
 
@@ -80,6 +84,10 @@ def _run(args) -> int:
     from genstress_ray.pipeline import new_run_id, run_campaign
 
     # The run id is fixed here, so an interrupted or failed run can say which command resumes it.
+    missing = [name for name in args.require_env or () if not os.environ.get(name)]
+    if missing:  # a submitted job names the credentials it needs; say which are not set here
+        raise ConfigError(f"--require-env: {', '.join(missing)} not set in this environment (on a cluster: set "
+                          "them on every node, e.g. in cluster.yaml or the RayCluster's env)")
     cfg = load_config(args.config, output=args.output, run_id=args.run_id)
     run_id = cfg.run_id or new_run_id()
     args.resume = f"genstress run {args.config}" + (f" --output {args.output}" if args.output else "") + \
@@ -202,6 +210,8 @@ def _add_run(sub) -> None:
     run.add_argument("--output", help="overrides the config's output (local path or fsspec URI)")
     run.add_argument("--run-id", help="overrides the config's run id; an existing run id resumes")
     run.add_argument("--until", choices=STAGES, help="stop after this stage (a later run without it resumes)")
+    run.add_argument("--require-env", action="append", metavar="NAME",
+                     help="fail early unless this environment variable is set (credentials a submitted job needs)")
     run.set_defaults(func=_run)
 
 
@@ -277,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything Ray prints (its progress bars, worker logs and warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_inspection, add_label, add_repair, _add_correct, _add_train):
+    for add in (_add_demo, _add_run, add_jobs, _add_inspection, add_label, add_repair, _add_correct, _add_train):
         add(sub)
     return parser
 
@@ -289,8 +299,16 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:
+        # SIGTERM (genstress stop, a scheduler's timeout) ends a command as Ctrl-C does: Ray shut down,
+        # the run's lease released, the resume command printed.
+        signal.signal(signal.SIGTERM, _interrupt)
     configure_output(args.verbose)
     stdout = sys.stdout
     if not args.verbose:

@@ -19,8 +19,8 @@ LAYERS = [
     ("campaign config", ["config", "runs"]),
     ("run context", ["context"]),
     ("consumers", ["real_regions", "labeling", "repair", "assessment", "report"]),
-    ("ray", ["stages", "pipeline", "correction"]),
-    ("command line", ["console", "label_commands", "cli", "__init__"]),
+    ("ray", ["stages", "pipeline", "correction", "jobs"]),
+    ("command line", ["console", "label_commands", "job_commands", "cli", "__init__"]),
 ]
 RAY_LAYER = "ray"
 
