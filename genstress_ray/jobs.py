@@ -6,7 +6,7 @@ refuses the second and we say which job holds it. Object-storage credentials sta
 job names the environment variables it needs, the entrypoint checks they are set there, and no value
 ever enters the job's metadata or runtime environment.
 
-    genstress submit jobs/digits.yaml --address http://head:8265 --output s3://bucket/runs --follow
+    genstress submit jobs/digits_defuse.yaml --address http://head:8265 --output s3://bucket/runs --follow
 """
 
 from __future__ import annotations
