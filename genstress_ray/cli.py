@@ -83,11 +83,11 @@ def _run(args) -> int:
     from genstress_ray.config import load_config
     from genstress_ray.pipeline import new_run_id, run_campaign
 
-    # The run id is fixed here, so an interrupted or failed run can say which command resumes it.
     missing = [name for name in args.require_env or () if not os.environ.get(name)]
     if missing:  # a submitted job names the credentials it needs; say which are not set here
         raise ConfigError(f"--require-env: {', '.join(missing)} not set in this environment (on a cluster: set "
                           "them on every node, e.g. in cluster.yaml or the RayCluster's env)")
+    # The run id is fixed here, so an interrupted or failed run can say which command resumes it.
     cfg = load_config(args.config, output=args.output, run_id=args.run_id)
     run_id = cfg.run_id or new_run_id()
     args.resume = f"genstress run {args.config}" + (f" --output {args.output}" if args.output else "") + \

@@ -21,11 +21,10 @@ def _address(args) -> str:
 def _submit(args) -> int:
     from genstress_ray import jobs
 
-    env = tuple(args.credentials_env or ())
-    cfg, job = jobs.plan(args.config, args.working_dir, args.output, args.run_id, env)
+    cfg, job = jobs.plan(args.config, args.working_dir, args.output, args.run_id, tuple(args.credentials_env or ()))
     address = _address(args)
     client = jobs.connect(address)
-    job_id = jobs.submit(client, cfg, job, args.working_dir, tuple(args.pip or ()), env, resume=args.resume)
+    job_id = jobs.submit(client, cfg, job, tuple(args.pip or ()), resume=args.resume)
     print(f"submitted {job_id}: {job.entrypoint}\n  run: {job.run_uri}")
     if not (args.wait or args.follow):
         print(f"  its log: ray job logs --address {address} --follow {job_id}")

@@ -40,6 +40,8 @@ class Submission:
     run_id: str
     run_uri: str
     entrypoint: str
+    working_dir: str  # resolved: shipped as the job's runtime_env
+    credentials_env: tuple[str, ...] = ()
 
 
 def submission_id(campaign: str, run_id: str) -> str:
@@ -93,19 +95,18 @@ def plan(config_path: str, working_dir: str = ".", output: str | None = None, ru
     command = ["python", "-m", "genstress_ray.cli", "run", config.relative_to(root).as_posix(), "--run-id", rid,
                "--output", written] + [a for n in credentials_env for a in ("--require-env", n)]
     return cfg, Submission(submission_id(cfg.campaign, rid), rid, f"{written.rstrip('/')}/{cfg.campaign}/{rid}",
-                           shlex.join(command))
+                           shlex.join(command), str(root), tuple(credentials_env))
 
 
-def submit(client, cfg: CampaignConfig, job: Submission, working_dir: str = ".", pip: tuple[str, ...] = (),
-           credentials_env: tuple[str, ...] = (), resume: bool = False) -> str:
+def submit(client, cfg: CampaignConfig, job: Submission, pip: tuple[str, ...] = (), resume: bool = False) -> str:
     """Submit the planned job. A run submitted before is refused with the job that holds it, unless
     ``resume`` and that job failed or was stopped: its record is deleted and the run resubmitted, and
     ``genstress run`` resumes it from what it finished."""
-    runtime_env: dict = {"working_dir": str(Path(working_dir).resolve())}
+    runtime_env: dict = {"working_dir": job.working_dir}
     if pip:
         runtime_env["pip"] = list(pip)
     metadata = {META_CAMPAIGN: cfg.campaign, META_RUN_ID: job.run_id, META_RUN_URI: job.run_uri,
-                META_ENV: ",".join(credentials_env)}
+                META_ENV: ",".join(job.credentials_env)}
     if resume:
         _release(client, job.submission_id)
     try:

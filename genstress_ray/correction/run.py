@@ -137,16 +137,14 @@ def correction_datasets(ctx: RunContext, labels: pa.Table, regions: FailureRegio
                         ("region_test", (c.finetune_per_region, c.finetune_per_region + c.test_per_region))):
         datasets[name] = region_set_dataset(store, draws, ctx.image_shape, c.read_cpus)
         rows[name] = int(((drawn >= draws[0]) & (drawn < draws[1])).sum())
-    fine_rows = rows["finetune"]
     if c.region_data in ("real", "both"):
         real = _real_members(ctx, splits["train"][0], regions, c.region_data)
         both = c.region_data == "both"
         datasets["finetune"] = datasets["finetune"].union(real) if both else real
-        fine_rows = fine_rows + real.count() if both else real.count()
-        rows["finetune"] = fine_rows
+        rows["finetune"] = rows["finetune"] + real.count() if both else real.count()
     fine_sets = {"defuse": "finetune"}
     if c.baseline:
-        faults = _fault_labels(labels, ctx.class_names, fine_rows, cfg.seed)
+        faults = _fault_labels(labels, ctx.class_names, rows["finetune"], cfg.seed)
         if faults:
             datasets["baseline"] = fault_dataset(store, faults, ctx.image_shape, c.read_cpus)
             rows["baseline"] = len(faults)

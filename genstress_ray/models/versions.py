@@ -50,7 +50,7 @@ def _created(value: Any, where: str) -> datetime | None:
         raise ModelError(f"{where}: created {value!r} is not an ISO date-time (e.g. 2026-12-06T02:00:00)") from None
 
 
-def _version(fs, root: str, path: str, uri: str) -> ModelVersion:
+def _version(fs, path: str, uri: str) -> ModelVersion:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     where = f"{uri.rstrip('/')}/{name}"
     entries = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.ls(path, detail=False)}
@@ -89,7 +89,7 @@ def list_versions(registry: str, storage_options: dict | None = None) -> list[Mo
         folders = [p for p in fs.ls(root, detail=True) if p["type"] == "directory"]
     except OSError as exc:
         raise ModelError(f"model registry {registry!r} cannot be read: {exc}") from None
-    versions = [_version(fs, root, p["name"], registry) for p in folders]
+    versions = [_version(fs, p["name"], registry) for p in folders]
     if not versions:
         raise ModelError(f"model registry {registry!r} holds no versions (expected <registry>/<version>/<checkpoint>)")
     if all(v.created for v in versions):
