@@ -1,4 +1,4 @@
-"""The genstress command: demo, run, submit, jobs, stop, runs, status, assess, label, repair, correct, report, train."""
+"""The genstress command: demo, run, scan, submit, jobs, stop, runs, status, assess, label, repair, correct, report, train."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from genstress_ray.jobs import JobError
 from genstress_ray.label_commands import CONFIG_HELP, RUN_HELP, add_label, add_repair
 from genstress_ray.labeling import LabelError
 from genstress_ray.models import ModelError, train_and_save
+from genstress_ray.scan.run import ScanError
 from genstress_ray.storage import STAGES, StageError, StorageError
 
 DEMO_CONFIG = {
@@ -37,7 +38,7 @@ DEMO_CONFIG = {
     "oracle": {"architecture": "small_cnn", "train": {"epochs": 25, "seed": 1}},
     "correction": {"lambdas": [1e-10, 1.0, 100.0]},
 }
-USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError, JobError)
+USER_ERRORS = (ConfigError, DataError, ModelError, StorageError, LabelError, JobError, ScanError)
 log = logging.getLogger("genstress_ray.cli")
 
 
@@ -215,6 +216,24 @@ def _add_run(sub) -> None:
     run.set_defaults(func=_run)
 
 
+def _scan(args) -> int:
+    from genstress_ray.scan import main_scan, scan_date
+
+    day = scan_date(args.date).isoformat()  # fixed here, so the resume command names the same scan
+    args.resume = f"genstress scan {args.config}" + (f" --output {args.output}" if args.output else "") + f" --date {day}"
+    return main_scan(args.config, day, args.output)
+
+
+def _add_scan(sub) -> None:
+    scan = sub.add_parser("scan", help="nightly scan: run the scan's campaigns on the registry's newest model version, "
+                                       "track every failure region across versions (exit 3 when an alert fires)")
+    scan.add_argument("config", help="the scan's YAML config (registry, campaigns, alert thresholds)")
+    scan.add_argument("--date", help="the scan's date, YYYY-MM-DD (default: today, UTC); a rerun of a date resumes "
+                                     "it, or does nothing when it is complete")
+    scan.add_argument("--output", help="overrides the scan config's output (local path or fsspec URI)")
+    scan.set_defaults(func=_scan)
+
+
 def _add_inspection(sub) -> None:
     runs = sub.add_parser("runs", help="list the runs under an output folder or URI")
     runs.add_argument("output", nargs="?", default="genstress-runs", help="default: ./genstress-runs")
@@ -287,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything Ray prints (its progress bars, worker logs and warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_run, add_jobs, _add_inspection, add_label, add_repair, _add_correct, _add_train):
+    for add in (_add_demo, _add_run, _add_scan, add_jobs, _add_inspection, add_label, add_repair, _add_correct, _add_train):
         add(sub)
     return parser
 

@@ -67,7 +67,7 @@ def region_pairs(region: dict, class_names: list[str], k: int = 2) -> str:
                      for t, p, share in pairs[:k])
 
 
-def _gaussian(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def region_gaussian(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A regions-table row as (mean (d,), basis (r, d), cov (r, r)); the basis is the identity for a
     region fitted in the latent space itself."""
     mean = np.asarray(row["mean"], np.float64)
@@ -78,7 +78,7 @@ def _gaussian(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _whitened(row: dict, latents: np.ndarray) -> tuple[np.ndarray, float, int]:
     """Squared Mahalanobis distances (N,) of latents to a region, in the space it was fitted in; the
     log-determinant of its covariance; that space's dimension."""
-    mean, basis, cov = _gaussian(row)
+    mean, basis, cov = region_gaussian(row)
     chol = np.linalg.cholesky(cov + 1e-9 * np.eye(len(cov)))
     z = np.linalg.solve(chol, ((latents - mean) @ basis.T).T)
     return (z ** 2).sum(0), 2 * np.log(np.diag(chol)).sum(), len(cov)
@@ -221,7 +221,7 @@ def sample_regions(regions: pa.Table, per_region: int, tau: float = 1.0, seed: i
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     ids, draws = [], []
     for row in regions.to_pylist():
-        mean, basis, cov = _gaussian(row)
+        mean, basis, cov = region_gaussian(row)
         rng = np.random.default_rng([seed, row["region_id"]])
         offsets = rng.multivariate_normal(np.zeros(len(basis)), tau * cov, size=per_region, method="cholesky")
         draws.append(mean + offsets @ basis)

@@ -279,6 +279,17 @@ def _region_rates(scores: dict[str, dict]) -> dict[str, dict[str, float]]:
             for rid, tally in sorted(regions.items(), key=lambda kv: int(kv[0]))}
 
 
+def ensure_region_sets(ctx: RunContext) -> dict[int, int]:
+    """The labelled run's failure regions (region id -> label index), with their ``region_sets`` made
+    (fine-tune and test samples) unless made already for these labels. A nightly scan's test sets."""
+    failure_labels = failure_region_labels(read_labels(ctx.store), ctx.class_names)[0]
+    if failure_labels:
+        init_ray(ctx.cfg)
+        with RunLease.for_store(ctx.store) as lease:
+            _ensure_region_sets(ctx, failure_labels, lease)
+    return failure_labels
+
+
 def _ensure_region_sets(ctx: RunContext, failure_labels: dict[int, int], lease: RunLease) -> None:
     """Make the ``region_sets`` stage unless it was made for these same region labels."""
     store = ctx.store

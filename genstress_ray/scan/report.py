@@ -1,0 +1,115 @@
+"""The scan report: one self-contained HTML page per scan date (plots and images inlined).
+
+Sections: alerts; the trend across scans (failing and fixed regions, mean region accuracy, per
+version); the strategies side by side; every tracked region with its history and region test images
+as the scanned version classifies them.
+"""
+
+from __future__ import annotations
+
+import html
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from genstress_ray.report.html import STYLE, _figure_uri, _tile
+from genstress_ray.scan.tracking import STATUSES
+
+COLOURS = {"new": "#dd8452", "persisting": "#c44e52", "fixed": "#55a868", "regressed": "#8172b3"}
+FAILING = ("new", "persisting", "regressed")
+
+
+def trend(history: list[dict]) -> dict[str, list]:
+    """Per scan (oldest first): its label (date and version), regions per status, and the mean region
+    test accuracy of the scanned version over every tracked region."""
+    out = {"scan": [f"{r['date']}\n{r['version']['version']}" for r in history], **{s: [] for s in STATUSES},
+           "accuracy": []}
+    for r in history:
+        statuses = [t["status"] for t in r["regions"]]
+        for s in STATUSES:
+            out[s].append(statuses.count(s))
+        accuracies = [t["history"][-1]["accuracy"] for t in r["regions"] if t["history"][-1]["accuracy"] is not None]
+        out["accuracy"].append(float(np.mean(accuracies)) if accuracies else None)
+    return out
+
+
+def _trend_plot(history: list[dict]) -> str:
+    t = trend(history)
+    x = np.arange(len(t["scan"]))
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+    bottom = np.zeros(len(x))
+    for s in STATUSES:
+        ax.bar(x, t[s], bottom=bottom, color=COLOURS[s], label=s, width=0.6)
+        bottom += np.asarray(t[s])
+    ax.set_xticks(x, t["scan"], fontsize=8)
+    ax.set(ylabel="tracked failure regions", title="failure regions per scanned version")
+    acc = ax.twinx()
+    shown = [(i, a) for i, a in enumerate(t["accuracy"]) if a is not None]
+    if shown:
+        acc.plot([i for i, _ in shown], [a for _, a in shown], "ko-", label="mean region accuracy")
+    acc.set(ylim=(0, 1.02), ylabel="mean region test accuracy")
+    handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", framealpha=0.9)
+    return _figure_uri(fig)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _strategies(record: dict) -> str:
+    head = ("campaign", "strategy", "candidates", "faults", "faults per call", "regions", "failure regions",
+            *STATUSES, "wall time")
+    rows = []
+    for name, s in record["strategies"].items():
+        cells = (name, s["strategy"], s["candidates"], s["faults"], f"{s['faults_per_call']:.2%}", s["regions"],
+                 s["failure_regions"], *(s[k] for k in STATUSES), f"{s['seconds']:.0f} s")
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return ("<table><caption>strategies side by side (faults per call: faults per classifier call)</caption><tr>"
+            + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
+
+
+def _history_cell(region: dict) -> str:
+    return "<br>".join(f"{h['date']} {html.escape(h['version'])}: <span style='color:{COLOURS[h['status']]}'>"
+                       f"{h['status']}</span> {_percent(h['accuracy'])}" for h in region["history"])
+
+
+def _examples(examples: list[dict]) -> str:
+    return "<div class='grid'>" + "".join(
+        f"<div class='cell'><img src='{_tile(e['image'], 56)}' style='width:56px;height:56px;"
+        f"border-color:{'#55a868' if e['correct'] else '#c44e52'}'>{html.escape(e['pred'])}</div>"
+        for e in examples) + "</div>"
+
+
+def _regions(record: dict, examples: dict[str, list[dict]]) -> str:
+    head = ("region", "label (oracle)", "found as", "status", "region test acc", "real members acc", "history",
+            "region test images, as this version classifies them")
+    order = sorted(record["regions"], key=lambda r: (r["status"] not in FAILING, r["id"]))
+    rows = []
+    for r in order:
+        now = r["history"][-1]
+        real = f"{_percent(now['real_accuracy'])} of {now['real_n']}" if now["real_n"] else "no members"
+        cells = (html.escape(r["id"]), html.escape(r["label"]), html.escape(r["pairs"]),
+                 f"<b style='color:{COLOURS[r['status']]}'>{r['status']}</b>", f"{_percent(now['accuracy'])} of "
+                 f"{now['n']}", real, _history_cell(r), _examples(examples.get(r["id"], [])))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ("<table><caption>tracked failure regions (failing first)</caption><tr>"
+            + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
+
+
+def scan_report(record: dict, history: list[dict], examples: dict[str, list[dict]]) -> str:
+    """The scan's HTML page. ``history``: every scan so far, this one last; ``examples``: per tracked
+    region, a few region test images with the version's prediction."""
+    v = record["version"]
+    alerts = ("<ul class='failure'>" + "".join(f"<li>{html.escape(a)}</li>" for a in record["alerts"]) + "</ul>"
+              if record["alerts"] else "<p>no alert: no threshold crossed</p>")
+    t = record["thresholds"]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>scan {html.escape(record['scan'])} "
+            f"{record['date']}</title><style>{STYLE}</style></head><body>"
+            f"<h1>scan {html.escape(record['scan'])}, {record['date']}</h1>"
+            f"<p>version <b>{html.escape(v['version'])}</b> ({html.escape(v['uri'])}) of {html.escape(record['registry'])}; "
+            f"previous scan: {record['previous'] or 'none'}. A region is fixed when the version gets at least "
+            f"{t['fixed_accuracy']:.0%} of its region test samples right and no failure region of this scan "
+            f"overlaps it (Bhattacharyya coefficient at least {t['match_overlap']}).</p>"
+            f"<h2>alerts</h2>{alerts}<h2>trend</h2><div class='plots'><img src='{_trend_plot(history)}'></div>"
+            f"<h2>strategies</h2>{_strategies(record)}<h2>regions</h2>{_regions(record, examples)}</body></html>")

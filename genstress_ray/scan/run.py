@@ -1,0 +1,372 @@
+"""``genstress scan``: run a scan's campaigns on a registry's newest version and track every failure
+region across versions.
+
+One scan per date, in ``<output>/<scan>/<YYYY-MM-DD>/``:
+
+    started.json        the version the scan pinned when it started (a rerun resumes with it)
+    members/<campaign>.parquet
+                        real test images inside each failure region of that scan (image, region, label)
+    index.html          the scan report
+    scan.json           written last: a scan is complete when it exists
+
+Each campaign runs as an ordinary run, ``<output>/<campaign>/<scan>-<date>``, then its regions are
+labelled by the campaign's oracle and its failure regions get region test sets (``region_sets``, as
+for a correction). The version is then scored on the region test sets and real members of every
+region tracked so far, its own failure regions are matched to them (``scan.tracking``), and each
+tracked region gets its status. A lease on the date's folder lets one trigger run it at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from genstress_ray.config import CampaignConfig
+from genstress_ray.context import RunContext, load_split, model_ref, open_source
+from genstress_ray.data import decode_images, png_bytes
+from genstress_ray.lease import RunLease
+from genstress_ray.models import ModelError, load_classifier
+from genstress_ray.models.training import images_predictions
+from genstress_ray.models.versions import ModelVersion, newest_version
+from genstress_ray.regions import region_pairs
+from genstress_ray.scan.config import ScanConfig, load_scan_config
+from genstress_ray.scan.tracking import STATUSES, alerts, is_failing, match_regions, next_status
+from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+RECORD, STARTED, REPORT = "scan.json", "started.json", "index.html"
+EXAMPLES = 8  # region test images shown per tracked region in the report
+
+
+class ScanError(Exception):
+    """A scan that cannot run: a bad date, an incomplete or later scan, classes that changed."""
+
+
+@dataclass
+class ScanResult:
+    uri: str
+    record: dict
+    already_complete: bool = False
+
+    @property
+    def alerts(self) -> list[str]:
+        return self.record.get("alerts", [])
+
+    def summary(self) -> str:
+        r = self.record
+        head = "already complete, nothing redone: " if self.already_complete else ""
+        lines = [f"{head}scan {r['scan']} {r['date']} of version {r['version']['version']}: {self.uri}"]
+        for campaign, s in r["strategies"].items():
+            lines.append(f"  {campaign} ({s['strategy']}): {s['candidates']} candidates, {s['faults']} faults, "
+                         f"{s['failure_regions']} failure regions; tracked: " +
+                         ", ".join(f"{s[k]} {k}" for k in STATUSES))
+        for line in self.alerts:
+            lines.append(f"  ALERT {line}")
+        lines.append(f"report: {self.uri}/{REPORT}")
+        return "\n".join(lines)
+
+
+def scan_date(text: str | None, today: date | None = None) -> date:
+    """The scan's date: ``text`` (YYYY-MM-DD), or today (UTC); a date in the future is refused."""
+    today = today or datetime.now(timezone.utc).date()
+    if text is None:
+        return today
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise ScanError(f"--date {text!r} is not a date (YYYY-MM-DD)") from None
+    if day > today:
+        raise ScanError(f"--date {day} is in the future (today is {today} UTC): a scan records what a version did")
+    return day
+
+
+class ScanFolder:
+    """``<output>/<scan>/``: one folder per scan date."""
+
+    def __init__(self, cfg: ScanConfig):
+        self.fs, root = filesystem_for(cfg.output, cfg.storage_options)
+        self.root, self.uri = f"{root.rstrip('/')}/{cfg.scan}", f"{cfg.output.rstrip('/')}/{cfg.scan}"
+
+    def path(self, day: str, *parts: str) -> str:
+        return "/".join((self.root, day, *parts))
+
+    def dates(self) -> dict[str, bool]:
+        """Every scan date with a folder, and whether its scan is complete."""
+        if not self.fs.exists(self.root):
+            return {}
+        out = {}
+        for entry in self.fs.ls(self.root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                date.fromisoformat(name)
+            except ValueError:
+                continue
+            out[name] = self.fs.exists(self.path(name, RECORD))
+        return dict(sorted(out.items()))
+
+    def read(self, day: str, name: str = RECORD) -> dict:
+        try:
+            return json.loads(self.fs.cat_file(self.path(day, name)))
+        except (OSError, ValueError) as exc:
+            raise ScanError(f"{self.uri}/{day}/{name} cannot be read: {exc}") from None
+
+    def write(self, day: str, name: str, data: bytes) -> None:
+        self.fs.makedirs(self.path(day), exist_ok=True)
+        write_bytes_atomic(self.fs, self.path(day, name), data)
+
+
+def with_version(campaign: CampaignConfig, version: ModelVersion) -> CampaignConfig:
+    """The campaign with its classifier replaced by the version's checkpoint."""
+    return campaign.model_copy(update={"classifier": campaign.classifier.model_copy(update={"uri": version.uri})})
+
+
+def _check_classes(version: ModelVersion, campaigns: dict[str, CampaignConfig], previous: dict | None) -> dict:
+    """Each campaign's class names, checked against the previous scan's and against the version's outputs."""
+    names = {}
+    for name, cfg in campaigns.items():
+        catalog = open_source(cfg.data.search, f"{name}: data.search")[1]
+        names[name] = list(catalog.class_names)
+        before = (previous or {}).get("class_names", {}).get(name)
+        if before is not None and before != names[name]:
+            raise ScanError(f"campaign {name}: its classes {names[name]} differ from the previous scan's {before} "
+                            f"({previous['date']}); regions cannot be tracked across different classes")
+        try:  # loading checks the version's outputs against the classes
+            load_classifier(model_ref(cfg.classifier, version.uri), names[name], catalog.image_shape)
+        except ModelError as exc:
+            raise ScanError(f"version {version.version} ({version.uri}) does not fit campaign {name}: {exc}") from None
+    return names
+
+
+def _region_test(run_uri: str, region_id: int, draws: list[int], storage_options: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A failure region's test samples (images, labels) from the run that found it."""
+    store = RunStore.from_uri(run_uri, storage_options)
+    table = store.read_table("region_sets", columns=["image", "source_label", "draw"],
+                             filter=(pc.field("region_id") == region_id) & (pc.field("draw") >= draws[0])
+                             & (pc.field("draw") < draws[1]))
+    if table.num_rows == 0:
+        return np.zeros((0,)), np.zeros(0, np.int64)
+    images = decode_images(table["image"].to_pylist(), [f"{run_uri} region {region_id}"] * table.num_rows, None)
+    return images, table["source_label"].to_numpy()
+
+
+def _accuracy(classifier, images: np.ndarray, labels: np.ndarray) -> tuple[float | None, int, np.ndarray]:
+    if not len(labels):
+        return None, 0, np.zeros(0, np.int64)
+    preds = images_predictions(classifier, images)
+    return float((preds == labels).mean()), int(len(labels)), preds
+
+
+class CampaignScan:
+    """One campaign of a scan: its run on the version, labels, region test sets and real members."""
+
+    def __init__(self, cfg: ScanConfig, folder: ScanFolder, day: str, campaign: CampaignConfig):
+        self.cfg, self.folder, self.day, self.campaign = cfg, folder, day, campaign
+        self.run_id = f"{cfg.scan}-{day}"
+
+    def run(self) -> dict:
+        """Run (or resume) the campaign, label its regions with its oracle and make the failure regions'
+        test sets; returns the run's counts."""
+        from genstress_ray import labeling
+        from genstress_ray.correction.run import ensure_region_sets
+        from genstress_ray.pipeline import run_campaign
+
+        t0 = time.time()
+        result = run_campaign(self.campaign, output=self.cfg.output, run_id=self.run_id)
+        store = RunStore.from_uri(result.run_uri, self.cfg.storage_options)
+        if not (store.is_complete("labels") and "oracle" in store.marker("labels").get("sources", [])):
+            table = labeling.LABELLERS.get("oracle").label(store, labeling.CONFIG_ORACLE, {"config": self.campaign})
+            labeling.write_labels(store, table, result.class_names)
+        self.ctx = RunContext.open(result.run_uri, self.campaign, self.cfg.storage_options)
+        self.failure_labels = ensure_region_sets(self.ctx)
+        self._write_members()
+        return {**result.counts, "run": result.run_uri, "seconds": round(time.time() - t0, 1)}
+
+    @property
+    def members_name(self) -> str:
+        return f"members/{self.campaign.campaign}.parquet"
+
+    def _write_members(self) -> None:
+        """The real test images inside this run's failure regions, kept with the scan for later versions."""
+        from genstress_ray.real_regions import FailureRegions
+
+        if self.folder.fs.exists(self.folder.path(self.day, self.members_name)):
+            return
+        rows = {"region_id": [], "label": [], "image": []}
+        regions = FailureRegions.open(self.ctx, self.failure_labels, self.cfg.member_quantile) \
+            if self.failure_labels else "no failure regions"
+        if isinstance(regions, str):
+            log.info("scan %s: real members %s", self.campaign.campaign, regions)
+        else:
+            members = regions.members(load_split(self.ctx.cfg.test_spec()))
+            for i in np.flatnonzero(members.inside):
+                rows["region_id"].append(int(members.region[i]))
+                rows["label"].append(int(members.target[i]))
+                rows["image"].append(png_bytes(members.split.images[i]))
+        table = pa.table({"region_id": pa.array(rows["region_id"], pa.int64()),
+                          "label": pa.array(rows["label"], pa.int64()), "image": pa.array(rows["image"], pa.binary())})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.folder.fs.makedirs(self.folder.path(self.day, "members"), exist_ok=True)
+        write_bytes_atomic(self.folder.fs, self.folder.path(self.day, self.members_name), sink.getvalue().to_pybytes())
+
+    def members(self, day: str, region_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Real test images inside a region found on ``day`` (images, labels)."""
+        path = self.folder.path(day, self.members_name)
+        if not self.folder.fs.exists(path):
+            return np.zeros((0,)), np.zeros(0, np.int64)
+        with self.folder.fs.open(path, "rb") as f:
+            table = pq.read_table(f, filters=[("region_id", "=", region_id)])
+        if table.num_rows == 0:
+            return np.zeros((0,)), np.zeros(0, np.int64)
+        return decode_images(table["image"].to_pylist(), [path] * table.num_rows, None), table["label"].to_numpy()
+
+    def track(self, previous: list[dict], version: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+        """This campaign's tracked regions after this scan (with history), and example images per region."""
+        ctx, cfg, name = self.ctx, self.cfg, self.campaign.campaign
+        classifier = ctx.classifier()
+        store = ctx.store
+        regions = store.read_table("regions").to_pylist()
+        current = [r for r in regions if r["region_id"] in self.failure_labels]
+        generator = ctx.models["generator"].uri
+        comparable = [(t["id"], self._origin_region(t)) for t in previous if t["origin"]["generator"] == generator]
+        matched = match_regions(current, comparable, cfg.match_overlap)
+        c = ctx.cfg.correction
+        draws = [c.finetune_per_region, c.finetune_per_region + c.test_per_region]
+        tracked, examples = [], {}
+        new = [{"id": f"{name}/{self.day}/r{r['region_id']}", "campaign": name,
+                "origin": {"date": self.day, "run": store.uri, "region_id": r["region_id"], "test_draws": draws,
+                           "generator": generator},
+                "label": ctx.class_names[self.failure_labels[r["region_id"]]],
+                "pairs": region_pairs(r, ctx.class_names), "faults": r["n_members"], "history": []}
+               for r in current if r["region_id"] not in matched]
+        for t in [*previous, *new]:
+            o = t["origin"]
+            images, labels = _region_test(o["run"], o["region_id"], o["test_draws"], cfg.storage_options)
+            accuracy, n, preds = _accuracy(classifier, images, labels)
+            real_accuracy, real_n, _ = _accuracy(classifier, *self.members(o["date"], o["region_id"]))
+            overlaps = {rid: bc for rid, (tid, bc) in matched.items() if tid == t["id"]}
+            failing = is_failing(accuracy, cfg.fixed_accuracy, bool(overlaps))
+            status = next_status(t["history"][-1]["status"] if t["history"] else None, failing)
+            entry = {"date": self.day, "version": version["version"], "status": status, "accuracy": accuracy, "n": n,
+                     "real_accuracy": real_accuracy, "real_n": real_n,
+                     "matched": {str(rid): round(bc, 4) for rid, bc in overlaps.items()}}
+            tracked.append({**t, "status": status, "history": [*t["history"], entry]})
+            examples[t["id"]] = [{"image": png_bytes(images[i]), "pred": ctx.class_names[int(preds[i])],
+                                  "correct": bool(preds[i] == labels[i])} for i in range(min(EXAMPLES, n))]
+        return tracked, examples
+
+    def _origin_region(self, tracked: dict) -> dict:
+        o = tracked["origin"]
+        store = RunStore.from_uri(o["run"], self.cfg.storage_options)
+        rows = store.read_table("regions", filter=pc.field("region_id") == o["region_id"]).to_pylist()
+        if not rows:
+            raise ScanError(f"tracked region {tracked['id']}: region {o['region_id']} is gone from {o['run']}")
+        return rows[0]
+
+
+def _strategy_row(campaign: CampaignConfig, counts: dict, tracked: list[dict], failure_regions: int) -> dict:
+    statuses = [t["status"] for t in tracked]
+    calls = counts.get("candidates", 0)
+    return {"strategy": campaign.strategy.name, "candidates": calls, "faults": counts.get("faults", 0),
+            "faults_per_call": counts.get("faults", 0) / calls if calls else 0.0, "regions": counts.get("regions", 0),
+            "failure_regions": failure_regions, "run": counts["run"], "seconds": counts["seconds"],
+            **{s: statuses.count(s) for s in STATUSES}}
+
+
+def _previous(folder: ScanFolder, day: str) -> dict | None:
+    """The last complete scan before ``day``; refuses to go on after an incomplete one or before a later one."""
+    dates = folder.dates()
+    later = [d for d in dates if d > day]
+    if later:
+        raise ScanError(f"{folder.uri} already holds scans after {day} ({', '.join(later)}): a scan history only "
+                        "grows forward")
+    unfinished = [d for d, complete in dates.items() if d < day and not complete]
+    if unfinished:
+        raise ScanError(f"the scan of {unfinished[-1]} in {folder.uri} is incomplete: finish it first with "
+                        f"genstress scan ... --date {unfinished[-1]} (nothing of today's scan was started)")
+    earlier = [d for d, complete in dates.items() if d < day and complete]
+    return folder.read(earlier[-1]) if earlier else None
+
+
+def run_scan(config, day: str | None = None, output: str | None = None, today: date | None = None) -> ScanResult:
+    """Scan the registry's newest version on ``day`` (default: today, UTC).
+
+    A complete scan of that date is returned as it is; an incomplete one resumes with the version it
+    pinned. Raises ScanError (and the config, data, model and storage errors) before anything is
+    written for bad input.
+
+    Example:
+        >>> result = run_scan("jobs/digits_scan.yaml", "2026-12-06")  # doctest: +SKIP
+        >>> result.alerts  # doctest: +SKIP
+    """
+    started = time.time()
+    cfg, campaigns = load_scan_config(config, output)
+    day = scan_date(day, today).isoformat()
+    folder = ScanFolder(cfg)
+    if folder.dates().get(day):
+        return ScanResult(f"{folder.uri}/{day}", folder.read(day), already_complete=True)
+    previous = _previous(folder, day)
+    pinned = folder.read(day, STARTED)["version"] if folder.fs.exists(folder.path(day, STARTED)) else None
+    if pinned:
+        version = ModelVersion(pinned["version"], pinned["uri"])
+        log.info("scan %s %s: resuming with version %s", cfg.scan, day, version.version)
+    else:
+        version = newest_version(cfg.registry, cfg.storage_options)
+    campaigns = {n: with_version(c, version) for n, c in campaigns.items()}
+    class_names = _check_classes(version, campaigns, previous)
+    folder.fs.makedirs(folder.path(day), exist_ok=True)
+    with RunLease(folder.fs, folder.path(day), f"{folder.uri}/{day}"):
+        described = {"version": version.version, "uri": version.uri,
+                     "created": version.created.isoformat() if version.created else None}
+        if not pinned:
+            folder.write(day, STARTED, json.dumps({"version": described, "started_at": time.time()}).encode())
+        record = _scan(cfg, folder, day, campaigns, previous, described)
+        record.update(class_names=class_names, seconds=round(time.time() - started, 1))
+        from genstress_ray.scan.report import scan_report
+
+        folder.write(day, REPORT, scan_report(record, _history(folder, day, record), record.pop("_examples")).encode())
+        folder.write(day, RECORD, json.dumps(record, indent=1).encode())  # last: the scan is complete
+    return ScanResult(f"{folder.uri}/{day}", record)
+
+
+def _scan(cfg: ScanConfig, folder: ScanFolder, day: str, campaigns: dict[str, CampaignConfig], previous: dict | None,
+          version: dict) -> dict:
+    tracked_before = (previous or {}).get("regions", [])
+    record = {"scan": cfg.scan, "date": day, "version": version, "previous": (previous or {}).get("date"),
+              "registry": cfg.registry, "strategies": {}, "regions": [], "_examples": {},
+              "thresholds": {"fixed_accuracy": cfg.fixed_accuracy, "match_overlap": cfg.match_overlap,
+                             **cfg.alert.model_dump()}}
+    for i, (name, campaign) in enumerate(campaigns.items(), 1):
+        log.info("scan %s %s: campaign %s (%d/%d), %s on version %s", cfg.scan, day, name, i, len(campaigns),
+                 campaign.strategy.name, version["version"])
+        part = CampaignScan(cfg, folder, day, campaign)
+        counts = part.run()
+        tracked, examples = part.track([t for t in tracked_before if t["campaign"] == name], version)
+        record["regions"] += tracked
+        record["_examples"].update(examples)
+        record["strategies"][name] = _strategy_row(campaign, counts, tracked, len(part.failure_labels))
+    a = cfg.alert
+    record["alerts"] = alerts(record["regions"], a.regressed, a.new_region_faults, a.accuracy_drop)
+    return record
+
+
+def _history(folder: ScanFolder, day: str, record: dict) -> list[dict]:
+    """Every complete scan before ``day`` and this one, oldest first (for the trend plot)."""
+    return [folder.read(d) for d, complete in folder.dates().items() if complete and d < day] + [record]
+
+
+def main_scan(config: str | Path, day: str | None, output: str | None) -> int:
+    """``genstress scan``: 0 when all is well, 3 when a threshold of ``alert`` was crossed."""
+    result = run_scan(config, day, output)
+    print(result.summary())
+    return 3 if result.alerts else 0
+
