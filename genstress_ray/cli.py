@@ -84,10 +84,7 @@ def _run(args) -> int:
     from genstress_ray.config import load_config
     from genstress_ray.pipeline import new_run_id, run_campaign
 
-    missing = [name for name in args.require_env or () if not os.environ.get(name)]
-    if missing:  # a submitted job names the credentials it needs; say which are not set here
-        raise ConfigError(f"--require-env: {', '.join(missing)} not set in this environment (on a cluster: set "
-                          "them on every node, e.g. in cluster.yaml or the RayCluster's env)")
+    _require_env(args.require_env)
     # The run id is fixed here, so an interrupted or failed run can say which command resumes it.
     cfg = load_config(args.config, output=args.output, run_id=args.run_id)
     run_id = cfg.run_id or new_run_id()
@@ -96,6 +93,14 @@ def _run(args) -> int:
     result = run_campaign(cfg, run_id=run_id, stop_after=args.until)
     print(result.summary())
     return 0
+
+
+def _require_env(names: list[str] | None) -> None:
+    """A job names the credentials it needs (``--require-env``); say which are not set here."""
+    missing = [name for name in names or () if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"--require-env: {', '.join(missing)} not set in this environment (on a cluster: set "
+                          "them on every node, e.g. in cluster.yaml or the RayCluster's env)")
 
 
 def _trainable() -> dict:
@@ -219,9 +224,11 @@ def _add_run(sub) -> None:
 def _scan(args) -> int:
     from genstress_ray.scan import main_scan, scan_date
 
+    _require_env(args.require_env)
     day = scan_date(args.date).isoformat()  # fixed here, so the resume command names the same scan
-    args.resume = f"genstress scan {args.config}" + (f" --output {args.output}" if args.output else "") + f" --date {day}"
-    return main_scan(args.config, day, args.output)
+    args.resume = f"genstress scan {args.config}" + "".join(f" --{k} {v}" for k, v in (
+        ("registry", args.registry), ("output", args.output), ("date", day)) if v)
+    return main_scan(args.config, day, args.output, args.registry)
 
 
 def _add_scan(sub) -> None:
@@ -231,6 +238,9 @@ def _add_scan(sub) -> None:
     scan.add_argument("--date", help="the scan's date, YYYY-MM-DD (default: today, UTC); a rerun of a date resumes "
                                      "it, or does nothing when it is complete")
     scan.add_argument("--output", help="overrides the scan config's output (local path or fsspec URI)")
+    scan.add_argument("--registry", help="overrides the scan config's model registry (folder or fsspec URI)")
+    scan.add_argument("--require-env", action="append", metavar="NAME",
+                      help="fail early unless this environment variable is set (credentials a scheduled scan needs)")
     scan.set_defaults(func=_scan)
 
 

@@ -19,7 +19,7 @@ LAYERS = [
     ("campaign config", ["config", "runs"]),
     ("run context", ["context"]),
     ("consumers", ["real_regions", "labeling", "repair", "assessment", "report"]),
-    ("ray", ["stages", "pipeline", "correction", "jobs"]),
+    ("ray", ["stages", "pipeline", "correction", "jobs", "scan"]),
     ("command line", ["console", "label_commands", "job_commands", "cli", "__init__"]),
 ]
 RAY_LAYER = "ray"

@@ -12,6 +12,7 @@ import yaml
 
 from genstress_ray.cli import DEMO_CONFIG, build_parser
 from genstress_ray.config import load_config
+from genstress_ray.scan import load_scan_config
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "jobs" / "k8s"
@@ -42,9 +43,14 @@ def _ray_job_specs(manifest: dict) -> list[dict]:
     return [spec["jobTemplate"]] if manifest["kind"] == "RayCronJob" else [spec] if manifest["kind"] == "RayJob" else []
 
 
+def _words(command: str) -> list[str]:
+    """A manifest's shell command as words, the night's date expanded to 2026-12-06."""
+    return shlex.split(command.replace("$(date -u +%F)", "2026-12-06"))
+
+
 def _genstress_args(command: str) -> list[str]:
-    """The arguments of the genstress command in an entrypoint (shell expansions stand in as text)."""
-    words = shlex.split(command.replace('"$(date -u +%F)"', "2026-12-06"))
+    """The arguments of the genstress command in an entrypoint."""
+    words = _words(command)
     return words[words.index("genstress") + 1:]
 
 
@@ -78,7 +84,14 @@ def test_kuberay_manifests_validate_against_the_crds(name):
         if "ttlSecondsAfterFinished" in job:  # the operator ignores it otherwise
             assert job["shutdownAfterJobFinishes"] is True
         # The entrypoint is a genstress command this version parses, on a job file that validates.
-        args = build_parser().parse_args(_genstress_args(job["entrypoint"]))
+        _load_job_file(build_parser().parse_args(_genstress_args(job["entrypoint"])))
+
+
+def _load_job_file(args) -> None:
+    """The campaign or scan config a parsed genstress command names, validated."""
+    if args.func.__name__ == "_scan":
+        load_scan_config(ROOT / args.config, registry=args.registry)
+    else:
         load_config(ROOT / args.config)
 
 
@@ -90,13 +103,23 @@ def test_a_manifest_the_schema_refuses_is_refused():
         _validate(manifest)
 
 
-def test_the_plain_cronjob_submits_a_job_file_that_validates():
+def test_the_nightly_manifests_scan_with_the_night_as_date():
+    cron = yaml.safe_load((K8S / "raycronjob.yaml").read_text())["spec"]["jobTemplate"]["entrypoint"]
+    args = build_parser().parse_args(_genstress_args(cron))
+    assert args.func.__name__ == "_scan" and args.date == "2026-12-06"
+
+
+def test_the_plain_cronjob_submits_a_scan_that_validates_once_per_night():
     manifest = yaml.safe_load((K8S / "cronjob.yaml").read_text())
     assert manifest["kind"] == "CronJob" and manifest["spec"]["concurrencyPolicy"] == "Forbid"
     [container] = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    args = build_parser().parse_args(_genstress_args(container["args"][0]))
-    assert args.func.__name__ == "_submit" and args.wait
-    load_config(ROOT / args.config)
+    command = container["args"][0]
+    words = _words(command)
+    assert words[:3] == ["ray", "job", "submit"] and words[words.index("--submission-id") + 1] == \
+        "genstress-scan-2026-12-06"
+    args = build_parser().parse_args(_genstress_args(command))
+    assert args.func.__name__ == "_scan" and args.date == "2026-12-06"
+    _load_job_file(args)
 
 
 def test_the_digits_job_file_is_the_demo():

@@ -48,8 +48,10 @@ class ScanConfig(_Strict):
     alert: AlertConfig = AlertConfig()
 
 
-def load_scan_config(path: str | Path | dict, output: str | None = None) -> tuple[ScanConfig, dict[str, CampaignConfig]]:
-    """The scan config and its campaigns (by campaign name), validated; ``output`` overrides the scan's.
+def load_scan_config(path: str | Path | dict, output: str | None = None,
+                     registry: str | None = None) -> tuple[ScanConfig, dict[str, CampaignConfig]]:
+    """The scan config and its campaigns (by campaign name), validated; ``output`` and ``registry``
+    override the scan's.
 
     Raises:
         ConfigError: naming the file and field, before anything runs.
@@ -67,8 +69,7 @@ def load_scan_config(path: str | Path | dict, output: str | None = None) -> tupl
             raise ConfigError(f"scan config {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"scan config {str(path)!r} must hold a mapping of fields")
-    if output:
-        raw["output"] = output
+    raw.update({k: v for k, v in (("output", output), ("registry", registry)) if v})
     try:
         cfg = ScanConfig.model_validate(raw)
     except ValidationError as exc:

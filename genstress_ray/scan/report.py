@@ -8,11 +8,13 @@ as the scanned version classifies them.
 from __future__ import annotations
 
 import html
+import io
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from genstress_ray.report.html import STYLE, _figure_uri, _tile
+from genstress_ray.data import png_uri
+from genstress_ray.report.html import STYLE, _tile
 from genstress_ray.scan.tracking import STATUSES
 
 COLOURS = {"new": "#dd8452", "persisting": "#c44e52", "fixed": "#55a868", "regressed": "#8172b3"}
@@ -33,7 +35,8 @@ def trend(history: list[dict]) -> dict[str, list]:
     return out
 
 
-def _trend_plot(history: list[dict]) -> str:
+def trend_png(history: list[dict]) -> bytes:
+    """The trend plot as PNG bytes: tracked regions per status (bars) and mean region accuracy (line)."""
     t = trend(history)
     x = np.arange(len(t["scan"]))
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
@@ -42,7 +45,7 @@ def _trend_plot(history: list[dict]) -> str:
         ax.bar(x, t[s], bottom=bottom, color=COLOURS[s], label=s, width=0.6)
         bottom += np.asarray(t[s])
     ax.set_xticks(x, t["scan"], fontsize=8)
-    ax.set(ylabel="tracked failure regions", title="failure regions per scanned version")
+    ax.set(ylabel="tracked regions", title="tracked failure regions per scanned version")
     acc = ax.twinx()
     shown = [(i, a) for i, a in enumerate(t["accuracy"]) if a is not None]
     if shown:
@@ -50,7 +53,11 @@ def _trend_plot(history: list[dict]) -> str:
     acc.set(ylim=(0, 1.02), ylabel="mean region test accuracy")
     handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, loc="upper left", framealpha=0.9)
-    return _figure_uri(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _percent(value) -> str:
@@ -70,8 +77,12 @@ def _strategies(record: dict) -> str:
 
 
 def _history_cell(region: dict) -> str:
-    return "<br>".join(f"{h['date']} {html.escape(h['version'])}: <span style='color:{COLOURS[h['status']]}'>"
-                       f"{h['status']}</span> {_percent(h['accuracy'])}" for h in region["history"])
+    lines = [f"{h['date']} {html.escape(h['version'])}: <span style='color:{COLOURS[h['status']]}'>{h['status']}"
+             f"</span> {_percent(h['accuracy'])}" for h in region["history"]]
+    if region["history"][-1].get("closest"):  # a new region: how near the nearest tracked one came
+        tid, overlap = region["history"][-1]["closest"]
+        lines.append(f"<small>nearest tracked: {html.escape(tid)} (overlap {overlap:.3f})</small>")
+    return "<br>".join(lines)
 
 
 def _examples(examples: list[dict]) -> str:
@@ -111,5 +122,5 @@ def scan_report(record: dict, history: list[dict], examples: dict[str, list[dict
             f"previous scan: {record['previous'] or 'none'}. A region is fixed when the version gets at least "
             f"{t['fixed_accuracy']:.0%} of its region test samples right and no failure region of this scan "
             f"overlaps it (Bhattacharyya coefficient at least {t['match_overlap']}).</p>"
-            f"<h2>alerts</h2>{alerts}<h2>trend</h2><div class='plots'><img src='{_trend_plot(history)}'></div>"
+            f"<h2>alerts</h2>{alerts}<h2>trend</h2><div class='plots'><img src='{png_uri(trend_png(history))}'></div>"
             f"<h2>strategies</h2>{_strategies(record)}<h2>regions</h2>{_regions(record, examples)}</body></html>")

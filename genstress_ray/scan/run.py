@@ -39,7 +39,7 @@ from genstress_ray.models.training import images_predictions
 from genstress_ray.models.versions import ModelVersion, newest_version
 from genstress_ray.regions import region_pairs
 from genstress_ray.scan.config import ScanConfig, load_scan_config
-from genstress_ray.scan.tracking import STATUSES, alerts, is_failing, match_regions, next_status
+from genstress_ray.scan.tracking import STATUSES, alerts, closest, is_failing, match_regions, next_status
 from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,8 @@ class CampaignScan:
         generator = ctx.models["generator"].uri
         comparable = [(t["id"], self._origin_region(t)) for t in previous if t["origin"]["generator"] == generator]
         matched = match_regions(current, comparable, cfg.match_overlap)
+        # For a new region, the nearest tracked one all the same: how far from a match it was.
+        nearest = {f"{name}/{self.day}/r{r['region_id']}": closest(r, comparable) for r in current}
         c = ctx.cfg.correction
         draws = [c.finetune_per_region, c.finetune_per_region + c.test_per_region]
         tracked, examples = [], {}
@@ -259,6 +261,8 @@ class CampaignScan:
             entry = {"date": self.day, "version": version["version"], "status": status, "accuracy": accuracy, "n": n,
                      "real_accuracy": real_accuracy, "real_n": real_n,
                      "matched": {str(rid): round(bc, 4) for rid, bc in overlaps.items()}}
+            if nearest.get(t["id"]):
+                entry["closest"] = [nearest[t["id"]][0], round(nearest[t["id"]][1], 4)]
             tracked.append({**t, "status": status, "history": [*t["history"], entry]})
             examples[t["id"]] = [{"image": png_bytes(images[i]), "pred": ctx.class_names[int(preds[i])],
                                   "correct": bool(preds[i] == labels[i])} for i in range(min(EXAMPLES, n))]
@@ -297,7 +301,8 @@ def _previous(folder: ScanFolder, day: str) -> dict | None:
     return folder.read(earlier[-1]) if earlier else None
 
 
-def run_scan(config, day: str | None = None, output: str | None = None, today: date | None = None) -> ScanResult:
+def run_scan(config, day: str | None = None, output: str | None = None, today: date | None = None,
+             registry: str | None = None) -> ScanResult:
     """Scan the registry's newest version on ``day`` (default: today, UTC).
 
     A complete scan of that date is returned as it is; an incomplete one resumes with the version it
@@ -309,13 +314,13 @@ def run_scan(config, day: str | None = None, output: str | None = None, today: d
         >>> result.alerts  # doctest: +SKIP
     """
     started = time.time()
-    cfg, campaigns = load_scan_config(config, output)
+    cfg, campaigns = load_scan_config(config, output, registry)
     day = scan_date(day, today).isoformat()
     folder = ScanFolder(cfg)
     if folder.dates().get(day):
         return ScanResult(f"{folder.uri}/{day}", folder.read(day), already_complete=True)
     previous = _previous(folder, day)
-    pinned = folder.read(day, STARTED)["version"] if folder.fs.exists(folder.path(day, STARTED)) else None
+    pinned = _pinned(folder, day)
     if pinned:
         version = ModelVersion(pinned["version"], pinned["uri"])
         log.info("scan %s %s: resuming with version %s", cfg.scan, day, version.version)
@@ -325,6 +330,8 @@ def run_scan(config, day: str | None = None, output: str | None = None, today: d
     class_names = _check_classes(version, campaigns, previous)
     folder.fs.makedirs(folder.path(day), exist_ok=True)
     with RunLease(folder.fs, folder.path(day), f"{folder.uri}/{day}"):
+        if folder.fs.exists(folder.path(day, RECORD)):  # another trigger finished it meanwhile
+            return ScanResult(f"{folder.uri}/{day}", folder.read(day), already_complete=True)
         described = {"version": version.version, "uri": version.uri,
                      "created": version.created.isoformat() if version.created else None}
         if not pinned:
@@ -336,6 +343,16 @@ def run_scan(config, day: str | None = None, output: str | None = None, today: d
         folder.write(day, REPORT, scan_report(record, _history(folder, day, record), record.pop("_examples")).encode())
         folder.write(day, RECORD, json.dumps(record, indent=1).encode())  # last: the scan is complete
     return ScanResult(f"{folder.uri}/{day}", record)
+
+
+def _pinned(folder: ScanFolder, day: str) -> dict | None:
+    """The version an unfinished scan of ``day`` started with (None: not started)."""
+    if not folder.fs.exists(folder.path(day, STARTED)):
+        return None
+    pinned = folder.read(day, STARTED).get("version")
+    if not isinstance(pinned, dict) or not {"version", "uri"} <= set(pinned):
+        raise ScanError(f"{folder.uri}/{day}/{STARTED} names no version and uri: not a scan's start record")
+    return pinned
 
 
 def _scan(cfg: ScanConfig, folder: ScanFolder, day: str, campaigns: dict[str, CampaignConfig], previous: dict | None,
@@ -364,9 +381,9 @@ def _history(folder: ScanFolder, day: str, record: dict) -> list[dict]:
     return [folder.read(d) for d, complete in folder.dates().items() if complete and d < day] + [record]
 
 
-def main_scan(config: str | Path, day: str | None, output: str | None) -> int:
+def main_scan(config: str | Path, day: str | None, output: str | None = None, registry: str | None = None) -> int:
     """``genstress scan``: 0 when all is well, 3 when a threshold of ``alert`` was crossed."""
-    result = run_scan(config, day, output)
+    result = run_scan(config, day, output, registry=registry)
     print(result.summary())
     return 3 if result.alerts else 0
 

@@ -61,20 +61,23 @@ def bhattacharyya(a: dict, b: dict) -> float:
     return min(_coefficient(a, b), _coefficient(b, a))
 
 
+def closest(row: dict, tracked: list[tuple[str, dict]]) -> tuple[str, float] | None:
+    """The tracked region (id, coefficient) that overlaps ``row`` most; None when nothing is tracked."""
+    scored = [(bhattacharyya(row, old), tid) for tid, old in tracked]
+    if not scored:
+        return None
+    coefficient, tid = max(scored)
+    return tid, coefficient
+
+
 def match_regions(current: list[dict], tracked: list[tuple[str, dict]], threshold: float) -> dict[int, tuple[str, float]]:
     """For each current region (``region_id`` -> ...), the tracked region it overlaps most, when that
     overlap is at least ``threshold``: ``{region_id: (tracked id, coefficient)}``.
 
     ``tracked`` holds (id, region row) pairs from earlier scans of the same campaign and generator.
     """
-    out = {}
-    for row in current:
-        scored = [(bhattacharyya(row, old), tid) for tid, old in tracked]
-        if scored:
-            best, tid = max(scored)
-            if best >= threshold:
-                out[int(row["region_id"])] = (tid, best)
-    return out
+    found = {int(row["region_id"]): closest(row, tracked) for row in current}
+    return {rid: best for rid, best in found.items() if best and best[1] >= threshold}
 
 
 def is_failing(accuracy: float | None, fixed_accuracy: float, overlapped: bool) -> bool:

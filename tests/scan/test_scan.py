@@ -172,3 +172,42 @@ def test_cli_names_a_future_date(scan_config, tmp_path):
     out = subprocess.run([sys.executable, "-m", "genstress_ray.cli", "scan", scan_config, "--date", "2999-01-01"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and "--date 2999-01-01 is in the future" in out.stderr
+
+
+@pytest.mark.slow
+def test_two_strategies_run_side_by_side_in_one_scan(ray_cluster, scan_config, tiny_models, tmp_path):
+    """Defuse on the VAE and latent code mixing on the style-based GAN, on the same version."""
+    scan = yaml.safe_load((tmp_path / "scan.yaml").read_text())
+    mixing = {**yaml.safe_load((tmp_path / "digits.yaml").read_text()), "campaign": "mixing",
+              "generator": {"uri": tiny_models["style_generator"]},
+              "strategy": {"name": "mixing", "seeds": 24, "budget_calls": 40, "tolerance": 0.01}}
+    scan["campaigns"].append(mixing)
+    (tmp_path / "scan.yaml").write_text(yaml.safe_dump(scan))
+    result = run_scan(scan_config, "2026-12-01")
+    rows = result.record["strategies"]
+    assert list(rows) == ["digits", "mixing"]
+    assert rows["digits"]["strategy"] == "defuse" and rows["mixing"]["strategy"] == "mixing"
+    for name, row in rows.items():
+        assert row["candidates"] > 0 and row["faults_per_call"] == pytest.approx(row["faults"] / row["candidates"])
+        mine = [r for r in result.record["regions"] if r["campaign"] == name]
+        assert row["new"] == len(mine) == row["failure_regions"]
+        assert all(r["id"].startswith(f"{name}/2026-12-01/") for r in mine)
+    # The style-based GAN has no encoder: its regions have no real members to score.
+    assert all(r["history"][0]["real_n"] == 0 for r in result.record["regions"] if r["campaign"] == "mixing")
+    page = (tmp_path / "scans/nightly/2026-12-01" / REPORT).read_text()
+    assert "<td>mixing</td>" in page and "<td>defuse</td>" in page
+
+
+def test_registry_and_scans_on_object_storage(scan_config, models, s3_bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(models["v1"]), f"{s3_bucket}/registry/v1/model.safetensors")
+    fs.pipe(f"{s3_bucket}/scans/nightly/2026-12-01/{STARTED}", json.dumps({"version": {"version": "v1", "uri": f"{s3_bucket}/registry/v1/model.safetensors"}}).encode())
+    with pytest.raises(ScanError, match="scan of 2026-12-01 in s3://.* is incomplete"):
+        run_scan(scan_config, "2026-12-02", output=f"{s3_bucket}/scans", registry=f"{s3_bucket}/registry")
+    night = f"{s3_bucket}/scans/nightly/2026-12-01"
+    with RunLease(fs, night.removeprefix("s3://"), night):  # another trigger is resuming that night
+        with pytest.raises(LeaseHeld):
+            run_scan(scan_config, "2026-12-01", output=f"{s3_bucket}/scans", registry=f"{s3_bucket}/registry")
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(night)) == [STARTED]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from genstress_ray.scan.tracking import alerts, bhattacharyya, is_failing, match_regions, next_status
+from genstress_ray.scan.tracking import alerts, bhattacharyya, closest, is_failing, match_regions, next_status
 
 
 def region(mean, cov, region_id=0, basis=None):
@@ -39,6 +39,7 @@ def test_each_current_region_matches_its_best_tracked_region_above_the_threshold
     assert {k: v[0] for k, v in matched.items()} == {0: "a", 1: "b"}
     assert matched[0][1] == pytest.approx(np.exp(-0.04 / 8))
     assert match_regions(current, tracked, threshold=0.999999) == {}
+    assert closest(current[2], tracked)[0] == "a" and closest(current[2], []) is None
 
 
 def test_status_follows_failing_and_the_previous_status():
