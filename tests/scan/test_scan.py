@@ -211,3 +211,33 @@ def test_registry_and_scans_on_object_storage(scan_config, models, s3_bucket):
         with pytest.raises(LeaseHeld):
             run_scan(scan_config, "2026-12-01", output=f"{s3_bucket}/scans", registry=f"{s3_bucket}/registry")
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(night)) == [STARTED]
+
+
+@pytest.mark.slow
+def test_the_readmes_scan_commands_as_a_user_types_them(tmp_path):
+    """The README's first two nightly-scan lines, as typed at the repository root (a fresh folder with
+    the job files), with an empty model cache: a registry with v1, then the night's scan."""
+    import os
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Nightly scans", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #")[0].strip() for line in block.strip().splitlines()][:2]
+    assert lines[0].startswith("genstress train classifier") and lines[1].startswith("genstress scan jobs/")
+    work = tmp_path / "checkout"
+    shutil.copytree(root / "jobs", work / "jobs")
+    env = {**os.environ, "GENSTRESS_CACHE": str(tmp_path / "cache")}
+    for line in lines:
+        proc = subprocess.run(shlex.split(line), cwd=work, capture_output=True, text=True, env=env, timeout=1500)
+        assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    out = proc.stdout
+    assert proc.returncode == (3 if "ALERT" in out else 0)
+    night = work / "genstress-scans" / "digits-nightly" / "2026-12-06"
+    record = json.loads((night / RECORD).read_text())
+    assert record["version"]["version"] == "v1" and record["strategies"]["demo"]["candidates"] > 0
+    assert re.search(r"demo \(defuse\): \d+ candidates, \d+ faults, \d+ failure regions", out)
+    assert f"report: {night}/index.html" in out and (night / REPORT).exists()
+    assert (work / "genstress-scans" / "demo" / "digits-nightly-2026-12-06" / "manifest.json").exists()
