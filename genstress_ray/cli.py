@@ -1,4 +1,5 @@
-"""The genstress command: demo, run, scan, submit, jobs, stop, runs, status, assess, label, repair, correct, report, train."""
+"""The genstress command: demo, run, scan, submit, jobs, stop, runs, status, assess, label, repair, correct,
+report, train."""
 
 from __future__ import annotations
 
@@ -316,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything Ray prints (its progress bars, worker logs and warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_scan, add_jobs, _add_inspection, add_label, add_repair, _add_correct, _add_train):
+    for add in (_add_demo, _add_run, _add_scan, add_jobs, _add_inspection, add_label, add_repair, _add_correct,
+                _add_train):
         add(sub)
     return parser
 

@@ -122,5 +122,6 @@ def scan_report(record: dict, history: list[dict], examples: dict[str, list[dict
             f"previous scan: {record['previous'] or 'none'}. A region is fixed when the version gets at least "
             f"{t['fixed_accuracy']:.0%} of its region test samples right and no failure region of this scan "
             f"overlaps it (Bhattacharyya coefficient at least {t['match_overlap']}).</p>"
-            f"<h2>alerts</h2>{alerts}<h2>trend</h2><div class='plots'><img src='{png_uri(trend_png(history))}'></div>"
+            f"<h2>alerts</h2>{alerts}<h2>trend</h2>"
+            f"<div class='plots'><img src='{png_uri(trend_png(history))}'></div>"
             f"<h2>strategies</h2>{_strategies(record)}<h2>regions</h2>{_regions(record, examples)}</body></html>")

@@ -146,7 +146,8 @@ def _check_classes(version: ModelVersion, campaigns: dict[str, CampaignConfig], 
     return names
 
 
-def _region_test(run_uri: str, region_id: int, draws: list[int], storage_options: dict) -> tuple[np.ndarray, np.ndarray]:
+def _region_test(run_uri: str, region_id: int, draws: list[int],
+                 storage_options: dict) -> tuple[np.ndarray, np.ndarray]:
     """A failure region's test samples (images, labels) from the run that found it."""
     store = RunStore.from_uri(run_uri, storage_options)
     table = store.read_table("region_sets", columns=["image", "source_label", "draw"],

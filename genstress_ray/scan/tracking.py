@@ -70,7 +70,8 @@ def closest(row: dict, tracked: list[tuple[str, dict]]) -> tuple[str, float] | N
     return tid, coefficient
 
 
-def match_regions(current: list[dict], tracked: list[tuple[str, dict]], threshold: float) -> dict[int, tuple[str, float]]:
+def match_regions(current: list[dict], tracked: list[tuple[str, dict]],
+                  threshold: float) -> dict[int, tuple[str, float]]:
     """For each current region (``region_id`` -> ...), the tracked region it overlaps most, when that
     overlap is at least ``threshold``: ``{region_id: (tracked id, coefficient)}``.
 
@@ -82,8 +83,9 @@ def match_regions(current: list[dict], tracked: list[tuple[str, dict]], threshol
 
 def is_failing(accuracy: float | None, fixed_accuracy: float, overlapped: bool) -> bool:
     """A tracked region fails on a version when a failure region of the scan overlaps it, or when the
-    version gets less than ``fixed_accuracy`` of its region test samples right."""
-    return overlapped or (accuracy is not None and accuracy < fixed_accuracy)
+    version gets less than ``fixed_accuracy`` of its region test samples right. Without test samples
+    (``accuracy`` None) nothing shows it fixed, so it counts as failing."""
+    return overlapped or accuracy is None or accuracy < fixed_accuracy
 
 
 def next_status(previous: str | None, failing: bool) -> str:

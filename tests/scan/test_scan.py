@@ -139,7 +139,8 @@ def test_versions_whose_classes_differ_are_refused(scan_config, models, tmp_path
     five = {**CNN, "num_classes": 5}
     save_checkpoint(get_model("small_cnn", **five), str(tmp_path / "five.safetensors"), "small_cnn", five)
     register(tmp_path / "registry", "v2", tmp_path / "five.safetensors")
-    with pytest.raises(ScanError, match=r"version v2 .* does not fit campaign digits: classifier gives \(5,\) outputs per image but the dataset has 10"):
+    with pytest.raises(ScanError, match=r"version v2 .* does not fit campaign digits: classifier gives \(5,\) "
+                                        r"outputs per image but the dataset has 10"):
         run_scan(scan_config, "2026-12-02")
     assert not (tmp_path / "scans/nightly/2026-12-02").exists()
 
@@ -203,7 +204,8 @@ def test_registry_and_scans_on_object_storage(scan_config, models, s3_bucket):
 
     fs = s3fs.S3FileSystem()
     fs.put(str(models["v1"]), f"{s3_bucket}/registry/v1/model.safetensors")
-    fs.pipe(f"{s3_bucket}/scans/nightly/2026-12-01/{STARTED}", json.dumps({"version": {"version": "v1", "uri": f"{s3_bucket}/registry/v1/model.safetensors"}}).encode())
+    pinned = {"version": {"version": "v1", "uri": f"{s3_bucket}/registry/v1/model.safetensors"}}
+    fs.pipe(f"{s3_bucket}/scans/nightly/2026-12-01/{STARTED}", json.dumps(pinned).encode())
     with pytest.raises(ScanError, match="scan of 2026-12-01 in s3://.* is incomplete"):
         run_scan(scan_config, "2026-12-02", output=f"{s3_bucket}/scans", registry=f"{s3_bucket}/registry")
     night = f"{s3_bucket}/scans/nightly/2026-12-01"

@@ -44,7 +44,7 @@ def test_each_current_region_matches_its_best_tracked_region_above_the_threshold
 
 def test_status_follows_failing_and_the_previous_status():
     assert is_failing(0.95, 0.9, overlapped=True) and is_failing(0.5, 0.9, overlapped=False)
-    assert not is_failing(0.95, 0.9, overlapped=False) and not is_failing(None, 0.9, overlapped=False)
+    assert not is_failing(0.95, 0.9, overlapped=False) and is_failing(None, 0.9, overlapped=False)
     history = []
     for failing in (True, True, False, False, True, True, False):
         history.append(next_status(history[-1] if history else None, failing))
