@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "genstress_ray"
 LAYERS = [
     ("foundation", ["registry", "storage", "lease", "progress", "cleanup", "data", "metrics"]),
     ("models", ["models"]),
-    ("strategies", ["strategies", "regions"]),
+    ("strategies", ["strategies", "regions", "counterfactuals"]),
     ("campaign config", ["config", "runs"]),
     ("run context", ["context"]),
     ("consumers", ["real_regions", "labeling", "repair", "assessment", "report"]),

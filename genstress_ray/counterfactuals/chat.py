@@ -1,0 +1,163 @@
+"""Counterfactuals written by a language model behind an OpenAI-compatible chat-completions endpoint
+(vLLM, Ray Serve LLM, a hosted API): the three steps of ``text``, each answer asked for as JSON and
+checked against its schema.
+
+A malformed or schema-violating answer is sent back with the error and asked again, at most
+``attempts`` times per step; after that the caption's ``Rewrite`` is recorded invalid with the error
+and the last answer. An endpoint that cannot be reached, or that does not speak the protocol, is an
+``EndpointError`` naming it: that is the deployment's fault, not one caption's.
+
+Example:
+    >>> writer = ChatWriter(ChatEndpoint("http://127.0.0.1:8000/v1", "llama-2-13b-chat"))  # doctest: +SKIP
+    >>> writer.write("a red stop sign on a sunny street", "stop sign", task="traffic sign classification")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import jsonschema
+import numpy as np
+import requests
+
+from genstress_ray.counterfactuals.text import (ALTERNATIVES_SCHEMA, CAPTIONS_SCHEMA, WORDS_SCHEMA, Rewrite,
+                                                choose_edits, modifiable, protected)
+
+
+class EndpointError(RuntimeError):
+    """The chat endpoint is unreachable, refuses the request, or does not answer in the protocol."""
+
+
+@dataclass
+class ChatEndpoint:
+    """An OpenAI-compatible ``/chat/completions`` endpoint. The API key is read from the environment
+    variable ``api_key_env`` (never stored in a config or a run); ``json_schema`` sends each step's
+    schema as ``response_format`` (structured output, which vLLM and OpenAI honour)."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    temperature: float = 0.7
+    timeout: float = 120.0
+    json_schema: bool = True
+
+    def complete(self, messages: list[dict], schema: dict | None = None, name: str = "answer") -> str:
+        """The assistant's reply text to ``messages``."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise EndpointError(f"{self.api_key_env} is not set: it holds the API key of {self.base_url}")
+            headers["Authorization"] = f"Bearer {key}"
+        body = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        if schema is not None and self.json_schema:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+        url = f"{self.base_url.rstrip('/')}/chat/completions"
+        try:
+            response = requests.post(url, json=body, headers=headers, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise EndpointError(f"chat endpoint {url} cannot be reached: {exc}") from None
+        if response.status_code != 200:
+            raise EndpointError(f"chat endpoint {url} answered HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            return response.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EndpointError(f"chat endpoint {url} did not answer in the chat-completions protocol: "
+                                f"{response.text[:300]!r}") from None
+
+
+def parse_answer(text: str, schema: dict) -> dict:
+    """The JSON object in a model's answer (code fences and text around it allowed), checked against
+    ``schema``; a ValueError says what is wrong.
+
+    >>> parse_answer('Sure! ```json\\n{"words": ["red"]}\\n```', WORDS_SCHEMA)
+    {'words': ['red']}
+    """
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    candidate = fenced.group(1) if fenced else text
+    start, end = candidate.find("{"), candidate.rfind("}")
+    if start < 0:
+        raise ValueError("the answer holds no JSON object")
+    try:
+        value = json.loads(candidate[start:end + 1] if end > start else candidate[start:])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the answer is not valid JSON: {exc}") from None
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        raise ValueError(f"the answer does not match the schema: {exc.message}") from None
+    return value
+
+
+class InvalidAnswer(Exception):
+    def __init__(self, error: str, answer: str):
+        super().__init__(error)
+        self.error, self.answer = error, answer
+
+
+STEPS = {
+    "words": ("Task: {task}. The image's class is '{label}'. Its caption: \"{caption}\". Which words of the "
+              "caption can change without changing the class? Never the class name or its synonyms. Answer with "
+              'JSON only: {{"words": ["word", ...]}}', WORDS_SCHEMA),
+    "alternatives": ("Task: {task}. The image's class is '{label}'. Caption: \"{caption}\". For each of these "
+                     "words give plausible alternatives that keep the class: {words}. Answer with JSON only: "
+                     '{{"alternatives": {{"word": ["alternative", ...]}}}}', ALTERNATIVES_SCHEMA),
+    "captions": ("Rewrite the caption \"{caption}\" with these substitutions: {edits}. Keep everything else. "
+                 'Write two different sentences. Answer with JSON only: {{"captions": ["...", "..."]}}',
+                 CAPTIONS_SCHEMA),
+}
+
+
+class ChatWriter:
+    """The language-model counterfactual writer (the reference code's three steps, with schemas and
+    bounded retries instead of regexes, ``ast.literal_eval`` and endless loops)."""
+
+    def __init__(self, endpoint: ChatEndpoint, attempts: int = 3):
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.endpoint, self.attempts = endpoint, attempts
+
+    def _ask(self, step: str, rewrite: Rewrite, **fields) -> dict:
+        prompt, schema = STEPS[step]
+        messages = [{"role": "system", "content": "You write counterfactual image descriptions. Answer with JSON."},
+                    {"role": "user", "content": prompt.format(**fields)}]
+        error, text = "", ""
+        for _ in range(self.attempts):
+            text = self.endpoint.complete(messages, schema, step)
+            rewrite.calls += 1
+            try:
+                return parse_answer(text, schema)
+            except ValueError as exc:
+                error = str(exc)
+                messages += [{"role": "assistant", "content": text},
+                             {"role": "user", "content": f"That answer is invalid: {error}. Answer again with JSON "
+                                                         f"matching this schema only: {json.dumps(schema)}"}]
+        raise InvalidAnswer(f"step {step}: no valid answer in {self.attempts} attempts; last error: {error}", text)
+
+    def write(self, caption: str, class_name: str, synonyms: list[str] = (), task: str = "image classification",
+              seed: int = 0) -> Rewrite:
+        rng = np.random.default_rng(seed)
+        rewrite = Rewrite(caption)
+        fields = {"task": task, "label": class_name, "caption": caption}
+        try:
+            words = modifiable(self._ask("words", rewrite, **fields)["words"], caption, protected(class_name, synonyms))
+            if not words:
+                raise InvalidAnswer("step words: no modifiable word of the caption (the class and its synonyms "
+                                    "are never offered)", json.dumps({"words": []}))
+            alternatives = self._ask("alternatives", rewrite, words=json.dumps(words), **fields)["alternatives"]
+            keep = {w.lower() for w in protected(class_name, synonyms)}
+            rewrite.words = words
+            rewrite.alternatives = {w: [a for a in alternatives.get(w, []) if a.lower() not in keep and a != w]
+                                    for w in words}
+            edits = choose_edits(rewrite.alternatives, rng)
+            if not edits:
+                raise InvalidAnswer("step alternatives: no usable alternative for any word", json.dumps(alternatives))
+            captions = self._ask("captions", rewrite, edits=json.dumps(edits), caption=caption, task=task,
+                                 label=class_name)["captions"]
+            rewrite.captions, rewrite.edits = captions, [edits for _ in captions]
+        except InvalidAnswer as exc:
+            rewrite.valid, rewrite.error, rewrite.answer = False, exc.error, exc.answer
+        return rewrite
