@@ -124,3 +124,35 @@ def write_tiny_autoencoder_kl(folder, channels: int = 1, side: int = 16, latent_
     AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                   latent_channels=latent_channels, norm_num_groups=4, sample_size=side).save_pretrained(folder)
+
+
+def write_tiny_blip(folder, words=("a", "an", "the", "red", "blue", "sign", "on", "street", "photo", "of")) -> None:
+    """A random-weight BLIP captioner (``BlipForConditionalGeneration`` and its processor) for 32x32
+    images, with a BERT word-piece vocabulary of ``words``; built from configs, nothing downloaded."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "max_position_embeddings": 32, "bos_token_id": 2, "sep_token_id": 3,
+            "pad_token_id": 0}
+    vision = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "image_size": 32, "patch_size": 8}
+    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+
+
+def write_tiny_controlnet(sd_folder, folder, conditioning_channels: int = 3) -> None:
+    """A random-weight ControlNet for the tiny Stable Diffusion of ``write_tiny_stable_diffusion``: its
+    UNet's encoder, and a conditioning embedding that halves the side as that VAE does."""
+    from pathlib import Path
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(Path(sd_folder) / "unet")
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8),
+                              conditioning_channels=conditioning_channels).save_pretrained(folder)

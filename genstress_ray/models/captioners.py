@@ -1,0 +1,69 @@
+"""Image captioners: a local ``transformers`` image-to-text folder (BLIP, BLIP-2 and the like).
+
+As the reference code does, each image gets ``samples`` nucleus-sampled captions, joined into one
+(two by default: one sample often misses part of the scene). Seeded, so a rerun writes the same
+captions. Nothing in the folder runs as code (``trust_remote_code`` stays off).
+
+Example:
+    >>> captioner = TransformersCaptioner("models/blip-base")  # doctest: +SKIP
+    >>> captioner.caption(images)  # uint8 (N, C, H, W)  # doctest: +SKIP
+    ['a red stop sign on a pole. a stop sign by a road', ...]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genstress_ray.models.folders import local_folder
+from genstress_ray.models.protocols import ModelError
+
+# What a captioner folder must hold (what ``save_pretrained`` of a model and its processor write).
+NEEDED = ("config.json", "preprocessor_config.json|processor_config.json", "tokenizer_config.json")
+
+
+def _check_folder(folder: Path, uri: str) -> None:
+    if not folder.is_dir():
+        raise ModelError(f"captioner {uri!r} is not a folder (a transformers image-to-text model folder)")
+    names = {p.name for p in folder.iterdir()}
+    missing = [need.split("|")[0] for need in NEEDED if not names & set(need.split("|"))]
+    if not any(n.endswith((".safetensors", ".bin")) for n in names):
+        missing.append("model.safetensors")
+    if missing:
+        raise ModelError(f"captioner folder {uri!r} lacks {', '.join(missing)} (save the model and its processor "
+                         "there with save_pretrained)")
+
+
+class TransformersCaptioner:
+    """Captions from a transformers image-to-text folder (a local path or an fsspec URI)."""
+
+    def __init__(self, uri: str, samples: int = 2, top_p: float = 0.9, max_new_tokens: int = 30,
+                 min_new_tokens: int = 0, seed: int = 0, device: str = "cpu"):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        folder = local_folder(uri, "captioner")
+        _check_folder(folder, uri)
+        try:
+            self.processor = AutoProcessor.from_pretrained(folder)
+            self.model = AutoModelForImageTextToText.from_pretrained(folder).to(device).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"captioner folder {uri!r} cannot be loaded: {exc}") from None
+        self.samples, self.top_p, self.seed, self.device = samples, top_p, seed, device
+        self.lengths = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
+
+    @torch.no_grad()
+    def caption(self, images: np.ndarray) -> list[str]:
+        """One caption per uint8 (N, C, H, W) image: its sampled captions joined with ". "."""
+        if not len(images):
+            return []
+        pictures = [np.repeat(im, 3, 0).transpose(1, 2, 0) if im.shape[0] == 1 else im.transpose(1, 2, 0)
+                    for im in images]
+        inputs = self.processor(images=pictures, return_tensors="pt").to(self.device)
+        torch.manual_seed(self.seed)
+        out = self.model.generate(**inputs, do_sample=True, top_p=self.top_p, num_return_sequences=self.samples,
+                                  **self.lengths)
+        texts = [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+        return [". ".join(dict.fromkeys(t for t in texts[i * self.samples:(i + 1) * self.samples] if t))
+                for i in range(len(images))]

@@ -1,0 +1,80 @@
+"""Regeneration that keeps the layout: Stable Diffusion with a ControlNet (diffusers'
+``StableDiffusionControlNetPipeline``), both from local folders or fsspec URIs, nothing downloaded.
+
+The reference code's settings are the defaults: UniPC, 5 steps, a fixed negative prompt, several images
+per counterfactual. Any scheduler class diffusers ships can be named instead; fp16 on a GPU.
+
+Example:
+    >>> regen = ControlNetRegenerator("models/sd15", "models/controlnet-canny")  # doctest: +SKIP
+    >>> images = regen.generate(edges, ["a red stop sign at night"], seeds=[0])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from genstress_ray.models.diffusion_generators import load_stable_diffusion
+from genstress_ray.models.folders import local_folder
+from genstress_ray.models.protocols import ModelError
+
+NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry, deformed, watermark, text"
+
+
+def scheduler_class(name: str):
+    """A diffusers scheduler class by its class name (only classes diffusers ships are accepted)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and isinstance(getattr(diffusers, n), type))
+        raise ModelError(f"scheduler {name!r} is not a diffusers scheduler; e.g. {', '.join(known[:8])}, ...")
+    return cls
+
+
+class ControlNetRegenerator:
+    """Images from prompts, each conditioned on a control image (edges of the source image)."""
+
+    def __init__(self, sd_uri: str, controlnet_uri: str, scheduler: str = "UniPCMultistepScheduler", steps: int = 5,
+                 guidance_scale: float = 7.5, negative_prompt: str = NEGATIVE_PROMPT, device: str = "cpu",
+                 fp16: bool | None = None):
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        dtype = torch.float16 if (fp16 if fp16 is not None else device.startswith("cuda")) else torch.float32
+        parts = load_stable_diffusion(sd_uri, dtype)
+        try:
+            controlnet = ControlNetModel.from_pretrained(local_folder(controlnet_uri, "controlnet"), torch_dtype=dtype,
+                                                         local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"ControlNet folder {controlnet_uri!r} failed to load: {exc}") from None
+        sched = scheduler_class(scheduler).from_config(parts.scheduler_config)
+        self.pipe = StableDiffusionControlNetPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+            controlnet=controlnet, scheduler=sched, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.channels = controlnet.config.conditioning_channels
+        self.steps, self.guidance_scale, self.negative_prompt = steps, guidance_scale, negative_prompt
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def generate(self, controls: np.ndarray, prompts: list[str], seeds: list[int], per_prompt: int = 1) -> np.ndarray:
+        """``per_prompt`` images for each (control image, prompt, seed): uint8 (N * per_prompt, 3, H, W),
+        the images of one prompt together. Control images are uint8 (N, C, H, W) at the output size."""
+        if not len(prompts):
+            return np.zeros((0, 3, *controls.shape[2:]), np.uint8)
+        if controls.shape[1] != self.channels:
+            raise ModelError(f"the ControlNet takes {self.channels}-channel control images, and these have "
+                             f"{controls.shape[1]}")
+        if not len(controls) == len(prompts) == len(seeds):
+            raise ValueError(f"{len(controls)} control images, {len(prompts)} prompts and {len(seeds)} seeds: "
+                             "one of each per counterfactual")
+        image = torch.from_numpy(np.ascontiguousarray(controls)).float().div(255).to(self.device, self.dtype)
+        generators = [torch.Generator(self.device).manual_seed(int(s) * 1000 + k) for s in seeds
+                      for k in range(per_prompt)]
+        out = self.pipe(prompt=list(prompts), image=image, num_inference_steps=self.steps,
+                        guidance_scale=self.guidance_scale, negative_prompt=[self.negative_prompt] * len(prompts),
+                        num_images_per_prompt=per_prompt, generator=generators, output_type="np",
+                        height=controls.shape[2], width=controls.shape[3]).images
+        return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8).transpose(0, 3, 1, 2)
