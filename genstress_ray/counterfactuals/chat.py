@@ -92,12 +92,6 @@ def parse_answer(text: str, schema: dict) -> dict:
     return value
 
 
-class InvalidAnswer(Exception):
-    def __init__(self, error: str, answer: str):
-        super().__init__(error)
-        self.error, self.answer = error, answer
-
-
 STEPS = {
     "words": ("Task: {task}. The image's class is '{label}'. Its caption: \"{caption}\". Which words of the "
               "caption can change without changing the class? Never the class name or its synonyms. Answer with "
@@ -109,55 +103,87 @@ STEPS = {
                  'Write two different sentences. Answer with JSON only: {{"captions": ["...", "..."]}}',
                  CAPTIONS_SCHEMA),
 }
+SYSTEM = "You write counterfactual image descriptions. Answer with JSON."
+DONE = "done"
+
+
+def start(caption: str, class_name: str, synonyms: list[str] = (), task: str = "image classification",
+          seed: int = 0) -> dict:
+    """A caption's dialogue with the language model, as JSON-able state (it travels between Ray Data
+    passes): the step it is at, the messages of that step, and what earlier steps found."""
+    state = {"caption": caption, "class_name": class_name, "synonyms": list(synonyms), "task": task, "seed": seed,
+             "calls": 0, "attempt": 0, "words": [], "alternatives": {}, "edits": [], "captions": [], "valid": True,
+             "error": "", "answer": ""}
+    return _ask(state, "words")
+
+
+def _ask(state: dict, step: str, **fields) -> dict:
+    prompt = STEPS[step][0].format(task=state["task"], label=state["class_name"], caption=state["caption"], **fields)
+    return {**state, "step": step, "attempt": 0,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]}
+
+
+def request(state: dict) -> tuple[list[dict], dict, str]:
+    """What to send for the state's step: messages, the answer's schema, the step's name."""
+    return state["messages"], STEPS[state["step"]][1], state["step"]
+
+
+def _invalid(state: dict, error: str, answer: str) -> dict:
+    return {**state, "step": DONE, "valid": False, "error": error, "answer": answer, "messages": []}
+
+
+def advance(state: dict, text: str, attempts: int) -> dict:
+    """The state after the model answered ``text``: the next step, the same step asked again with the
+    error (at most ``attempts`` answers per step), or done (valid, or invalid with why)."""
+    step, schema = state["step"], STEPS[state["step"]][1]
+    state = {**state, "calls": state["calls"] + 1, "attempt": state["attempt"] + 1}
+    try:
+        answer = parse_answer(text, schema)
+    except ValueError as exc:
+        if state["attempt"] >= attempts:
+            return _invalid(state, f"step {step}: no valid answer in {attempts} attempts; last error: {exc}", text)
+        retry = [{"role": "assistant", "content": text},
+                 {"role": "user", "content": f"That answer is invalid: {exc}. Answer again with JSON matching this "
+                                             f"schema only: {json.dumps(schema)}"}]
+        return {**state, "messages": state["messages"] + retry}
+    keep = protected(state["class_name"], state["synonyms"])
+    if step == "words":
+        words = modifiable(answer["words"], state["caption"], keep)
+        if not words:
+            return _invalid(state, "step words: no modifiable word of the caption (the class and its synonyms are "
+                                   "never offered)", text)
+        return _ask({**state, "words": words}, "alternatives", words=json.dumps(words))
+    if step == "alternatives":
+        alternatives = {w: [a for a in answer["alternatives"].get(w, []) if a.lower() not in keep and a != w]
+                        for w in state["words"]}
+        edits = choose_edits(alternatives, np.random.default_rng(state["seed"]))
+        if not edits:
+            return _invalid({**state, "alternatives": alternatives}, "step alternatives: no usable alternative for "
+                            "any word", text)
+        return _ask({**state, "alternatives": alternatives, "edits": edits}, "captions", edits=json.dumps(edits))
+    return {**state, "step": DONE, "captions": answer["captions"], "messages": []}
+
+
+def to_rewrite(state: dict) -> Rewrite:
+    """A finished dialogue as a ``Rewrite`` (every caption made with the chosen edits)."""
+    return Rewrite(state["caption"], state["words"], state["alternatives"],
+                   [state["edits"] for _ in state["captions"]], state["captions"], state["valid"], state["error"],
+                   state["answer"], state["calls"])
 
 
 class ChatWriter:
     """The language-model counterfactual writer (the reference code's three steps, with schemas and
-    bounded retries instead of regexes, ``ast.literal_eval`` and endless loops)."""
+    bounded retries instead of regexes, ``ast.literal_eval`` and endless loops), one caption at a time;
+    ``stages.rewrites`` runs the same dialogue over a dataset with Ray Data's LLM processors."""
 
     def __init__(self, endpoint: ChatEndpoint, attempts: int = 3):
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         self.endpoint, self.attempts = endpoint, attempts
 
-    def _ask(self, step: str, rewrite: Rewrite, **fields) -> dict:
-        prompt, schema = STEPS[step]
-        messages = [{"role": "system", "content": "You write counterfactual image descriptions. Answer with JSON."},
-                    {"role": "user", "content": prompt.format(**fields)}]
-        error, text = "", ""
-        for _ in range(self.attempts):
-            text = self.endpoint.complete(messages, schema, step)
-            rewrite.calls += 1
-            try:
-                return parse_answer(text, schema)
-            except ValueError as exc:
-                error = str(exc)
-                messages += [{"role": "assistant", "content": text},
-                             {"role": "user", "content": f"That answer is invalid: {error}. Answer again with JSON "
-                                                         f"matching this schema only: {json.dumps(schema)}"}]
-        raise InvalidAnswer(f"step {step}: no valid answer in {self.attempts} attempts; last error: {error}", text)
-
     def write(self, caption: str, class_name: str, synonyms: list[str] = (), task: str = "image classification",
               seed: int = 0) -> Rewrite:
-        rng = np.random.default_rng(seed)
-        rewrite = Rewrite(caption)
-        fields = {"task": task, "label": class_name, "caption": caption}
-        try:
-            words = modifiable(self._ask("words", rewrite, **fields)["words"], caption, protected(class_name, synonyms))
-            if not words:
-                raise InvalidAnswer("step words: no modifiable word of the caption (the class and its synonyms "
-                                    "are never offered)", json.dumps({"words": []}))
-            alternatives = self._ask("alternatives", rewrite, words=json.dumps(words), **fields)["alternatives"]
-            keep = {w.lower() for w in protected(class_name, synonyms)}
-            rewrite.words = words
-            rewrite.alternatives = {w: [a for a in alternatives.get(w, []) if a.lower() not in keep and a != w]
-                                    for w in words}
-            edits = choose_edits(rewrite.alternatives, rng)
-            if not edits:
-                raise InvalidAnswer("step alternatives: no usable alternative for any word", json.dumps(alternatives))
-            captions = self._ask("captions", rewrite, edits=json.dumps(edits), caption=caption, task=task,
-                                 label=class_name)["captions"]
-            rewrite.captions, rewrite.edits = captions, [edits for _ in captions]
-        except InvalidAnswer as exc:
-            rewrite.valid, rewrite.error, rewrite.answer = False, exc.error, exc.answer
-        return rewrite
+        state = start(caption, class_name, synonyms, task, seed)
+        while state["step"] != DONE:
+            state = advance(state, self.endpoint.complete(*request(state)), self.attempts)
+        return to_rewrite(state)

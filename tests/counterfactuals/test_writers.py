@@ -14,11 +14,13 @@ from genstress_ray.counterfactuals import WRITERS, ChatEndpoint, ChatWriter, End
 
 
 class ScriptedChat(ThreadingHTTPServer):
-    """Speaks ``POST /v1/chat/completions``: each request gets the next scripted reply, and is recorded."""
+    """Speaks ``POST /v1/chat/completions``: each request gets the next scripted reply (or, with a
+    function, its reply to the request body), and is recorded."""
 
-    def __init__(self, replies: list):
+    def __init__(self, replies):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.replies, self.requests, self.headers_seen = list(replies), [], []
+        self.replies = replies if callable(replies) else list(replies)
+        self.requests, self.headers_seen = [], []
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -35,11 +37,12 @@ class _Handler(BaseHTTPRequestHandler):
         assert self.path == "/v1/chat/completions"
         server.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         server.headers_seen.append(dict(self.headers))
-        reply = server.replies.pop(0)
+        reply = server.replies(server.requests[-1]) if callable(server.replies) else server.replies.pop(0)
         status, body = (reply if isinstance(reply, tuple) else
                         (200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})))
         data = body.encode()
         self.send_response(status)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
