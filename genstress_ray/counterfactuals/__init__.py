@@ -2,15 +2,20 @@
 written by a language model (``chat``) or offline from attribute lexicons (``lexicon``), registered
 in ``WRITERS``. Plain Python: no Ray, no torch."""
 
-from genstress_ray.counterfactuals.chat import ChatEndpoint, ChatWriter, EndpointError, parse_answer
+from genstress_ray.counterfactuals.chat import ChatEndpoint, ChatWriter, EndpointCaptioner, EndpointError, parse_answer
 from genstress_ray.counterfactuals.lexicon import LEXICONS, LexiconWriter
 from genstress_ray.counterfactuals.text import Rewrite, protected, substitute
-from genstress_ray.registry import Registry
+from genstress_ray.registry import Registry, resolve
 
 # name -> a factory taking the writer's options (a config's ``writer`` section).
 WRITERS: Registry = Registry("counterfactual writer")
 WRITERS.register("lexicon", lambda **options: LexiconWriter(**options))
 WRITERS.register("chat", lambda attempts=3, **endpoint: ChatWriter(ChatEndpoint(**endpoint), attempts))
+# name -> a captioner factory: a transformers image-to-text folder, or a vision chat endpoint.
+CAPTIONERS: Registry = Registry("captioner")
+CAPTIONERS.register("transformers", lambda uri, **options: resolve(
+    "genstress_ray.models.captioners:TransformersCaptioner")(uri, **options))
+CAPTIONERS.register("chat", lambda samples=2, **endpoint: EndpointCaptioner(ChatEndpoint(**endpoint), samples))
 
-__all__ = ["LEXICONS", "WRITERS", "ChatEndpoint", "ChatWriter", "EndpointError", "LexiconWriter", "Rewrite",
-           "parse_answer", "protected", "substitute"]
+__all__ = ["CAPTIONERS", "LEXICONS", "WRITERS", "ChatEndpoint", "ChatWriter", "EndpointCaptioner", "EndpointError",
+           "LexiconWriter", "Rewrite", "parse_answer", "protected", "substitute"]

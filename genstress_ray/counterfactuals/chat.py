@@ -9,7 +9,7 @@ and the last answer. An endpoint that cannot be reached, or that does not speak 
 
 Example:
     >>> writer = ChatWriter(ChatEndpoint("http://127.0.0.1:8000/v1", "llama-2-13b-chat"))  # doctest: +SKIP
-    >>> writer.write("a red stop sign on a sunny street", "stop sign", task="traffic sign classification")  # doctest: +SKIP
+    >>> writer.write("a red stop sign on a sunny street", "stop sign", task="traffic signs")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -187,3 +187,31 @@ class ChatWriter:
         while state["step"] != DONE:
             state = advance(state, self.endpoint.complete(*request(state)), self.attempts)
         return to_rewrite(state)
+
+
+class EndpointCaptioner:
+    """Captions from a vision chat endpoint (OpenAI-compatible, an image sent as a PNG data URI):
+    ``samples`` answers per image, joined as the transformers captioner joins its samples."""
+
+    PROMPT = "Describe this image in one short sentence: the main object, its colours, the background."
+
+    def __init__(self, endpoint: ChatEndpoint, samples: int = 2, prompt: str = PROMPT):
+        self.endpoint, self.samples, self.prompt = endpoint, samples, prompt
+
+    def caption(self, images: np.ndarray) -> list[str]:
+        """One caption per uint8 (N, C, H, W) image."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        out = []
+        for image in images:
+            buf = io.BytesIO()
+            Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, format="PNG")
+            uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            messages = [{"role": "user", "content": [{"type": "text", "text": self.prompt},
+                                                     {"type": "image_url", "image_url": {"url": uri}}]}]
+            texts = [self.endpoint.complete(messages).strip() for _ in range(self.samples)]
+            out.append(". ".join(dict.fromkeys(t.rstrip(".") for t in texts if t)))
+        return out

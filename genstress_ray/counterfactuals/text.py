@@ -27,7 +27,8 @@ MAX_EDITS = 3  # substitutions per counterfactual, as in the reference code
 @dataclass
 class Rewrite:
     """The counterfactuals of one caption: the modifiable ``words``, their ``alternatives``, the rewritten
-    ``captions`` and, for each, its ``edits`` ([word, alternative] pairs; word "" for an added phrase). ``valid`` is False when a step
+    ``captions`` and, for each, its ``edits`` ([word, alternative] pairs; word "" for an added phrase).
+    ``valid`` is False when a step
     produced no usable answer; ``error`` and ``answer`` then hold why and the last text received.
     ``calls``: language-model calls made (0 for the offline writer)."""
 
@@ -66,7 +67,8 @@ def modifiable(words: list[str], caption: str, keep: set[str]) -> list[str]:
     return out
 
 
-def choose_edits(alternatives: dict[str, list[str]], rng: np.random.Generator, most: int = MAX_EDITS) -> list[list[str]]:
+def choose_edits(alternatives: dict[str, list[str]], rng: np.random.Generator,
+                 most: int = MAX_EDITS) -> list[list[str]]:
     """Up to ``most`` substitutions, each a [word, alternative] pair for a different word (seeded)."""
     words = [w for w, alts in alternatives.items() if alts]
     if not words:

@@ -63,7 +63,7 @@ def test_an_endpoint_that_does_not_speak_the_protocol_fails_named(ray_cluster):
     server = ScriptedChat(lambda body: None)
     server.replies = lambda body: (200, json.dumps({"answer": "hello"}))
     try:
-        with pytest.raises(EndpointError, match="chat endpoint .*/chat/completions failed: .*chat-completions protocol"):
+        with pytest.raises(EndpointError, match="/chat/completions failed: .*chat-completions protocol"):
             write_counterfactuals(ray.data.from_items([{"caption": "a red sign", "class_name": "sign"}]),
                                   ChatEndpoint(server.url, "scripted"))
     finally:

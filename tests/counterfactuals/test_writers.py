@@ -78,7 +78,8 @@ def test_lexicon_writer_swaps_attributes_and_never_the_class():
     assert "red" not in LexiconWriter().write("a red square", "red").words
     # No lexicon word: an attribute phrase is added instead.
     plain = writer.write("a digit three", "3", seed=0)
-    assert plain.valid and all(c.startswith("a digit three ") and e[0][0] == "" for c, e in zip(plain.captions, plain.edits))
+    assert plain.valid
+    assert all(c.startswith("a digit three ") and e[0][0] == "" for c, e in zip(plain.captions, plain.edits))
 
 
 def test_chat_writer_retries_bad_answers_with_the_error_and_filters_the_class(chat):
@@ -132,3 +133,22 @@ def test_an_endpoint_that_is_down_or_off_protocol_is_named(chat, monkeypatch):
     keyed = chat(['{"words": []}'])
     ChatWriter(ChatEndpoint(keyed.url, "m", api_key_env="GENSTRESS_TEST_KEY")).write(CAPTION, "stop sign")
     assert keyed.headers_seen[0]["Authorization"] == "Bearer sk-local"
+
+
+def test_an_endpoint_captioner_sends_the_image_and_joins_its_samples(chat):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from genstress_ray.counterfactuals import CAPTIONERS
+
+    server = chat(["A red sign on a pole.", "A red sign on a pole.", "A grey digit", "a digit on black"])
+    captioner = CAPTIONERS.get("chat")(base_url=server.url, model="vision")
+    images = np.zeros((2, 1, 8, 8), np.uint8)
+    images[1, 0, 2:6, 2:6] = 255
+    assert captioner.caption(images) == ["A red sign on a pole", "A grey digit. a digit on black"]
+    content = server.requests[2]["messages"][0]["content"]
+    png = base64.b64decode(content[1]["image_url"]["url"].removeprefix("data:image/png;base64,"))
+    assert (np.asarray(Image.open(io.BytesIO(png))) == images[1, 0]).all() and content[0]["type"] == "text"

@@ -129,7 +129,8 @@ def write_tiny_autoencoder_kl(folder, channels: int = 1, side: int = 16, latent_
 def write_tiny_blip(folder, words=("a", "an", "the", "red", "blue", "sign", "on", "street", "photo", "of")) -> None:
     """A random-weight BLIP captioner (``BlipForConditionalGeneration`` and its processor) for 32x32
     images, with a BERT word-piece vocabulary of ``words``; built from configs, nothing downloaded."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil,
+                              BlipProcessor)
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})

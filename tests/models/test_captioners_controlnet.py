@@ -41,6 +41,10 @@ def test_captions_are_sampled_seeded_and_joined(blip):
     assert captioner.caption(images) == captions  # seeded
     assert TransformersCaptioner(blip, min_new_tokens=3, max_new_tokens=6, seed=2).caption(images) != captions
     assert captioner.caption(images[:0]) == []
+    from genstress_ray.counterfactuals import CAPTIONERS
+
+    same = CAPTIONERS.get("transformers")(blip, min_new_tokens=3, max_new_tokens=6, seed=1)
+    assert same.caption(images) == captions
 
 
 def test_a_captioner_folder_missing_files_is_named(blip, tmp_path):
