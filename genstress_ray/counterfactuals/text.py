@@ -28,8 +28,8 @@ MAX_EDITS = 3  # substitutions per counterfactual, as in the reference code
 class Rewrite:
     """The counterfactuals of one caption: the modifiable ``words``, their ``alternatives``, the rewritten
     ``captions`` and, for each, its ``edits`` ([word, alternative] pairs; word "" for an added phrase).
-    ``valid`` is False when a step
-    produced no usable answer; ``error`` and ``answer`` then hold why and the last text received.
+    ``valid`` is False when a step produced no usable answer; ``error`` and ``answer`` then hold why and
+    the last text received.
     ``calls``: language-model calls made (0 for the offline writer)."""
 
     caption: str
