@@ -44,20 +44,33 @@ class ChatEndpoint:
     timeout: float = 120.0
     json_schema: bool = True
 
-    def complete(self, messages: list[dict], schema: dict | None = None, name: str = "answer") -> str:
-        """The assistant's reply text to ``messages``."""
+    @property
+    def url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/chat/completions"
+
+    def headers(self) -> dict:
+        """The request headers, with the API key from the environment."""
         headers = {"Content-Type": "application/json"}
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
             if not key:
                 raise EndpointError(f"{self.api_key_env} is not set: it holds the API key of {self.base_url}")
             headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def body(self, messages: list[dict], schema: dict | None = None, name: str = "answer") -> dict:
+        """The request body; with a ``schema`` (and ``json_schema``), asking for structured output."""
         body = {"model": self.model, "messages": messages, "temperature": self.temperature}
         if schema is not None and self.json_schema:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
-        url = f"{self.base_url.rstrip('/')}/chat/completions"
+        return body
+
+    def complete(self, messages: list[dict], schema: dict | None = None, name: str = "answer") -> str:
+        """The assistant's reply text to ``messages``."""
+        url = self.url
         try:
-            response = requests.post(url, json=body, headers=headers, timeout=self.timeout)
+            response = requests.post(url, json=self.body(messages, schema, name), headers=self.headers(),
+                                     timeout=self.timeout)
         except requests.RequestException as exc:
             raise EndpointError(f"chat endpoint {url} cannot be reached: {exc}") from None
         if response.status_code != 200:

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import ray
@@ -25,24 +24,6 @@ from genstress_ray.counterfactuals.chat import (DONE, STEPS, ChatEndpoint, Endpo
 from genstress_ray.storage import short_cause
 
 PASSES_PER_ATTEMPT = len(STEPS)
-
-
-def _headers(endpoint: ChatEndpoint) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if endpoint.api_key_env:
-        key = os.environ.get(endpoint.api_key_env)
-        if not key:
-            raise EndpointError(f"{endpoint.api_key_env} is not set: it holds the API key of {endpoint.base_url}")
-        headers["Authorization"] = f"Bearer {key}"
-    return headers
-
-
-def _payload(endpoint: ChatEndpoint, state: dict) -> dict:
-    messages, schema, name = request(state)
-    body = {"model": endpoint.model, "messages": messages, "temperature": endpoint.temperature}
-    if endpoint.json_schema:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
-    return body
 
 
 def _reply(response) -> str:
@@ -72,8 +53,8 @@ def write_counterfactuals(ds: ray.data.Dataset, endpoint: ChatEndpoint, attempts
     from ray.data.expressions import col
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    url = f"{endpoint.base_url.rstrip('/')}/chat/completions"
-    config = HttpRequestProcessorConfig(url=url, headers=_headers(endpoint), concurrency=concurrency,
+    url = endpoint.url
+    config = HttpRequestProcessorConfig(url=url, headers=endpoint.headers(), concurrency=concurrency,
                                         batch_size=batch_size, qps=qps)
 
     def begin(row: dict) -> dict:
@@ -85,8 +66,8 @@ def write_counterfactuals(ds: ray.data.Dataset, endpoint: ChatEndpoint, attempts
         kept = {k: v for k, v in row.items() if k not in ("http_response", "payload")}
         return {**kept, "dialogue": json.dumps(state), "step": state["step"]}
 
-    processor = build_processor(config, preprocess=lambda row: {**row, "payload": _payload(
-        endpoint, json.loads(row["dialogue"]))}, postprocess=answered)
+    processor = build_processor(config, preprocess=lambda row: {**row, "payload": endpoint.body(
+        *request(json.loads(row["dialogue"])))}, postprocess=answered)
     states = ds.map(begin).materialize()
     for _ in range(PASSES_PER_ATTEMPT * attempts):
         pending = states.filter(expr=col("step") != DONE)
