@@ -100,3 +100,27 @@ def test_reconstruction_error_separates_real_digits_from_noise():
     real = reconstruction_error(vae, test.tensors()[0])
     noise = reconstruction_error(vae, torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
     assert real.shape == (50,) and float(torch.quantile(real, 0.95)) < float(noise.min())
+
+
+def test_edge_agreement_scores_kept_layout():
+    from genstress_ray.counterfactuals.control import canny
+    from genstress_ray.metrics import edge_agreement
+
+    square = np.zeros((1, 1, 32, 32), np.uint8)
+    square[..., 8:24, 8:24] = 255
+    moved = np.roll(square, 6, axis=3)
+    edges = lambda x: torch.from_numpy(canny(x))  # noqa: E731
+    same, shifted = edge_agreement(edges(square), edges(square)), edge_agreement(edges(square), edges(moved))
+    assert same.item() == 1.0 and 0 < shifted.item() < 0.7  # the horizontal edges still overlap in part
+    assert edge_agreement(edges(square), edges(moved), tolerance=6).item() > shifted.item()
+    empty = torch.zeros(1, 3, 32, 32)
+    assert edge_agreement(empty, empty).item() == 1.0 and edge_agreement(empty, edges(square)).item() == 0.0
+
+
+def test_text_diversity_of_counterfactual_captions():
+    from genstress_ray.metrics import text_diversity
+
+    same = text_diversity(["a red sign on a street"] * 3)
+    varied = text_diversity(["a red sign on a street", "a blue sign in a forest", "a green sign at night"])
+    assert same["jaccard"] == 0 and varied["jaccard"] > 0.5 and varied["distinct_2"] > same["distinct_2"]
+    assert np.isnan(text_diversity(["one text"])["jaccard"])
