@@ -3,6 +3,7 @@ written by a language model (``chat``) or offline from attribute lexicons (``lex
 in ``WRITERS``. Plain Python: no Ray, no torch."""
 
 from genstress_ray.counterfactuals.chat import ChatEndpoint, ChatWriter, EndpointCaptioner, EndpointError, parse_answer
+from genstress_ray.counterfactuals.control import CONTROLS
 from genstress_ray.counterfactuals.lexicon import LEXICONS, LexiconWriter
 from genstress_ray.counterfactuals.text import Rewrite, protected, substitute
 from genstress_ray.registry import Registry, resolve
@@ -17,5 +18,5 @@ CAPTIONERS.register("transformers", lambda uri, **options: resolve(
     "genstress_ray.models.captioners:TransformersCaptioner")(uri, **options))
 CAPTIONERS.register("chat", lambda samples=2, **endpoint: EndpointCaptioner(ChatEndpoint(**endpoint), samples))
 
-__all__ = ["CAPTIONERS", "LEXICONS", "WRITERS", "ChatEndpoint", "ChatWriter", "EndpointCaptioner", "EndpointError",
+__all__ = ["CAPTIONERS", "CONTROLS", "LEXICONS", "WRITERS", "ChatEndpoint", "ChatWriter", "EndpointCaptioner", "EndpointError",
            "LexiconWriter", "Rewrite", "parse_answer", "protected", "substitute"]
