@@ -9,11 +9,11 @@ from genstress_ray.counterfactuals.text import Rewrite, protected, substitute
 from genstress_ray.registry import Registry, resolve
 
 # name -> a factory taking the writer's options (a config's ``writer`` section).
-WRITERS: Registry = Registry("counterfactual writer")
+WRITERS: Registry = Registry("counterfactual writer", ValueError)
 WRITERS.register("lexicon", lambda **options: LexiconWriter(**options))
 WRITERS.register("chat", lambda attempts=3, **endpoint: ChatWriter(ChatEndpoint(**endpoint), attempts))
 # name -> a captioner factory: a transformers image-to-text folder, or a vision chat endpoint.
-CAPTIONERS: Registry = Registry("captioner")
+CAPTIONERS: Registry = Registry("captioner", ValueError)
 CAPTIONERS.register("transformers", lambda uri, **options: resolve(
     "genstress_ray.models.captioners:TransformersCaptioner")(uri, **options))
 CAPTIONERS.register("chat", lambda samples=2, **endpoint: EndpointCaptioner(ChatEndpoint(**endpoint), samples))

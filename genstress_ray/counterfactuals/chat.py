@@ -211,8 +211,8 @@ class EndpointCaptioner:
     def __init__(self, endpoint: ChatEndpoint, samples: int = 2, prompt: str = PROMPT):
         self.endpoint, self.samples, self.prompt = endpoint, samples, prompt
 
-    def caption(self, images: np.ndarray) -> list[str]:
-        """One caption per uint8 (N, C, H, W) image."""
+    def caption(self, images: np.ndarray, seeds: list[int] | None = None) -> list[str]:
+        """One caption per uint8 (N, C, H, W) image (``seeds`` unused: the endpoint samples)."""
         import base64
         import io
 

@@ -29,5 +29,5 @@ def canny(images: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     return out
 
 
-CONTROLS: Registry = Registry("control image kind")
+CONTROLS: Registry = Registry("control image kind", ValueError)
 CONTROLS.register("canny", canny)

@@ -54,14 +54,21 @@ class TransformersCaptioner:
         self.lengths = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
 
     @torch.no_grad()
-    def caption(self, images: np.ndarray) -> list[str]:
-        """One caption per uint8 (N, C, H, W) image: its sampled captions joined with ". "."""
+    def caption(self, images: np.ndarray, seeds: list[int] | None = None) -> list[str]:
+        """One caption per uint8 (N, C, H, W) image: its sampled captions joined with ". ". With ``seeds``
+        (one per image), each image is captioned from its own seed, so its caption does not depend on the
+        batch it came in; without, the batch is sampled together from the captioner's seed."""
         if not len(images):
             return []
+        if seeds is not None:
+            return [self._caption(images[i:i + 1], s)[0] for i, s in enumerate(seeds)]
+        return self._caption(images, self.seed)
+
+    def _caption(self, images: np.ndarray, seed: int) -> list[str]:
         pictures = [np.repeat(im, 3, 0).transpose(1, 2, 0) if im.shape[0] == 1 else im.transpose(1, 2, 0)
                     for im in images]
         inputs = self.processor(images=pictures, return_tensors="pt").to(self.device)
-        torch.manual_seed(self.seed)
+        torch.manual_seed(seed)
         out = self.model.generate(**inputs, do_sample=True, top_p=self.top_p, num_return_sequences=self.samples,
                                   **self.lengths)
         texts = [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]

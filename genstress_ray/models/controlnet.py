@@ -14,11 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genstress_ray.models.diffusion_generators import load_stable_diffusion
+from genstress_ray.counterfactuals.text import NEGATIVE_PROMPT
+from genstress_ray.models.diffusion_generators import StableDiffusionComponents, load_stable_diffusion
 from genstress_ray.models.folders import local_folder
 from genstress_ray.models.protocols import ModelError
-
-NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry, deformed, watermark, text"
 
 
 def scheduler_class(name: str):
@@ -34,15 +33,21 @@ def scheduler_class(name: str):
 
 
 class ControlNetRegenerator:
-    """Images from prompts, each conditioned on a control image (edges of the source image)."""
+    """Images from prompts, each conditioned on a control image (edges of the source image).
 
-    def __init__(self, sd_uri: str, controlnet_uri: str, scheduler: str = "UniPCMultistepScheduler", steps: int = 5,
-                 guidance_scale: float = 7.5, negative_prompt: str = NEGATIVE_PROMPT, device: str = "cpu",
-                 fp16: bool | None = None):
+    ``sd``: a Stable Diffusion folder's URI, or its parts already loaded (a run's generator: the
+    pipeline shares them, in their dtype)."""
+
+    def __init__(self, sd: str | StableDiffusionComponents, controlnet_uri: str,
+                 scheduler: str = "UniPCMultistepScheduler", steps: int = 5, guidance_scale: float = 7.5,
+                 negative_prompt: str = NEGATIVE_PROMPT, device: str = "cpu", fp16: bool | None = None):
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-        dtype = torch.float16 if (fp16 if fp16 is not None else device.startswith("cuda")) else torch.float32
-        parts = load_stable_diffusion(sd_uri, dtype)
+        if isinstance(sd, StableDiffusionComponents):
+            parts, dtype = sd, next(sd.unet.parameters()).dtype
+        else:
+            dtype = torch.float16 if (fp16 if fp16 is not None else device.startswith("cuda")) else torch.float32
+            parts = load_stable_diffusion(sd, dtype)
         try:
             controlnet = ControlNetModel.from_pretrained(local_folder(controlnet_uri, "controlnet"), torch_dtype=dtype,
                                                          local_files_only=True)
@@ -55,15 +60,21 @@ class ControlNetRegenerator:
             requires_safety_checker=False).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.channels = controlnet.config.conditioning_channels
+        self.size = parts.unet.config.sample_size * self.pipe.vae_scale_factor  # the side it was trained at
+        self.scaling = float(getattr(parts.vae.config, "scaling_factor", 0.18215))
         self.steps, self.guidance_scale, self.negative_prompt = steps, guidance_scale, negative_prompt
         self.device, self.dtype = device, dtype
 
     @torch.no_grad()
-    def generate(self, controls: np.ndarray, prompts: list[str], seeds: list[int], per_prompt: int = 1) -> np.ndarray:
+    def generate(self, controls: np.ndarray, prompts: list[str], seeds: list[int], per_prompt: int = 1,
+                 latents: bool = False):
         """``per_prompt`` images for each (control image, prompt, seed): uint8 (N * per_prompt, 3, H, W),
-        the images of one prompt together. Control images are uint8 (N, C, H, W) at the output size."""
+        the images of one prompt together. Control images are uint8 (N, C, H, W) at the output size.
+        With ``latents``, also the final denoised latents (float32, scaled as the UNet sees them: what
+        ``StableDiffusion.decode`` turns back into images)."""
         if not len(prompts):
-            return np.zeros((0, 3, *controls.shape[2:]), np.uint8)
+            empty = np.zeros((0, 3, *controls.shape[2:]), np.uint8)
+            return (empty, torch.zeros(0, 0)) if latents else empty
         if controls.shape[1] != self.channels:
             raise ModelError(f"the ControlNet takes {self.channels}-channel control images, and these have "
                              f"{controls.shape[1]}")
@@ -75,6 +86,8 @@ class ControlNetRegenerator:
                       for k in range(per_prompt)]
         out = self.pipe(prompt=list(prompts), image=image, num_inference_steps=self.steps,
                         guidance_scale=self.guidance_scale, negative_prompt=[self.negative_prompt] * len(prompts),
-                        num_images_per_prompt=per_prompt, generator=generators, output_type="np",
+                        num_images_per_prompt=per_prompt, generator=generators, output_type="latent",
                         height=controls.shape[2], width=controls.shape[3]).images
-        return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8).transpose(0, 3, 1, 2)
+        decoded = self.pipe.vae.decode(out / self.scaling).sample.float()
+        images = (decoded / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+        return (images, out.float().cpu()) if latents else images

@@ -163,8 +163,9 @@ class StableDiffusion(DiffusionGenerator):
         return self._cfg(self.parts.unet(torch.cat([x, x]), t, encoder_hidden_states=hidden).sample, beta)
 
     def decode(self, latents):
-        latents = latents.reshape(len(latents), *self.latent_shape)
-        images = self._to_unit(self.parts.vae.decode(latents / self.scaling).sample.float())
+        vae = self.parts.vae
+        latents = latents.reshape(len(latents), *self.latent_shape).to(next(vae.parameters()).dtype)
+        images = self._to_unit(vae.decode(latents / self.scaling).sample.float())
         if images.shape[1] != self.image_shape[0]:
             images = images.mean(1, keepdim=True) if self.image_shape[0] == 1 else images
         if tuple(images.shape[2:]) != self.image_shape[1:]:
