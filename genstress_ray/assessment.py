@@ -25,7 +25,7 @@ from genstress_ray.data import to_float
 from genstress_ray.data.sources import decode_images
 from genstress_ray.metrics import (class_subset, distinct_class_pairs, entropy, fault_detection, frechet_distance,
                                    kldb, mean_pairwise_distance, penultimate_features, reconstruction_error, ssim,
-                                   top_in_subset)
+                                   text_diversity, top_in_subset)
 from genstress_ray.context import RunContext, load_split, model_ref
 from genstress_ray.models import load_generator
 from genstress_ray.registry import resolve
@@ -128,6 +128,34 @@ def assess_mixing(ctx: RunContext, classifier) -> dict[str, Any]:
                             "max_iterations": int(iterations.max()),
                             "searches_budget_stopped": counts.get("searches_budget_stopped", 0),
                             "seeds_skipped": counts.get("seeds_skipped", 0)}
+    return summary
+
+
+def assess_counterfactual(ctx: RunContext, classifier) -> dict[str, Any]:
+    """``assess_search``, plus what the counterfactual method adds: faults per language-model call,
+    invalid rewrites, how often the prediction moved off the one on the source image, whether the
+    layout was kept (edge agreement, SSIM to the source), diversity of the counterfactual texts and,
+    when the config has an ``oracle``, the share of faults it still gives the source label (valid
+    counterfactuals keep the label)."""
+    faults, fault_x = _fault_images(ctx)
+    summary = assess_search(ctx, classifier, (faults, fault_x))
+    counts = ctx.store.marker("identify")
+    calls = counts.get("llm_calls", 0)
+    summary["fault_detection"]["faults_per_llm_call"] = counts.get("faults", 0) / calls if calls else float("nan")
+    params = [json.loads(p) for p in faults["params"].to_pylist()]
+    mean = (lambda key: float(np.mean([p[key] for p in params])) if params else float("nan"))
+    summary["counterfactual"] = {
+        "sources": counts.get("sources", 0), "texts": counts.get("counterfactual_texts", 0), "llm_calls": calls,
+        "rewrites_invalid": counts.get("rewrites_invalid", 0),
+        "rewrites_invalid_first": counts.get("rewrites_invalid_first", []),
+        "flip_rate": counts.get("flipped", 0) / counts["candidates"] if counts.get("candidates") else float("nan"),
+        "fault_edge_agreement": mean("edge_agreement"), "fault_ssim_to_source": mean("ssim"),
+        "fault_text_diversity": text_diversity(sorted({p["text"] for p in params}))}
+    if ctx.cfg.oracle is not None and faults.num_rows:
+        with torch.no_grad():
+            oracle_pred = ctx.oracle()(fault_x).argmax(1).numpy()
+        kept = oracle_pred == faults["source_label"].to_numpy(zero_copy_only=False)
+        summary["validity"]["oracle_keeps_label"] = float(kept.mean())
     return summary
 
 

@@ -93,6 +93,19 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def tiny_controlnet(tmp_path_factory) -> dict[str, str]:
+    """Random-weight tiny Stable Diffusion (16x16 images from 4x8x8 latents) and a Canny ControlNet for
+    it, in diffusers folder layout, for the counterfactual strategy."""
+    from models.factories import write_tiny_controlnet, write_tiny_stable_diffusion
+
+    root = tmp_path_factory.mktemp("controlnet")
+    write_tiny_stable_diffusion(root / "sd", words=("a", "photo", "of", "digit", "red", "blue", "at", "night",
+                                                    "in", "snow", "the", "fog"))
+    write_tiny_controlnet(root / "sd", root / "canny")
+    return {"stable_diffusion": str(root / "sd"), "controlnet": str(root / "canny")}
+
+
 @pytest.fixture
 def tiny_config(tiny_models, tmp_path) -> dict:
     """A small digits campaign on the tiny models; finishes in seconds."""

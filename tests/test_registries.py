@@ -48,6 +48,7 @@ TINY_STRATEGY = {
     "mixing": {"seeds": 10, "budget_calls": 20, "tolerance": 0.05, "keep": "all"},
     "kldb": {"classes": ["4", "9"], "seeds": 5, "alphas": [0.0, 0.2], "betas": [1.0], "steps": 4,
              "guidance_every": 2, "scheduler": "ddim"},
+    "counterfactual": {"controlnet": "tiny-controlnet", "per_caption": 2, "steps": 2, "keep": "all"},
 }
 GENERATOR_OF_KIND = {"latent_generator": "generator", "style_generator": "style_generator",
                      "diffusion_model": "diffusion_model"}
@@ -80,7 +81,7 @@ def test_a_bad_strategy_parameter_is_named_in_the_error(name):
 @pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.parametrize("name", STRATEGIES.names())
 def test_a_strategy_writes_the_samples_schema_with_unique_ids_and_the_same_rows_however_it_is_run(
-        name, tiny_config, tiny_models, style_classifier, tmp_path):
+        name, tiny_config, tiny_models, tiny_controlnet, style_classifier, tmp_path):
     from genstress_ray.pipeline import run_campaign
 
     strategy = STRATEGIES.get(name)
@@ -89,6 +90,10 @@ def test_a_strategy_writes_the_samples_schema_with_unique_ids_and_the_same_rows_
     if strategy.generator_kind == "style_generator":
         base["classifier"] = {"uri": style_classifier}
     base["strategy"] = {"name": name, **TINY_STRATEGY[name]}
+    if name == "counterfactual":  # Stable Diffusion and its ControlNet are folders, made once per session
+        base["generator"] = {"uri": tiny_controlnet["stable_diffusion"]}
+        base["strategy"]["controlnet"] = tiny_controlnet["controlnet"]
+        base["data"]["search"]["limit"] = 12
     tables = []
     for actors, batch_size in ((1, 8), (2, 8), (1, 5)):  # at least two batches for two actors
         cfg = copy.deepcopy(base)

@@ -9,6 +9,7 @@ they were made from, and samples drawn from the region.
 from __future__ import annotations
 
 import html
+import json
 import io
 from collections import Counter
 
@@ -154,6 +155,28 @@ def search_table(a: dict) -> str:
     return _table(rows)
 
 
+def counterfactual_table(a: dict) -> str:
+    """An LLM-counterfactual run's assessment: ``search_table`` and what the method adds."""
+    c = a["counterfactual"]
+    rows = [("source images / counterfactual texts / language-model calls", f"{c['sources']} / {c['texts']} / "
+             f"{c['llm_calls']}"),
+            ("faults per language-model call", _ratio(a["fault_detection"].get("faults_per_llm_call"))),
+            ("captions without a valid rewrite", c["rewrites_invalid"]),
+            ("prediction moved off the one on the source image", _ratio(c["flip_rate"], "{:.1%}")),
+            ("layout kept by faults: edge agreement / SSIM to the source",
+             f"{_ratio(c['fault_edge_agreement'])} / {_ratio(c['fault_ssim_to_source'])}"),
+            ("diversity of fault texts: distinct bigrams / mean Jaccard distance",
+             f"{_ratio(c['fault_text_diversity']['distinct_2'])} / {_ratio(c['fault_text_diversity']['jaccard'])}")]
+    if "oracle_keeps_label" in a["validity"]:
+        rows.append(("faults the oracle still gives the source label", f"{a['validity']['oracle_keeps_label']:.1%}"))
+    invalid = "".join(f"<li>{html.escape(e)}</li>" for e in c["rewrites_invalid_first"])
+    return search_table(a) + _table(rows) + (f"<p>First invalid rewrites:</p><ul>{invalid}</ul>" if invalid else "")
+
+
+def _ratio(value, fmt: str = "{:.3f}") -> str:
+    return "n/a" if value is None or value != value else fmt.format(value)
+
+
 def sweep_table(a: dict) -> str:
     """KLDB guidance per (alpha, beta): how close to the boundary of C, and how far from real images."""
     head = ["beta", "alpha", "samples", "median KLDB", "median entropy", "top-|C| in C", "on the boundary",
@@ -198,7 +221,7 @@ def _region_examples(store: RunStore, manifest: dict, regions, per_region: int) 
         idx = np.flatnonzero(member == j)
         for i in idx[np.argsort(-density[idx, j])][:per_region]:
             chosen[faults["sample_id"][int(i)].as_py()] = rid
-    rows = store.read_table("identify", columns=["sample_id", "source_id", "source_label", "pred", "image"],
+    rows = store.read_table("identify", columns=["sample_id", "source_id", "source_label", "pred", "image", "params"],
                             filter=pc.field("sample_id").isin(list(chosen))).to_pylist()
     sources = _source_images(manifest, {r["source_id"] for r in rows})
     out: dict[int, list[dict]] = {}
@@ -274,6 +297,12 @@ def _plots(store: RunStore, names: list[str], regions: list[dict]) -> str:
     return "".join(f"<img src='{uri}' alt='{html.escape(title, quote=True)}'>" for title, uri in plots)
 
 
+def _asked_for(params: str) -> str:
+    """What a counterfactual fault was regenerated from (its text), for the caption under it."""
+    text = json.loads(params or "{}").get("text")
+    return f"; made from &ldquo;{html.escape(text)}&rdquo;" if text else ""
+
+
 def _region_section(r: dict, label: dict | None, accuracy: dict, examples: list[dict], shown: list[dict],
                     names: list[str]) -> str:
     """One region: its figures and verdict, faults next to their source images, samples drawn from it."""
@@ -288,7 +317,7 @@ def _region_section(r: dict, label: dict | None, accuracy: dict, examples: list[
                                 if e["source_image"] else "")
         + f"<img src='{_tile(e['image'])}' alt='fault {html.escape(e['sample_id'])}'>"
         f"<span>{'source, then fault: ' if e['source_image'] else ''}true {html.escape(name(e['source_label']))}"
-        f", predicted {html.escape(name(e['pred']))}</span></div>" for e in examples)
+        f", predicted {html.escape(name(e['pred']))}{_asked_for(e['params'])}</span></div>" for e in examples)
     cells = "".join(
         f"<div class='cell'><img src='{_tile(s['image'])}' alt='region {rid} sample {s['draw']}'>"
         f"predicted {html.escape(name(s['pred']))}</div>" for s in shown)

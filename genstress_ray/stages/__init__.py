@@ -7,10 +7,11 @@ its stage class in its ``Strategy`` (``genstress_ray.strategies``).
 """
 
 from genstress_ray.stages.base import ModelStage, candidate_table
+from genstress_ray.stages.counterfactual import CounterfactualStage
 from genstress_ray.stages.defuse import DefuseSearch, RegionDecode
 from genstress_ray.stages.kldb import KldbSearch
 from genstress_ray.stages.shards import run_sharded
 from genstress_ray.stages.style import MixingSearch, TruncationSearch
 
-__all__ = ["DefuseSearch", "KldbSearch", "MixingSearch", "ModelStage", "RegionDecode", "TruncationSearch",
+__all__ = ["CounterfactualStage", "DefuseSearch", "KldbSearch", "MixingSearch", "ModelStage", "RegionDecode", "TruncationSearch",
            "candidate_table", "run_sharded"]

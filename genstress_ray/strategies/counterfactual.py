@@ -1,24 +1,34 @@
-"""The LLM-counterfactual search on one batch of source images, in plain torch (no Ray): caption each
-image, write label-preserving counterfactual captions, regenerate each ``per_caption`` times from the
-source's control image (so the layout stays), and classify the results.
+"""LLM counterfactuals with ControlNet (the DILLEMA line), on one batch of source images in plain torch
+(no Ray): caption each image, write label-preserving counterfactual captions, regenerate each
+``per_caption`` times from the source's control image (so the layout stays), and classify the results.
 
 A candidate is a fault when the classifier's prediction differs from the source's label; whether it
 differs from the classifier's own prediction on the source image is recorded beside it
 (``flipped``). Layout kept is measured per candidate (``edge_agreement`` of the control images, SSIM
-to the source). The Ray stage that runs this over a dataset is still to come (README).
+to the source). A candidate's latent is its final denoised Stable Diffusion latent, which the regions
+stage clusters and the generator decodes back into images (as for KLDB on Stable Diffusion).
+
+Everything random is drawn from each source's own stream (``row_rng`` of its id): a source gets the
+same captions, texts and images however the search images are batched or spread over actors.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
-from genstress_ray.counterfactuals.text import Rewrite
+from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, WRITERS
+from genstress_ray.counterfactuals.text import NEGATIVE_PROMPT, Rewrite
 from genstress_ray.metrics import edge_agreement, score_logits, ssim
+from genstress_ray.registry import resolve
+from genstress_ray.strategies.base import Strategy, StrategyParams
+from genstress_ray.strategies.seeds import row_rng
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -34,65 +44,210 @@ def to_shape(images: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
     return x
 
 
+def source_seed(seed: int, source_id: str) -> int:
+    """The seed of everything random about one source image (its caption, its texts, its images)."""
+    return int(row_rng(seed, source_id).integers(2**31))
+
+
+class CounterfactualParams(StrategyParams):
+    """``strategy:`` of an LLM-counterfactual run. The run's ``generator`` is a Stable Diffusion folder;
+    ``controlnet`` the ControlNet folder that conditions it on ``control`` images of each source.
+
+    ``captioner``: ``{"name": "transformers", "uri": ...}`` or ``{"name": "chat", "base_url": ...,
+    "model": ...}`` (``genstress_ray.counterfactuals.CAPTIONERS``); None: ``caption_template`` with the
+    source's class name. ``writer``: ``{"name": "lexicon"}`` (offline, the default) or ``{"name": "chat",
+    "base_url": ..., "model": ..., "api_key_env": ...}`` (``WRITERS``)."""
+
+    name: Literal["counterfactual"] = "counterfactual"
+    controlnet: str
+    control: str = "canny"
+    captioner: dict[str, Any] | None = None
+    caption_template: str = "a photo of a {class_name}"
+    writer: dict[str, Any] = Field(default_factory=lambda: {"name": "lexicon"})
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    task: str = "image classification"
+    per_caption: int = Field(5, ge=1)  # images per counterfactual caption, as in the reference code
+    steps: int = Field(5, ge=1)
+    scheduler: str = "UniPCMultistepScheduler"
+    guidance_scale: float = Field(7.5, ge=0)
+    negative_prompt: str = NEGATIVE_PROMPT
+    size: int | None = Field(None, ge=8)  # the side images are regenerated at; None: the generator's own
+    keep: Literal["faults", "all"] = "faults"
+
+    @field_validator("control")
+    @classmethod
+    def _known_control(cls, v):
+        CONTROLS.get(v)
+        return v
+
+    @field_validator("writer", "captioner")
+    @classmethod
+    def _named_plugin(cls, v, info):
+        if v is None:
+            return v
+        registry = WRITERS if info.field_name == "writer" else CAPTIONERS
+        if "name" not in v:
+            raise ValueError(f"needs a 'name': one of {', '.join(registry.names())}")
+        registry.get(v["name"])
+        return v
+
+    @field_validator("caption_template")
+    @classmethod
+    def _template(cls, v):
+        try:
+            v.format(class_name="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{v!r}: only {{class_name}} may be filled in ({exc})") from None
+        return v
+
+
+def _plugin(registry, spec: dict, field_name: str):
+    options = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        return registry.get(spec["name"])(**options)
+    except TypeError as exc:
+        raise ValueError(f"strategy.{field_name}: {exc}") from None
+
+
+@dataclass
+class Candidates:
+    """A batch's counterfactual images, one row each, in candidate order: ``source`` (the index of its
+    source image in the batch), ``draw`` (caption index x ``per_caption`` + image index), ``seed`` (its
+    generator seed), ``text``/``edits`` (its counterfactual caption and the word swaps), ``latents``,
+    ``images`` (floats at the data's shape), ``scores`` (``score_logits``), ``flipped`` (prediction
+    differs from the one on the source image), ``source_pred``, ``edge_agreement``, ``ssim``."""
+
+    source: np.ndarray
+    draw: np.ndarray
+    seed: list[int]
+    text: list[str]
+    edits: list[list[list[str]]]
+    latents: torch.Tensor
+    images: torch.Tensor
+    scores: dict[str, torch.Tensor]
+    flipped: torch.Tensor
+    source_pred: torch.Tensor
+    edge_agreement: torch.Tensor
+    ssim: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def params(self, i: int, rewrites: list[Rewrite], control: str) -> str:
+        """Row ``i``'s ``params`` JSON: what it was made from and how well it kept the layout."""
+        r = rewrites[int(self.source[i])]
+        return json.dumps({"caption": r.caption, "text": self.text[i], "edits": self.edits[i], "control": control,
+                           "image_seed": self.seed[i], "flipped": bool(self.flipped[i]),
+                           "source_pred": int(self.source_pred[i]),
+                           "edge_agreement": round(float(self.edge_agreement[i]), 6),
+                           "ssim": round(float(self.ssim[i]), 6)})
+
+
 @dataclass
 class CounterfactualSearch:
-    """What one search batch needs: a captioner (``caption(images) -> list[str]``), a writer
-    (``write(caption, class_name, synonyms, task, seed) -> Rewrite``), a control (uint8 images ->
-    uint8 control images), a regenerator (``generate(controls, prompts, seeds, per_prompt)``) and the
-    classifier under test. ``size``: the side the regenerator works at (512 for SD 1.5; None: the
-    source's)."""
+    """What one search batch needs: a captioner (``caption(images, seeds) -> list[str]``, or None for
+    ``caption_template``), a writer (``write(caption, class_name, synonyms, task, seed) -> Rewrite``), a
+    control (uint8 images -> uint8 control images), a regenerator (``generate(controls, prompts, seeds,
+    per_prompt, latents=True)``) and the classifier under test. ``size``: the side the regenerator works
+    at (512 for SD 1.5). ``decode``: latents -> images at the data's shape (the run's generator); None:
+    the regenerated images resized."""
 
-    captioner: object
+    captioner: object | None
     writer: object
     control: object
     regenerator: object
     classifier: torch.nn.Module
     class_names: list[str]
+    size: int
     synonyms: dict[str, list[str]] = field(default_factory=dict)
     task: str = "image classification"
     per_caption: int = 1
-    size: int | None = None
-    control_name: str = "canny"
+    caption_template: str = "a photo of a {class_name}"
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def captions(self, images: np.ndarray, labels: np.ndarray, seeds: list[int]) -> list[str]:
+        if self.captioner is None:
+            return [self.caption_template.format(class_name=self.class_names[int(y)]) for y in labels]
+        return self.captioner.caption(images, seeds)
 
     def search(self, images: np.ndarray, labels: np.ndarray, source_ids: list[str], seed: int = 0
-               ) -> tuple[list[dict], list[Rewrite]]:
-        """Candidates (dicts with the ``samples`` columns plus the method's own) and every source's
-        ``Rewrite`` (invalid ones included, with why)."""
+               ) -> tuple[Candidates, list[Rewrite]]:
+        """The batch's candidates and every source's ``Rewrite`` (invalid ones included, with why)."""
         shape = tuple(images.shape[1:])
-        side = self.size or shape[-1]
-        work = (to_shape(images, (3, side, side)).mul(255).round().to(torch.uint8).numpy())
+        seeds = [source_seed(seed, s) for s in source_ids]
+        work = to_shape(images, (3, self.size, self.size)).mul(255).round().to(torch.uint8).numpy()
         controls = self.control(work)
-        captions = self.captioner.caption(images)
         rewrites, jobs = [], []
-        for i, (caption, label) in enumerate(zip(captions, labels)):
+        for i, (caption, label) in enumerate(zip(self.captions(images, labels, seeds), labels)):
             name = self.class_names[int(label)]
-            rewrite = self.writer.write(caption or f"a photo of a {name}", name, self.synonyms.get(name, []),
-                                        self.task, seed=seed * 100_003 + i)
+            rewrite = self.writer.write(caption or self.caption_template.format(class_name=name), name,
+                                        self.synonyms.get(name, []), self.task, seed=seeds[i])
             rewrites.append(rewrite)
             jobs += [(i, j) for j in range(len(rewrite.captions))] if rewrite.valid else []
         if not jobs:
-            return [], rewrites
+            none = torch.zeros(0, dtype=torch.long)
+            return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], [], torch.zeros(0, 0),
+                              torch.zeros(0, *shape), score_logits(torch.zeros(0, len(self.class_names)), none),
+                              none.bool(), none, torch.zeros(0), torch.zeros(0)), rewrites
         prompts = [rewrites[i].captions[j] for i, j in jobs]
-        seeds = [seed * 100_003 + i * 101 + j for i, j in jobs]
-        made = self.regenerator.generate(controls[[i for i, _ in jobs]], prompts, seeds, self.per_caption)
-        source = to_shape(images, shape)
-        generated = to_shape(made, shape)
-        repeat = torch.tensor([i for i, _ in jobs]).repeat_interleave(self.per_caption)
+        image_seeds = [seeds[i] + j for i, j in jobs]
+        made, latents = self.regenerator.generate(controls[[i for i, _ in jobs]], prompts, image_seeds,
+                                                  self.per_caption, latents=True)
+        k = self.per_caption
+        source = np.repeat(np.asarray([i for i, _ in jobs], np.int64), k)
+        draw = np.repeat(np.asarray([j for _, j in jobs], np.int64), k) * k + np.tile(np.arange(k), len(jobs))
+        source_x = to_shape(images, shape)
+        # The run's generator decodes the latents, so that stored images are what a latent decodes to
+        # (region samples are decoded the same way).
+        generated = self.decode(latents) if self.decode is not None else to_shape(made, shape)
+        index = torch.from_numpy(source)
         with torch.no_grad():
-            source_pred = self.classifier(source).argmax(-1)
-            scores = score_logits(self.classifier(generated), torch.as_tensor(labels)[repeat])
-        layout = edge_agreement(torch.from_numpy(controls[repeat.numpy()]), torch.from_numpy(self.control(made)))
-        similarity = ssim(source[repeat], generated)
-        rows = []
-        for k in range(len(repeat)):
-            i, j = jobs[k // self.per_caption]
-            rows.append({"source_id": source_ids[i], "source_label": int(labels[i]), "draw": j * self.per_caption
-                         + k % self.per_caption, "seed": seeds[k // self.per_caption], "image": made[k],
-                         "caption": rewrites[i].caption, "text": prompts[k // self.per_caption],
-                         "edits": json.dumps(rewrites[i].edits[j]), "control": self.control_name,
-                         "pred": int(scores["pred"][k]), "probs": scores["probs"][k].tolist(),
-                         "fault": bool(scores["fault"][k]), "flipped": bool(scores["pred"][k] != source_pred[i]),
-                         "entropy": float(scores["entropy"][k]), "margin": float(scores["margin"][k]),
-                         "kldb": float(scores["kldb"][k]), "edge_agreement": float(layout[k]),
-                         "ssim": float(similarity[k])})
-        return rows, rewrites
+            source_pred, logits = self.classifier(source_x).argmax(-1), self.classifier(generated)
+        scores = score_logits(logits, torch.as_tensor(np.asarray(labels, np.int64))[index])
+        jobs_of = np.repeat(np.arange(len(jobs)), k)
+        return Candidates(
+            source=source, draw=draw, seed=[image_seeds[j] * 1000 + int(d) % k for j, d in zip(jobs_of, draw)],
+            text=[prompts[j] for j in jobs_of], edits=[rewrites[jobs[j][0]].edits[jobs[j][1]] for j in jobs_of],
+            latents=latents.flatten(1), images=generated, scores=scores,
+            flipped=scores["pred"] != source_pred[index], source_pred=source_pred[index],
+            edge_agreement=edge_agreement(torch.from_numpy(controls[source]), torch.from_numpy(self.control(made))),
+            ssim=ssim(source_x[index], generated)), rewrites
+
+
+def build_search(params: dict, generator, classifier, class_names: list[str], device: str = "cpu"
+                 ) -> CounterfactualSearch:
+    """A ``CounterfactualSearch`` from a run's ``strategy`` parameters (a dict), its Stable Diffusion
+    generator (``models.StableDiffusion``: the pipeline shares its parts) and classifier."""
+    parts = getattr(generator, "parts", None)
+    if parts is None or not hasattr(parts, "vae"):
+        raise ValueError("generator: strategy 'counterfactual' needs a Stable Diffusion folder (diffusers layout) "
+                         "as generator.uri, which its ControlNet conditions")
+    regenerator = resolve("genstress_ray.models.controlnet:ControlNetRegenerator")(
+        parts, params["controlnet"], scheduler=params["scheduler"], steps=params["steps"],
+        guidance_scale=params["guidance_scale"], negative_prompt=params["negative_prompt"], device=device)
+    control = CONTROLS.get(params["control"])
+    size = params.get("size") or regenerator.size
+    channels = control(np.zeros((1, 3, size, size), np.uint8)).shape[1]
+    if channels != regenerator.channels:
+        raise ValueError(f"strategy.controlnet: the ControlNet takes {regenerator.channels}-channel control images, "
+                         f"and control {params['control']!r} makes {channels}-channel ones")
+    captioner = None
+    if params.get("captioner"):
+        captioner = _plugin(CAPTIONERS, {"device": device, **params["captioner"]}
+                            if params["captioner"]["name"] == "transformers" else params["captioner"], "captioner")
+    return CounterfactualSearch(captioner, _plugin(WRITERS, params["writer"], "writer"), control, regenerator,
+                                classifier, class_names, size, params.get("synonyms") or {}, params["task"],
+                                params["per_caption"], params["caption_template"],
+                                lambda z: generator.decode(z.to(device)).float().cpu())
+
+
+def check_generator(params: CounterfactualParams, generator) -> None:
+    """Build the whole search on the driver (ControlNet, captioner, writer) so that a wrong folder,
+    channel count or writer option fails before any Ray work."""
+    build_search(params.model_dump(), generator, torch.nn.Identity(), [])
+
+
+COUNTERFACTUAL = Strategy("counterfactual", CounterfactualParams, "diffusion_model", None,
+                          stage="genstress_ray.stages.counterfactual:CounterfactualStage",
+                          assess="genstress_ray.assessment:assess_counterfactual",
+                          report="genstress_ray.report.html:counterfactual_table", check_generator=check_generator)

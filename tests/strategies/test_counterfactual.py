@@ -51,19 +51,37 @@ class OneInvalid:
 def test_a_batch_of_digits_becomes_scored_counterfactual_candidates(parts):
     digits = get_source("digits", split="test", limit=3).load()
     search = CounterfactualSearch(parts["captioner"], OneInvalid(), CONTROLS.get("canny"), parts["regenerator"],
-                                  parts["classifier"], digits.class_names, per_caption=2, size=16)
-    rows, rewrites = search.search(digits.images, digits.labels, digits.source_ids, seed=5)
+                                  parts["classifier"], digits.class_names, size=16, per_caption=2)
+    found, rewrites = search.search(digits.images, digits.labels, digits.source_ids, seed=5)
     assert [r.valid for r in rewrites] == [True, False, True] and "no valid answer" in rewrites[1].error
-    # 2 valid sources x 2 counterfactual captions x 2 images each.
-    assert len(rows) == 8 and {r["source_id"] for r in rows} == {digits.source_ids[0], digits.source_ids[2]}
-    for r in rows:
-        assert r["image"].shape == (3, 16, 16) and r["image"].dtype == np.uint8
-        assert r["control"] == "canny" and r["caption"] in {rw.caption for rw in rewrites}
-        assert r["text"] != r["caption"] and json.loads(r["edits"])
-        assert r["fault"] == (r["pred"] != r["source_label"]) and abs(sum(r["probs"]) - 1) < 1e-5
-        assert 0 <= r["edge_agreement"] <= 1 and -1 <= r["ssim"] <= 1
-    assert sorted((r["source_id"], r["draw"]) for r in rows) == sorted(
-        {(r["source_id"], d) for r in rows for d in range(4)})
-    search.writer = OneInvalid()  # the same run again: the same texts and images (seeded)
-    again, _ = search.search(digits.images, digits.labels, digits.source_ids, seed=5)
-    assert all((a["image"] == b["image"]).all() and a["text"] == b["text"] for a, b in zip(rows, again))
+    # 2 valid sources x 2 counterfactual captions x 2 images each, at the data's shape, with their latents.
+    assert len(found) == 8 and set(found.source.tolist()) == {0, 2}
+    assert found.images.shape == (8, 1, 8, 8) and found.latents.shape == (8, 4 * 8 * 8)
+    assert sorted(zip(found.source.tolist(), found.draw.tolist())) == [(i, d) for i in (0, 2) for d in range(4)]
+    for i in range(len(found)):
+        row = json.loads(found.params(i, rewrites, "canny"))
+        assert row["control"] == "canny" and row["caption"] == rewrites[found.source[i]].caption
+        assert row["text"] != row["caption"] and row["edits"] and row["text"] in rewrites[found.source[i]].captions
+        assert row["flipped"] == (found.scores["pred"][i] != found.source_pred[i]).item()
+        assert 0 <= row["edge_agreement"] <= 1 and -1 <= row["ssim"] <= 1
+    labels = torch.as_tensor(digits.labels)[torch.from_numpy(found.source)]
+    assert torch.equal(found.scores["fault"], found.scores["pred"] != labels)
+    assert torch.allclose(found.scores["probs"].sum(1), torch.ones(8))
+    # The stored latent is what the images were decoded from.
+    regen = parts["regenerator"]
+    decoded = regen.pipe.vae.decode(found.latents[:2].view(2, 4, 8, 8) / regen.scaling).sample
+    assert decoded.shape == (2, 3, 16, 16)
+    # A source gets the same texts and images whatever batch it is in (its own seed stream).
+    search.writer = LexiconWriter()
+    alone, _ = search.search(digits.images[2:], digits.labels[2:], digits.source_ids[2:], seed=5)
+    assert alone.text == found.text[4:] and torch.allclose(alone.images, found.images[4:], atol=2 / 255)
+    assert torch.allclose(alone.latents, found.latents[4:], atol=1e-4)
+
+
+def test_without_a_captioner_the_caption_is_the_class_template(parts):
+    digits = get_source("digits", split="test", limit=2).load()
+    search = CounterfactualSearch(None, LexiconWriter(), CONTROLS.get("canny"), parts["regenerator"],
+                                  parts["classifier"], digits.class_names, size=16)
+    found, rewrites = search.search(digits.images, digits.labels, digits.source_ids)
+    assert [r.caption for r in rewrites] == [f"a photo of a {digits.class_names[y]}" for y in digits.labels]
+    assert len(found) == 4 and all(t.startswith(r.caption) for t, r in zip(found.text, [rewrites[0]] * 2 + [rewrites[1]] * 2))
