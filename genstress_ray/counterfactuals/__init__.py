@@ -12,6 +12,8 @@ from genstress_ray.registry import Registry, resolve
 WRITERS: Registry = Registry("counterfactual writer", ValueError)
 WRITERS.register("lexicon", lambda **options: LexiconWriter(**options))
 WRITERS.register("chat", lambda attempts=3, **endpoint: ChatWriter(ChatEndpoint(**endpoint), attempts))
+WRITERS.register("transformers", lambda uri, attempts=3, **options: ChatWriter(resolve(
+    "genstress_ray.models.language:TransformersChat")(uri, **options), attempts))
 # name -> a captioner factory: a transformers image-to-text folder, or a vision chat endpoint.
 CAPTIONERS: Registry = Registry("captioner", ValueError)
 CAPTIONERS.register("transformers", lambda uri, **options: resolve(

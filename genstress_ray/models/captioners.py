@@ -17,23 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genstress_ray.models.folders import local_folder
+from genstress_ray.models.folders import check_transformers_folder, local_folder
 from genstress_ray.models.protocols import ModelError
 
 # What a captioner folder must hold (what ``save_pretrained`` of a model and its processor write).
 NEEDED = ("config.json", "preprocessor_config.json|processor_config.json", "tokenizer_config.json")
-
-
-def _check_folder(folder: Path, uri: str) -> None:
-    if not folder.is_dir():
-        raise ModelError(f"captioner {uri!r} is not a folder (a transformers image-to-text model folder)")
-    names = {p.name for p in folder.iterdir()}
-    missing = [need.split("|")[0] for need in NEEDED if not names & set(need.split("|"))]
-    if not any(n.endswith((".safetensors", ".bin")) for n in names):
-        missing.append("model.safetensors")
-    if missing:
-        raise ModelError(f"captioner folder {uri!r} lacks {', '.join(missing)} (save the model and its processor "
-                         "there with save_pretrained)")
 
 
 class TransformersCaptioner:
@@ -44,7 +32,7 @@ class TransformersCaptioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         folder = local_folder(uri, "captioner")
-        _check_folder(folder, uri)
+        check_transformers_folder(folder, uri, "captioner", "an image-to-text model", NEEDED)
         try:
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = AutoModelForImageTextToText.from_pretrained(folder).to(device).eval()

@@ -42,6 +42,20 @@ def local_folder(uri: str, what: str = "model") -> Path:
     return local
 
 
+def check_transformers_folder(folder: Path, uri: str, what: str, kind: str, needed: tuple[str, ...]) -> None:
+    """Fail early, naming the folder and what it lacks, when ``folder`` is not a ``save_pretrained`` folder
+    with the files ``needed`` (``a|b``: either) and weights."""
+    if not folder.is_dir():
+        raise ModelError(f"{what} {uri!r} is not a folder (a transformers {kind} folder)")
+    names = {p.name for p in folder.iterdir()}
+    missing = [need.split("|")[0] for need in needed if not names & set(need.split("|"))]
+    if not any(n.endswith((".safetensors", ".bin")) for n in names):
+        missing.append("model.safetensors")
+    if missing:
+        raise ModelError(f"{what} folder {uri!r} lacks {', '.join(missing)} (save the model and its tokenizer or "
+                         "processor there with save_pretrained)")
+
+
 def folder_format(uri: str) -> str | None:
     """``transformers`` or ``diffusers`` for a model folder at ``uri``; None when ``uri`` is no folder."""
     fs, path = filesystem_for(uri)

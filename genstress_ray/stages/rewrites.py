@@ -1,6 +1,8 @@
 """Counterfactual captions at scale: the language-model dialogue of ``counterfactuals.chat`` over a
-dataset, its HTTP calls made by Ray Data's LLM processor (``ray.data.llm.build_processor`` with an
-``HttpRequestProcessorConfig``: batching, concurrency and a request rate for the endpoint).
+dataset, its calls made by Ray Data's LLM processor (``ray.data.llm.build_processor``): to a
+chat-completions endpoint (``ChatEndpoint``: an ``HttpRequestProcessorConfig`` with batching,
+concurrency and a request rate), or to vLLM engines that Ray Data starts on the cluster's GPUs
+(``VLLMEngine``: a ``vLLMEngineProcessorConfig``; each step's JSON schema constrains decoding there).
 
 Each pass sends every caption's pending step once; answers advance the dialogues (next step, the
 same step again with the error, or done), and the next pass sends what is still pending. A dialogue
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 
@@ -41,32 +45,98 @@ def _cause(exc: BaseException) -> str:
     return found.group(1).strip() if found else short_cause(exc)
 
 
-def write_counterfactuals(ds: ray.data.Dataset, endpoint: ChatEndpoint, attempts: int = 3, task: str =
+@dataclass
+class VLLMEngine:
+    """vLLM engines run by Ray Data itself (``vLLMEngineProcessorConfig``): ``model_source`` a local model
+    folder or URI on the cluster, ``engine_kwargs`` vLLM's (``tensor_parallel_size``, ``max_model_len``,
+    ...), ``concurrency`` engines, each on ``accelerator_type`` GPUs. Needs vLLM on the workers."""
+
+    model_source: str
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    concurrency: int = 1
+    accelerator_type: str | None = None
+    temperature: float = 0.7
+    max_tokens: int = 256
+
+    def config(self, batch_size: int, **_):
+        from ray.data.llm import vLLMEngineProcessorConfig
+
+        return vLLMEngineProcessorConfig(model_source=self.model_source, engine_kwargs=self.engine_kwargs,
+                                         concurrency=self.concurrency, accelerator_type=self.accelerator_type,
+                                         batch_size=batch_size)
+
+    def payload(self, messages: list[dict], schema: dict, name: str) -> dict:
+        """The row's request: the chat (templated by Ray Data's stage) and sampling, the answer
+        constrained to ``schema`` (vLLM's structured outputs)."""
+        return {"messages": messages, "sampling_params": {"temperature": self.temperature,
+                                                          "max_tokens": self.max_tokens,
+                                                          "structured_outputs": {"json": schema}}}
+
+    @staticmethod
+    def reply(row: dict) -> str:
+        return row.get("generated_text") or ""
+
+    def __str__(self) -> str:
+        return f"vLLM engine {self.model_source}"
+
+
+class _Http:
+    """A ``ChatEndpoint`` as Ray Data's HTTP request processor sees it."""
+
+    def __init__(self, endpoint: ChatEndpoint):
+        self.endpoint = endpoint
+
+    def config(self, batch_size: int, concurrency: int, qps: int | None):
+        from ray.data.llm import HttpRequestProcessorConfig
+
+        return HttpRequestProcessorConfig(url=self.endpoint.url, headers=self.endpoint.headers(),
+                                          concurrency=concurrency, batch_size=batch_size, qps=qps)
+
+    def payload(self, messages: list[dict], schema: dict, name: str) -> dict:
+        return {"payload": self.endpoint.body(messages, schema, name)}
+
+    @staticmethod
+    def reply(row: dict) -> str:
+        return _reply(row["http_response"])
+
+    def __str__(self) -> str:
+        return f"chat endpoint {self.endpoint.url}"
+
+
+# What a processor adds to a row, dropped before the dialogue's next pass.
+ENGINE_COLUMNS = {"http_response", "payload", "messages", "sampling_params", "generated_text", "generated_tokens",
+                  "prompt", "prompt_token_ids", "tokenized_prompt", "num_generated_tokens", "num_input_tokens",
+                  "request_id", "time_taken_llm", "params", "metrics", "embeddings", "batch_uuid"}
+
+
+def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, attempts: int = 3, task: str =
                           "image classification", concurrency: int = 1, batch_size: int = 16,
                           qps: int | None = None) -> list[dict]:
     """Counterfactual captions for every row of ``ds`` (``caption``, ``class_name``, optional ``synonyms``
-    and ``seed``; other columns are kept): one row each with the ``Rewrite`` fields.
+    and ``seed``; other columns are kept): one row each with the ``Rewrite`` fields. ``llm``: a
+    chat-completions endpoint (``concurrency`` and ``qps`` are its request workers and rate) or vLLM
+    engines on the cluster.
 
     Raises:
-        EndpointError: the endpoint is unreachable or does not speak the protocol (named).
+        EndpointError: the endpoint is unreachable or does not speak the protocol, or the engines fail
+            (named).
     """
     from ray.data.expressions import col
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+    from ray.data.llm import build_processor
 
-    url = endpoint.url
-    config = HttpRequestProcessorConfig(url=url, headers=endpoint.headers(), concurrency=concurrency,
-                                        batch_size=batch_size, qps=qps)
+    engine = _Http(llm) if isinstance(llm, ChatEndpoint) else llm
+    config = engine.config(batch_size=batch_size, concurrency=concurrency, qps=qps)
 
     def begin(row: dict) -> dict:
         state = start(row["caption"], row["class_name"], list(row.get("synonyms") or ()), task, int(row.get("seed", 0)))
         return {**row, "dialogue": json.dumps(state), "step": state["step"]}
 
     def answered(row: dict) -> dict:
-        state = advance(json.loads(row["dialogue"]), _reply(row["http_response"]), attempts)
-        kept = {k: v for k, v in row.items() if k not in ("http_response", "payload")}
+        state = advance(json.loads(row["dialogue"]), engine.reply(row), attempts)
+        kept = {k: v for k, v in row.items() if k not in ENGINE_COLUMNS}
         return {**kept, "dialogue": json.dumps(state), "step": state["step"]}
 
-    processor = build_processor(config, preprocess=lambda row: {**row, "payload": endpoint.body(
+    processor = build_processor(config, preprocess=lambda row: {**row, **engine.payload(
         *request(json.loads(row["dialogue"])))}, postprocess=answered)
     states = ds.map(begin).materialize()
     for _ in range(PASSES_PER_ATTEMPT * attempts):
@@ -76,7 +146,7 @@ def write_counterfactuals(ds: ray.data.Dataset, endpoint: ChatEndpoint, attempts
         try:
             states = states.filter(expr=col("step") == DONE).union(processor(pending)).materialize()
         except Exception as exc:  # the HTTP stage's errors arrive wrapped in Ray's
-            raise EndpointError(f"chat endpoint {url} failed: {_cause(exc)}") from exc
+            raise EndpointError(f"{engine} failed: {_cause(exc)}") from exc
     out = []
     for row in states.take_all():
         rewrite = to_rewrite(json.loads(row.pop("dialogue")))

@@ -55,8 +55,9 @@ class CounterfactualParams(StrategyParams):
 
     ``captioner``: ``{"name": "transformers", "uri": ...}`` or ``{"name": "chat", "base_url": ...,
     "model": ...}`` (``genstress_ray.counterfactuals.CAPTIONERS``); None: ``caption_template`` with the
-    source's class name. ``writer``: ``{"name": "lexicon"}`` (offline, the default) or ``{"name": "chat",
-    "base_url": ..., "model": ..., "api_key_env": ...}`` (``WRITERS``)."""
+    source's class name. ``writer``: ``{"name": "lexicon"}`` (offline, the default), ``{"name": "chat",
+    "base_url": ..., "model": ..., "api_key_env": ...}`` or ``{"name": "transformers", "uri": ...}`` (a
+    local causal LM folder) (``WRITERS``)."""
 
     name: Literal["counterfactual"] = "counterfactual"
     controlnet: str
@@ -101,8 +102,10 @@ class CounterfactualParams(StrategyParams):
         return v
 
 
-def _plugin(registry, spec: dict, field_name: str):
+def _plugin(registry, spec: dict, field_name: str, device: str):
     options = {k: v for k, v in spec.items() if k != "name"}
+    if spec["name"] == "transformers":  # a local model: on the stage's device
+        options = {"device": device, **options}
     try:
         return registry.get(spec["name"])(**options)
     except TypeError as exc:
@@ -231,11 +234,8 @@ def build_search(params: dict, generator, classifier, class_names: list[str], de
     if channels != regenerator.channels:
         raise ValueError(f"strategy.controlnet: the ControlNet takes {regenerator.channels}-channel control images, "
                          f"and control {params['control']!r} makes {channels}-channel ones")
-    captioner = None
-    if params.get("captioner"):
-        captioner = _plugin(CAPTIONERS, {"device": device, **params["captioner"]}
-                            if params["captioner"]["name"] == "transformers" else params["captioner"], "captioner")
-    return CounterfactualSearch(captioner, _plugin(WRITERS, params["writer"], "writer"), control, regenerator,
+    captioner = _plugin(CAPTIONERS, params["captioner"], "captioner", device) if params.get("captioner") else None
+    return CounterfactualSearch(captioner, _plugin(WRITERS, params["writer"], "writer", device), control, regenerator,
                                 classifier, class_names, size, params.get("synonyms") or {}, params["task"],
                                 params["per_caption"], params["caption_template"],
                                 lambda z: generator.decode(z.to(device)).float().cpu())

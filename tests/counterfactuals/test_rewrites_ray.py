@@ -69,3 +69,32 @@ def test_an_endpoint_that_does_not_speak_the_protocol_fails_named(ray_cluster):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_vllm_engines_get_each_step_with_its_schema_as_structured_output():
+    from genstress_ray.counterfactuals.chat import request, start
+    from genstress_ray.counterfactuals.text import WORDS_SCHEMA
+    from genstress_ray.stages.rewrites import VLLMEngine
+
+    engine = VLLMEngine("models/llama", {"max_model_len": 2048}, concurrency=2, temperature=0.2, max_tokens=64)
+    row = engine.payload(*request(start("a red sign", "sign")))
+    assert row["messages"][1]["content"].startswith("Task: image classification")
+    assert row["sampling_params"] == {"temperature": 0.2, "max_tokens": 64, "structured_outputs": {"json": WORDS_SCHEMA}}
+    config = engine.config(batch_size=8)
+    assert (config.model_source, config.concurrency, config.batch_size) == ("models/llama", 2, 8)
+    assert config.engine_kwargs["max_model_len"] == 2048
+    assert VLLMEngine.reply({"generated_text": '{"words": []}'}) == '{"words": []}'
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("vllm"), reason="vLLM is not installed here (a GPU "
+                    "cluster's workers have it)")
+def test_dialogues_run_on_vllm_engines(ray_cluster, tmp_path):
+    from genstress_ray.stages.rewrites import VLLMEngine
+
+    from models.factories import write_tiny_chat_lm
+
+    write_tiny_chat_lm(tmp_path / "lm")
+    rows = write_counterfactuals(ray.data.from_items([{"caption": "a red sign", "class_name": "sign"}]),
+                                 VLLMEngine(str(tmp_path / "lm"), {"max_model_len": 1024}), attempts=2)
+    # Random weights constrained to the schema: valid JSON each time, whatever words it picks.
+    assert len(rows) == 1 and rows[0]["calls"] >= 1 and (rows[0]["valid"] or "step" in rows[0]["error"])

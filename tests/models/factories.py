@@ -157,3 +157,29 @@ def write_tiny_controlnet(sd_folder, folder, conditioning_channels: int = 3) -> 
     unet = UNet2DConditionModel.from_pretrained(Path(sd_folder) / "unet")
     ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8),
                               conditioning_channels=conditioning_channels).save_pretrained(folder)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def write_tiny_chat_lm(folder, chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """A random-weight Llama chat model (``LlamaForCausalLM`` and a word-level tokenizer with a chat
+    template) whose vocabulary holds JSON's punctuation and a few caption words; built from configs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[BOS]", "[SEP]", "{", "}", "[", "]", '"', ":", ",", "words", "alternatives",
+             "captions", "red", "blue", "sign", "street", "a", "on", "the", "assistant", "user", "system"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        bos_token="[BOS]", eos_token="[SEP]")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                                 pad_token_id=0, bos_token_id=2, eos_token_id=3)).save_pretrained(folder)
