@@ -3,6 +3,7 @@ writer, digits; through regions, oracle labels, correction, assessment and the r
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from genstress_ray.config import ConfigError
 from genstress_ray.models import ModelError, ModelRef, get_model, load_generator, save_checkpoint
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import SAMPLES_SCHEMA, RunStore
+
+from counterfactuals.test_writers import ScriptedChat
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -79,6 +82,50 @@ def test_a_counterfactual_campaign_runs_through_labels_correction_and_the_report
     assert "faults per language-model call" in page and "made from &ldquo;a photo of a" in page
     assert "id='before-after'" in page
     capsys.readouterr()
+
+
+def digit_model(body: dict) -> str:
+    """A scripted language model for captions "a photo of a <digit>": for 7 it never answers validly,
+    for 1 the first answer of each step is malformed, for the rest every answer is right."""
+    messages = body["messages"]
+    caption = re.search(r'[Cc]aption:? "([^"]+)"', messages[1]["content"]).group(1)
+    digit = caption.split()[-1]
+    if digit == "7" or (digit == "1" and len(messages) == 2):
+        return "let me think about it"
+    prompt = messages[1]["content"]
+    if "Which words" in prompt:
+        return json.dumps({"words": ["photo", digit]})  # the class is never kept as modifiable
+    if "alternatives" in prompt:
+        return json.dumps({"alternatives": {"photo": ["painting", digit]}})
+    return json.dumps({"captions": [caption.replace("photo", "painting"), caption.replace("photo", "painting") +
+                                    " at dusk"]})
+
+
+@pytest.mark.slow
+def test_a_campaign_with_a_language_model_writer_retries_and_records_invalid_answers(counterfactual_config):
+    server = ScriptedChat(digit_model)
+    cfg = copy.deepcopy(counterfactual_config)
+    cfg["strategy"]["writer"] = {"name": "chat", "base_url": server.url, "model": "scripted", "attempts": 2}
+    try:
+        result = run_campaign(cfg, stop_after="identify")
+    finally:
+        server.shutdown()
+        server.server_close()
+    counts = RunStore(cfg["output"], cfg["campaign"], result.run_id).marker("identify")
+    firsts = [re.search(r"class is '(\w+)'", b["messages"][1]["content"]).group(1) for b in server.requests
+              if len(b["messages"]) == 2 and "Which words" in b["messages"][1]["content"]]
+    n7, n1 = firsts.count("7"), firsts.count("1")
+    assert len(firsts) == counts["sources"] == 16 and n7 >= 1
+    # 3 steps answered once; 1s answered each step twice; 7s given up on after 2 answers to step 1.
+    assert counts["llm_calls"] == len(server.requests) == 3 * (16 - n7 - n1) + 6 * n1 + 2 * n7
+    assert counts["rewrites_invalid"] == n7 and len(counts["rewrites_invalid_first"]) == min(n7, 5)
+    assert all("no valid answer in 2 attempts" in e and "let me think" in e for e in counts["rewrites_invalid_first"])
+    assert counts["counterfactual_texts"] == 2 * (16 - n7) and counts["candidates"] == 4 * (16 - n7)
+    samples = RunStore(cfg["output"], cfg["campaign"], result.run_id).read_table("identify").to_pylist()
+    assert samples and all(r["source_label"] != 7 for r in samples)
+    for r in samples:
+        p = json.loads(r["params"])
+        assert p["edits"] == [["photo", "painting"]] and p["text"].startswith(f"a painting of a {r['source_label']}")
 
 
 def test_a_counterfactual_run_refuses_bad_models_before_any_ray_work(counterfactual_config, tiny_models, tmp_path):
