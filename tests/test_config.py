@@ -73,6 +73,12 @@ def test_the_shipped_kldb_jobs_validate():
     assert imagenet.strategy.alphas == [0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0] and imagenet.resources.search.num_gpus == 1
 
 
+def test_the_shipped_counterfactual_job_validates_with_the_reference_settings():
+    s = load_config(JOBS / "imagenet_counterfactual.yaml").strategy
+    assert s.name == "counterfactual" and (s.per_caption, s.steps, s.scheduler) == (5, 5, "UniPCMultistepScheduler")
+    assert s.writer["name"] == "chat" and s.writer["api_key_env"] == "LLM_API_KEY" and s.captioner["samples"] == 2
+
+
 def test_unknown_data_options_are_named_with_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"data.search.options: the digits source takes no option 'bogus'; "
                                           r"allowed: class_names"):

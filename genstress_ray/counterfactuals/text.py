@@ -22,8 +22,6 @@ CAPTIONS_SCHEMA = {"type": "object", "required": ["captions"], "additionalProper
                    "properties": {"captions": {"type": "array", "minItems": 2, "maxItems": 2,
                                                "items": {"type": "string", "minLength": 1}}}}
 MAX_EDITS = 3  # substitutions per counterfactual, as in the reference code
-# The reference code's negative prompt for regeneration.
-NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry, deformed, watermark, text"
 
 
 @dataclass

@@ -14,10 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genstress_ray.counterfactuals.text import NEGATIVE_PROMPT
 from genstress_ray.models.diffusion_generators import StableDiffusionComponents, load_stable_diffusion
 from genstress_ray.models.folders import local_folder
 from genstress_ray.models.protocols import ModelError
+
+# The reference code's negative prompt for regeneration.
+NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry, deformed, watermark, text"
 
 
 def scheduler_class(name: str):

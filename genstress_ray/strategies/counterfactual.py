@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, WRITERS
-from genstress_ray.counterfactuals.text import NEGATIVE_PROMPT, Rewrite
+from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.metrics import edge_agreement, score_logits, ssim
-from genstress_ray.registry import resolve
+from genstress_ray.models.controlnet import NEGATIVE_PROMPT, ControlNetRegenerator
 from genstress_ray.strategies.base import Strategy, StrategyParams
 from genstress_ray.strategies.seeds import row_rng
 
@@ -225,7 +225,7 @@ def build_search(params: dict, generator, classifier, class_names: list[str], de
     if parts is None or not hasattr(parts, "vae"):
         raise ValueError("generator: strategy 'counterfactual' needs a Stable Diffusion folder (diffusers layout) "
                          "as generator.uri, which its ControlNet conditions")
-    regenerator = resolve("genstress_ray.models.controlnet:ControlNetRegenerator")(
+    regenerator = ControlNetRegenerator(
         parts, params["controlnet"], scheduler=params["scheduler"], steps=params["steps"],
         guidance_scale=params["guidance_scale"], negative_prompt=params["negative_prompt"], device=device)
     control = CONTROLS.get(params["control"])
