@@ -5,7 +5,8 @@
 A candidate is a fault when the classifier's prediction differs from the source's label; whether it
 differs from the classifier's own prediction on the source image is recorded beside it
 (``flipped``). Layout kept is measured per candidate (``edge_agreement`` of the control images, SSIM
-to the source). A candidate's latent is its final denoised Stable Diffusion latent, which the regions
+to the source). For a segmentation model under test (given the sources' masks), a fault is an mIoU
+drop beyond a threshold (``segmentation_scores``). A candidate's latent is its final denoised Stable Diffusion latent, which the regions
 stage clusters and the generator decodes back into images (as for KLDB on Stable Diffusion).
 
 Everything random is drawn from each source's own stream (``row_rng`` of its id): a source gets the
@@ -132,18 +133,54 @@ class Candidates:
     source_pred: torch.Tensor
     edge_agreement: torch.Tensor
     ssim: torch.Tensor
+    segmentation: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.source)
 
     def params(self, i: int, rewrites: list[Rewrite], control: str) -> str:
-        """Row ``i``'s ``params`` JSON: what it was made from and how well it kept the layout."""
+        """Row ``i``'s ``params`` JSON: what it was made from and how well it kept the layout (and, for
+        a segmentation model, its mIoU drop and per-class IoU drop)."""
         r = rewrites[int(self.source[i])]
         return json.dumps({"caption": r.caption, "text": self.text[i], "edits": self.edits[i], "control": control,
                            "image_seed": self.seed[i], "flipped": bool(self.flipped[i]),
                            "source_pred": int(self.source_pred[i]),
                            "edge_agreement": round(float(self.edge_agreement[i]), 6),
-                           "ssim": round(float(self.ssim[i]), 6)})
+                           "ssim": round(float(self.ssim[i]), 6),
+                           **(self.segmentation[i] if self.segmentation is not None else {})})
+
+
+def segmentation_scores(segmenter: torch.nn.Module, source_x: torch.Tensor, generated: torch.Tensor,
+                        masks: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, threshold: float,
+                        ignore: int | None = 255) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[dict]]:
+    """Scores of regenerated images under a segmentation model (``models.segmentation.Segmenter``),
+    against their source's ``masks`` (S, H, W): a **fault** when the mIoU drop from the source image
+    exceeds ``threshold``. ``pred``, ``probs`` and the rest are the model's pixel logits averaged over
+    the source's object (the mask's pixels of its label; the whole image where the label is absent),
+    so a region reads "sign -> segmented as ground". Returns the ``score_logits`` columns, the same
+    pooled prediction on each candidate's source image, and per candidate the mIoU on the source and
+    on the image, the drop, and the IoU drop per class present (by class name)."""
+    from genstress_ray.models.segmentation import miou, miou_drop
+
+    names = segmenter.class_names
+    with torch.no_grad():
+        source_logits, logits = segmenter(source_x), segmenter(generated)
+    mask = masks[index]
+    drop, class_drop = miou_drop(source_logits.argmax(1)[index], logits.argmax(1), mask, len(names), ignore)
+    before = miou(source_logits.argmax(1)[index], mask, len(names), ignore)
+    on_object = mask == labels[index].view(-1, 1, 1)
+    on_object |= ~on_object.flatten(1).any(1).view(-1, 1, 1)
+    weights = on_object.unsqueeze(1).float()
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return (x * weights).sum((2, 3)) / weights.sum((2, 3))
+
+    scores = score_logits(pooled(logits), labels[index])
+    scores["fault"] = drop > threshold
+    extra = [{"miou_source": round(float(b), 6), "miou": round(float(b - d), 6), "miou_drop": round(float(d), 6),
+              "iou_drop": {names[k]: round(float(v), 6) for k, v in enumerate(row) if not torch.isnan(v)}}
+             for b, d, row in zip(before, drop, class_drop)]
+    return scores, pooled(source_logits[index]).argmax(1), extra
 
 
 @dataclass
@@ -153,7 +190,8 @@ class CounterfactualSearch:
     control (uint8 images -> uint8 control images), a regenerator (``generate(controls, prompts, seeds,
     per_prompt, latents=True)``) and the classifier under test. ``size``: the side the regenerator works
     at (512 for SD 1.5). ``decode``: latents -> images at the data's shape (the run's generator); None:
-    the regenerated images resized."""
+    the regenerated images resized. The model under test may be a segmentation model instead: see
+    ``search``."""
 
     captioner: object | None
     writer: object
@@ -167,15 +205,18 @@ class CounterfactualSearch:
     per_caption: int = 1
     caption_template: str = "a photo of a {class_name}"
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    miou_drop: float = 0.1  # a segmentation model's fault threshold (searches given masks)
 
     def captions(self, images: np.ndarray, labels: np.ndarray, seeds: list[int]) -> list[str]:
         if self.captioner is None:
             return [self.caption_template.format(class_name=self.class_names[int(y)]) for y in labels]
         return self.captioner.caption(images, seeds)
 
-    def search(self, images: np.ndarray, labels: np.ndarray, source_ids: list[str], seed: int = 0
-               ) -> tuple[Candidates, list[Rewrite]]:
-        """The batch's candidates and every source's ``Rewrite`` (invalid ones included, with why)."""
+    def search(self, images: np.ndarray, labels: np.ndarray, source_ids: list[str], seed: int = 0,
+               masks: np.ndarray | None = None) -> tuple[Candidates, list[Rewrite]]:
+        """The batch's candidates and every source's ``Rewrite`` (invalid ones included, with why).
+        With ``masks`` (N, H, W) the model under test is a segmentation model (``Segmenter``), scored by
+        ``segmentation_scores`` with the ``miou_drop`` threshold."""
         shape = tuple(images.shape[1:])
         seeds = [source_seed(seed, s) for s in source_ids]
         work = to_shape(images, (3, self.size, self.size)).mul(255).round().to(torch.uint8).numpy()
@@ -203,18 +244,24 @@ class CounterfactualSearch:
         # The run's generator decodes the latents, so that stored images are what a latent decodes to
         # (region samples are decoded the same way).
         generated = self.decode(latents) if self.decode is not None else to_shape(made, shape)
-        index = torch.from_numpy(source)
-        with torch.no_grad():
-            source_pred, logits = self.classifier(source_x).argmax(-1), self.classifier(generated)
-        scores = score_logits(logits, torch.as_tensor(np.asarray(labels, np.int64))[index])
+        index, targets = torch.from_numpy(source), torch.as_tensor(np.asarray(labels, np.int64))
+        segmentation = None
+        if masks is not None:
+            scores, source_pred, segmentation = segmentation_scores(
+                self.classifier, source_x, generated, torch.as_tensor(np.asarray(masks, np.int64)), targets, index,
+                self.miou_drop)
+        else:
+            with torch.no_grad():
+                source_pred, logits = self.classifier(source_x).argmax(-1)[index], self.classifier(generated)
+            scores = score_logits(logits, targets[index])
         jobs_of = np.repeat(np.arange(len(jobs)), k)
         return Candidates(
             source=source, draw=draw, seed=[image_seeds[j] * 1000 + int(d) % k for j, d in zip(jobs_of, draw)],
             text=[prompts[j] for j in jobs_of], edits=[rewrites[jobs[j][0]].edits[jobs[j][1]] for j in jobs_of],
             latents=latents.flatten(1), images=generated, scores=scores,
-            flipped=scores["pred"] != source_pred[index], source_pred=source_pred[index],
+            flipped=scores["pred"] != source_pred, source_pred=source_pred,
             edge_agreement=edge_agreement(torch.from_numpy(controls[source]), torch.from_numpy(self.control(made))),
-            ssim=ssim(source_x[index], generated)), rewrites
+            ssim=ssim(source_x[index], generated), segmentation=segmentation), rewrites
 
 
 def build_search(params: dict, generator, classifier, class_names: list[str], device: str = "cpu"

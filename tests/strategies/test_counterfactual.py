@@ -15,9 +15,11 @@ from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.data import get_source
 from genstress_ray.models import Classifier, get_model
 from genstress_ray.models.controlnet import ControlNetRegenerator
-from genstress_ray.strategies.counterfactual import CounterfactualSearch
+from genstress_ray.models.segmentation import miou_drop
+from genstress_ray.strategies.counterfactual import CounterfactualSearch, to_shape
 
 from models.factories import write_tiny_blip, write_tiny_controlnet, write_tiny_stable_diffusion
+from models.test_segmentation import CLASSES, scenes, trained_segmenter
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +87,27 @@ def test_without_a_captioner_the_caption_is_the_class_template(parts):
     found, rewrites = search.search(digits.images, digits.labels, digits.source_ids)
     assert [r.caption for r in rewrites] == [f"a photo of a {digits.class_names[y]}" for y in digits.labels]
     assert len(found) == 4 and all(t.startswith(r.caption) for t, r in zip(found.text, [rewrites[0]] * 2 + [rewrites[1]] * 2))
+
+
+def test_a_segmentation_model_is_scored_by_its_miou_drop_against_the_source_masks(parts):
+    scene, masks = scenes(3, seed=2)
+    images = scene.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    segmenter, sign = trained_segmenter(), CLASSES.index("sign")
+    search = CounterfactualSearch(None, LexiconWriter(), CONTROLS.get("canny"), parts["regenerator"], segmenter,
+                                  CLASSES, size=16, miou_drop=0.2)
+    found, rewrites = search.search(images, np.full(3, sign), ["s0", "s1", "s2"], seed=1, masks=masks.numpy())
+    assert len(found) == 6 and rewrites[0].caption == "a photo of a sign"
+    # Recomputed independently from the returned images and the source masks.
+    with torch.no_grad():
+        source_logits, logits = segmenter(to_shape(images, (3, 16, 16))), segmenter(found.images)
+    index = torch.from_numpy(found.source)
+    drop, per_class = miou_drop(source_logits.argmax(1)[index], logits.argmax(1), masks[index], len(CLASSES))
+    assert torch.equal(found.scores["fault"], drop > 0.2) and found.scores["fault"].any()
+    on_sign = (masks[index] == sign).unsqueeze(1).float()
+    pooled = (logits * on_sign).sum((2, 3)) / on_sign.sum((2, 3))
+    assert torch.equal(found.scores["pred"], pooled.argmax(1))  # what the sign's pixels were segmented as
+    for i in range(len(found)):
+        p = json.loads(found.params(i, rewrites, "canny"))
+        assert p["miou_drop"] == pytest.approx(float(drop[i]), abs=1e-5) and p["miou_source"] > 0.9
+        assert p["miou"] == pytest.approx(p["miou_source"] - p["miou_drop"], abs=1e-5)
+        assert p["iou_drop"]["sign"] == pytest.approx(float(per_class[i, sign]), abs=1e-5)
