@@ -38,9 +38,10 @@ class ControlNetRegenerator:
     """Images from prompts, each conditioned on a control image (edges of the source image).
 
     ``sd``: a Stable Diffusion folder's URI, or its parts already loaded (a run's generator: the
-    pipeline shares them, in their dtype)."""
+    pipeline shares them, in their dtype). ``controlnet``: a ControlNet folder's URI, or a loaded
+    ``ControlNetModel``."""
 
-    def __init__(self, sd: str | StableDiffusionComponents, controlnet_uri: str,
+    def __init__(self, sd: str | StableDiffusionComponents, controlnet: str | torch.nn.Module,
                  scheduler: str = "UniPCMultistepScheduler", steps: int = 5, guidance_scale: float = 7.5,
                  negative_prompt: str = NEGATIVE_PROMPT, device: str = "cpu", fp16: bool | None = None):
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -50,11 +51,12 @@ class ControlNetRegenerator:
         else:
             dtype = torch.float16 if (fp16 if fp16 is not None else device.startswith("cuda")) else torch.float32
             parts = load_stable_diffusion(sd, dtype)
-        try:
-            controlnet = ControlNetModel.from_pretrained(local_folder(controlnet_uri, "controlnet"), torch_dtype=dtype,
-                                                         local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"ControlNet folder {controlnet_uri!r} failed to load: {exc}") from None
+        if isinstance(controlnet, str):
+            try:
+                controlnet = ControlNetModel.from_pretrained(local_folder(controlnet, "controlnet"), torch_dtype=dtype,
+                                                             local_files_only=True)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelError(f"ControlNet folder {controlnet!r} failed to load: {exc}") from None
         sched = scheduler_class(scheduler).from_config(parts.scheduler_config)
         self.pipe = StableDiffusionControlNetPipeline(
             vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,

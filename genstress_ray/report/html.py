@@ -9,8 +9,8 @@ they were made from, and samples drawn from the region.
 from __future__ import annotations
 
 import html
-import json
 import io
+import json
 from collections import Counter
 
 import matplotlib

@@ -103,12 +103,6 @@ class _Http:
         return f"chat endpoint {self.endpoint.url}"
 
 
-# What a processor adds to a row, dropped before the dialogue's next pass.
-ENGINE_COLUMNS = {"http_response", "payload", "messages", "sampling_params", "generated_text", "generated_tokens",
-                  "prompt", "prompt_token_ids", "tokenized_prompt", "num_generated_tokens", "num_input_tokens",
-                  "request_id", "time_taken_llm", "params", "metrics", "embeddings", "batch_uuid"}
-
-
 def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, attempts: int = 3, task: str =
                           "image classification", concurrency: int = 1, batch_size: int = 16,
                           qps: int | None = None) -> list[dict]:
@@ -133,12 +127,13 @@ def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, 
 
     def answered(row: dict) -> dict:
         state = advance(json.loads(row["dialogue"]), engine.reply(row), attempts)
-        kept = {k: v for k, v in row.items() if k not in ENGINE_COLUMNS}
+        kept = {k: row[k] for k in columns}  # what the processor added is dropped
         return {**kept, "dialogue": json.dumps(state), "step": state["step"]}
 
     processor = build_processor(config, preprocess=lambda row: {**row, **engine.payload(
         *request(json.loads(row["dialogue"])))}, postprocess=answered)
     states = ds.map(begin).materialize()
+    columns = states.columns()
     for _ in range(PASSES_PER_ATTEMPT * attempts):
         pending = states.filter(expr=col("step") != DONE)
         if pending.count() == 0:
