@@ -12,8 +12,6 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -32,7 +30,7 @@ class TransformersCaptioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         folder = local_folder(uri, "captioner")
-        check_transformers_folder(folder, uri, "captioner", "an image-to-text model", NEEDED)
+        check_transformers_folder(folder, uri, "captioner", "image-to-text model", NEEDED)
         try:
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = AutoModelForImageTextToText.from_pretrained(folder).to(device).eval()
