@@ -171,7 +171,7 @@ def _shared(folder: str, split_from: str):
 # Where each registered source finds tiny data.
 SOURCE_OPTIONS = {"digits": lambda tmp_path: {}, "mnist": _shared("mnist_train_first20k", "train"),
                   "fashion_mnist": _shared("fashion_mnist", "test"), "image_folder": _image_folder,
-                  "imagenet": _imagenet, "parquet": _parquet}
+                  "imagenet": _imagenet, "parquet": _parquet, "scenes": lambda tmp_path: {"size": 60}}
 
 
 def test_every_source_has_tiny_test_data():
@@ -210,6 +210,10 @@ def test_a_sources_shards_read_back_to_its_split(kind, tmp_path):
     assert rows["source_id"].to_pylist() == data.source_ids and rows["source_label"].to_pylist() == data.labels.tolist()
     pixels = np.frombuffer(b"".join(rows["image"].to_pylist()), np.uint8).reshape(data.images.shape)
     assert np.array_equal(pixels, data.images)
+    assert ("mask" in rows.column_names) == (data.masks is not None)
+    if data.masks is not None:  # a segmentation data set's masks travel with their rows
+        masks = np.frombuffer(b"".join(rows["mask"].to_pylist()), np.uint8).reshape(data.masks.shape)
+        assert np.array_equal(masks, data.masks)
 
 
 # ---- model kinds -----------------------------------------------------------------------------

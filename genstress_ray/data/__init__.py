@@ -7,9 +7,9 @@ Example:
     ((1, 8, 8), 10)
 """
 
-from genstress_ray.data.base import (SPLITS, Catalog, DataError, DatasetSource, ImageSet, Shard, SplitLabels, class_name, png_bytes,
+from genstress_ray.data.base import (IGNORE, SPLITS, Catalog, DataError, DatasetSource, ImageSet, Shard, SplitLabels, class_name, png_bytes,
                                      png_uri, rows_table, slice_shards, split_indices, to_float, to_uint8)
-from genstress_ray.data.sources import DigitsSource, FashionMnistSource, MnistSource, decode_images
+from genstress_ray.data.sources import DigitsSource, FashionMnistSource, MnistSource, ScenesSource, decode_images
 from genstress_ray.data.streaming import ImageFolderSource, ImageNetSource, ParquetSource, hash_split, hash_unit
 from genstress_ray.registry import Registry
 
@@ -45,9 +45,10 @@ def get_source(kind: str, **params) -> DatasetSource:
     return SOURCES.get(kind)(**params)
 
 
-for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, ImageNetSource, ParquetSource):
+for _cls in (DigitsSource, MnistSource, FashionMnistSource, ImageFolderSource, ImageNetSource, ParquetSource,
+             ScenesSource):
     register_source(_cls)
 
-__all__ = ["SOURCES", "SPLITS", "Catalog", "DataError", "class_name", "DatasetSource", "ImageSet", "Shard", "SplitLabels",
+__all__ = ["IGNORE", "SOURCES", "SPLITS", "Catalog", "DataError", "class_name", "DatasetSource", "ImageSet", "Shard", "SplitLabels",
            "decode_images", "get_source", "hash_split", "hash_unit", "list_sources", "png_bytes", "png_uri",
            "register_source", "rows_table", "slice_shards", "source_options", "split_indices", "to_float", "to_uint8"]

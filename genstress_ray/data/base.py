@@ -15,6 +15,7 @@ from PIL import Image
 from genstress_ray.storage import filesystem_for
 
 SPLITS = ("train", "validation", "test")
+IGNORE = 255  # a mask's unlabelled pixels
 
 
 class DataError(ValueError):
@@ -30,12 +31,15 @@ class ImageSet:
         labels: int64 array (N,), indices into ``class_names``.
         source_ids: N strings, stable across runs (``"<dataset>:<split>:<index>"``).
         class_names: the class names, in label order.
+        masks: for a segmentation data set, uint8 (N, H, W) per-pixel class indices into
+            ``class_names`` (``IGNORE`` for unlabelled pixels); None otherwise.
     """
 
     images: np.ndarray
     labels: np.ndarray
     source_ids: list[str]
     class_names: list[str]
+    masks: np.ndarray | None = None
 
     def __post_init__(self):
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -45,6 +49,14 @@ class ImageSet:
             raise DataError(f"{n} images but {len(self.labels)} labels and {len(self.source_ids)} ids")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise DataError(f"labels must lie in [0, {len(self.class_names)}), got [{self.labels.min()}, {self.labels.max()}]")
+        if self.masks is not None:
+            if self.masks.shape != (n, *self.images.shape[2:]) or self.masks.dtype != np.uint8:
+                raise DataError(f"masks must be uint8 (N, H, W) = {(n, *self.images.shape[2:])}, got "
+                                f"{self.masks.dtype} {self.masks.shape}")
+            known = (self.masks < len(self.class_names)) | (self.masks == IGNORE)
+            if not known.all():
+                raise DataError(f"masks hold class indices outside [0, {len(self.class_names)}) (and {IGNORE}, "
+                                f"unlabelled): {sorted(set(self.masks[~known].tolist()))[:5]}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,13 +101,16 @@ class Shard:
     rows: pa.Table
 
 
-def rows_table(source_ids: list[str], labels: np.ndarray, images: np.ndarray) -> pa.Table:
+def rows_table(source_ids: list[str], labels: np.ndarray, images: np.ndarray, masks: np.ndarray | None = None
+               ) -> pa.Table:
     """Source rows of a search over images: ``source_id``, ``source_label`` and ``image`` (each image's
-    raw uint8 C*H*W bytes; the stage knows the shape)."""
-    flat = images.reshape(len(images), -1)
-    return pa.table({"source_id": pa.array(source_ids, pa.string()),
-                     "source_label": pa.array(np.asarray(labels, np.int64)),
-                     "image": pa.array([row.tobytes() for row in flat], pa.binary())})
+    raw uint8 C*H*W bytes; the stage knows the shape), and ``mask`` (raw uint8 H*W bytes) for a
+    segmentation data set."""
+    columns = {"source_id": pa.array(source_ids, pa.string()), "source_label": pa.array(np.asarray(labels, np.int64)),
+               "image": pa.array([row.tobytes() for row in images.reshape(len(images), -1)], pa.binary())}
+    if masks is not None:
+        columns["mask"] = pa.array([row.tobytes() for row in masks.reshape(len(masks), -1)], pa.binary())
+    return pa.table(columns)
 
 
 def slice_shards(table: pa.Table, rows_per_shard: int) -> list[Shard]:
@@ -196,7 +211,7 @@ class DatasetSource:
     def shards(self, rows_per_shard: int) -> list[Shard]:
         """The split cut into named shards of ``rows_per_shard`` rows, always the same way."""
         data = self._loaded()
-        return slice_shards(rows_table(data.source_ids, data.labels, data.images), rows_per_shard)
+        return slice_shards(rows_table(data.source_ids, data.labels, data.images, data.masks), rows_per_shard)
 
     def split_labels(self) -> SplitLabels:
         """Every row's source id and label (an in-memory source loads the split)."""
@@ -213,17 +228,24 @@ class DatasetSource:
         return self._data
 
     def load(self) -> ImageSet:
-        images, labels, default_names, keys = self._load_split()
+        images, labels, default_names, keys, *masks = self._load_split()
+        masks = masks[0] if masks else None
         names = list(self.class_names or default_names)
         if self.limit is not None:
             images, labels, keys = images[: self.limit], labels[: self.limit], keys[: self.limit]
+            masks = None if masks is None else masks[: self.limit]
         if self.resize and images.shape[-2:] != (self.resize, self.resize):
             images = resize_images(images, self.resize)
+            if masks is not None:  # nearest: class indices do not blend
+                masks = torch.nn.functional.interpolate(torch.from_numpy(masks[:, None]).float(), size=(
+                    self.resize, self.resize), mode="nearest")[:, 0].to(torch.uint8).numpy()
         ids = [f"{self.name}:{self.split}:{k}" for k in keys]
-        return ImageSet(np.ascontiguousarray(images), labels.astype(np.int64), ids, names)
+        return ImageSet(np.ascontiguousarray(images), labels.astype(np.int64), ids, names,
+                        None if masks is None else np.ascontiguousarray(masks))
 
-    def _load_split(self) -> tuple[np.ndarray, np.ndarray, list[str], list]:
-        """Return (uint8 NCHW images, labels, default class names, a stable key per row).
+    def _load_split(self) -> tuple:
+        """Return (uint8 NCHW images, labels, default class names, a stable key per row), and for a
+        segmentation data set a fifth item, the uint8 (N, H, W) masks.
 
         The key (an original row index or a relative file path) makes the row's source id.
         """

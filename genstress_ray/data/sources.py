@@ -66,6 +66,47 @@ class DigitsSource(DatasetSource):
         return images[idx], digits.target[idx], [str(i) for i in range(10)], idx.tolist()
 
 
+class ScenesSource(DatasetSource):
+    """Synthetic street scenes with segmentation masks (no files needed): sky over ground, and one
+    object, a red sign or a dark car, whose class is the image's label. For segmentation models under
+    test (the counterfactual strategy scores them by mIoU drop against these masks). ``size`` scenes
+    of ``side`` x ``side`` RGB pixels make one pool, carved into the splits with ``seed``."""
+
+    name = "scenes"
+    CLASSES = ["ground", "sky", "sign", "car"]
+
+    def __init__(self, *args, size: int = 600, side: int = 32, **kwargs):
+        super().__init__(*args, **kwargs)
+        if size < 10 or side < 16:
+            raise DataError(f"data.options: the scenes source needs size >= 10 and side >= 16, got {size} and {side}")
+        self.size, self.side = size, side
+
+    def _load_split(self):
+        rng = np.random.default_rng(12345)  # one pool for every split and seed: the splits carve it
+        n, side = self.size, self.side
+        images, masks = np.zeros((n, 3, side, side), np.float32), np.zeros((n, side, side), np.uint8)
+        labels = rng.integers(2, 4, n)
+        for i in range(n):
+            horizon = int(rng.integers(side * 3 // 10, side * 6 // 10))
+            masks[i, :horizon] = 1
+            images[i, :, :horizon] = (np.array([0.35, 0.55, 0.95]) * rng.uniform(0.7, 1.0))[:, None, None]
+            images[i, :, horizon:] = rng.uniform(0.35, 0.6)
+            if labels[i] == 2:  # a sign: a red square, anywhere
+                h = w = side // 4
+                colour = [0.9, 0.1, 0.1]
+            else:  # a car: a wide dark-blue box, on the ground
+                h, w = side // 5, side // 3
+                colour = [0.15, 0.2, 0.45]
+            top = int(rng.integers(horizon - h // 2 if labels[i] == 3 else 1, side - h))
+            left = int(rng.integers(0, side - w))
+            masks[i, top:top + h, left:left + w] = labels[i]
+            images[i, :, top:top + h, left:left + w] = np.array(colour)[:, None, None]
+        images = np.clip(images + rng.normal(0, 0.03, images.shape), 0, 1)
+        idx = split_indices(n, self.split, self.validation_fraction, self.test_fraction, self.seed)
+        pixels = np.round(images[idx] * 255).astype(np.uint8)
+        return pixels, labels[idx], list(self.CLASSES), idx.tolist(), masks[idx]
+
+
 class MnistSource(DatasetSource):
     """MNIST-format files in one folder (local path or fsspec URI).
 

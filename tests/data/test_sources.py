@@ -203,3 +203,24 @@ def test_parquet_source_reads_from_s3(s3_bucket):
         pq.write_table(_parquet_table(), f)
     train = get_source("parquet", uri=f"{s3_bucket}/data/d.parquet", split="train", validation_fraction=0.0).load()
     assert len(train) == 3 and train.labels.tolist() == [0, 1, 0]
+
+
+def test_synthetic_scenes_carry_masks_that_agree_with_their_labels():
+    from genstress_ray.data import IGNORE, ImageSet
+
+    scenes = get_source("scenes", split="test", size=100, side=16).load()
+    assert scenes.class_names == ["ground", "sky", "sign", "car"] and scenes.masks.shape == (20, 16, 16)
+    for mask, label, image in zip(scenes.masks, scenes.labels, scenes.images):
+        assert set(np.unique(mask)) == {0, 1, int(label)}  # ground, sky and the labelled object
+        red = image[0].astype(int) - image[2].astype(int)
+        assert (red[mask == 2] > 100).all() and (red[mask != 2] < 50).all()  # the sign is the red pixels
+    small = get_source("scenes", split="test", size=100, side=32, resize=16).load()
+    assert small.masks.shape == (20, 16, 16) and set(np.unique(small.masks)) <= {0, 1, 2, 3}  # nearest
+    with pytest.raises(DataError, match="masks hold class indices outside"):
+        ImageSet(scenes.images, scenes.labels, scenes.source_ids, scenes.class_names, scenes.masks + 4)
+    with pytest.raises(DataError, match=r"masks must be uint8 \(N, H, W\)"):
+        ImageSet(scenes.images, scenes.labels, scenes.source_ids, scenes.class_names, scenes.masks[:, :8])
+    assert ImageSet(scenes.images, scenes.labels, scenes.source_ids, scenes.class_names,
+                    np.full_like(scenes.masks, IGNORE)).masks is not None
+    with pytest.raises(DataError, match="size >= 10 and side >= 16"):
+        get_source("scenes", side=8).load()
