@@ -141,5 +141,22 @@ def test_a_counterfactual_run_refuses_bad_models_before_any_ray_work(counterfact
     cfg["strategy"]["writer"] = {"name": "chat", "base_url": "http://127.0.0.1:9", "model": "m", "no_such_option": 1}
     with pytest.raises(ModelError, match="strategy.writer: .*no_such_option"):
         run_campaign({**cfg, "run_id": "r3"})
+    # Local model folders are checked on the driver, not loaded there: a folder without weights passes
+    # the check (the actors would load it), a missing folder or an unknown option does not.
+    cfg = copy.deepcopy(counterfactual_config)
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text("{}")
+    cfg["strategy"]["writer"] = {"name": "transformers", "uri": str(tmp_path / "lm"), "attempts": 2}
+    cfg["strategy"]["captioner"] = {"name": "transformers", "uri": str(tmp_path / "lm"), "samples": 1}
+    from genstress_ray.strategies.counterfactual import CounterfactualParams, check_generator
+
+    check_generator(CounterfactualParams(**cfg["strategy"]),
+                    load_generator(ModelRef(cfg["generator"]["uri"]), (1, 8, 8), "diffusion_model", 10))
+    cfg["strategy"]["writer"]["uri"] = str(tmp_path / "no-lm")
+    with pytest.raises(ModelError, match="strategy.writer.uri: .*no-lm' is not a folder"):
+        run_campaign({**cfg, "run_id": "r4"})
+    cfg["strategy"]["writer"] = {"name": "transformers", "uri": str(tmp_path / "lm"), "top_k": 3}
+    with pytest.raises(ModelError, match="strategy.writer: .*top_k"):
+        run_campaign({**cfg, "run_id": "r5"})
     with pytest.raises(ConfigError, match="strategy.counterfactual.control: unknown control image kind 'hed'"):
         run_campaign({**counterfactual_config, "strategy": {**counterfactual_config["strategy"], "control": "hed"}})

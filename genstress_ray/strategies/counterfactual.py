@@ -15,8 +15,10 @@ same captions, texts and images however the search images are batched or spread 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -28,6 +30,7 @@ from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, WRITERS
 from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.metrics import edge_agreement, score_logits, ssim
 from genstress_ray.models.controlnet import NEGATIVE_PROMPT, ControlNetRegenerator
+from genstress_ray.registry import resolve
 from genstress_ray.strategies.base import Strategy, StrategyParams
 from genstress_ray.strategies.seeds import row_rng
 
@@ -103,14 +106,31 @@ class CounterfactualParams(StrategyParams):
         return v
 
 
-def _plugin(registry, spec: dict, field_name: str, device: str):
+# The plugins that load a local model folder: the driver checks their options and folder without
+# loading them (a BLIP-2 or a 13B chat model is for the actors to load, on their GPUs).
+LOCAL_MODELS = {("captioner", "transformers"): "genstress_ray.models.captioners:TransformersCaptioner",
+                ("writer", "transformers"): "genstress_ray.models.language:TransformersChat"}
+
+
+def _plugin(registry, spec: dict, field_name: str, device: str, load: bool = True):
+    """The captioner or writer ``spec`` names, built; with ``load`` False, a local model's options and
+    folder are only checked (and None returned)."""
     options = {k: v for k, v in spec.items() if k != "name"}
-    if spec["name"] == "transformers":  # a local model: on the stage's device
-        options = {"device": device, **options}
+    local = LOCAL_MODELS.get((field_name, spec["name"]))
     try:
-        return registry.get(spec["name"])(**options)
+        if local is None:
+            return registry.get(spec["name"])(**options)
+        options = {"device": device, **options}  # a local model: on the stage's device
+        if load:
+            return registry.get(spec["name"])(**options)
+        options.pop("attempts", None)
+        inspect.signature(resolve(local)).bind(**options)
     except TypeError as exc:
         raise ValueError(f"strategy.{field_name}: {exc}") from None
+    uri = str(options.get("uri", ""))
+    if "://" not in uri and not Path(uri).is_dir():
+        raise ValueError(f"strategy.{field_name}.uri: {uri!r} is not a folder (a transformers model folder)")
+    return None
 
 
 @dataclass
@@ -264,10 +284,11 @@ class CounterfactualSearch:
             ssim=ssim(source_x[index], generated), segmentation=segmentation), rewrites
 
 
-def build_search(params: dict, generator, classifier, class_names: list[str], device: str = "cpu"
-                 ) -> CounterfactualSearch:
+def build_search(params: dict, generator, classifier, class_names: list[str], device: str = "cpu",
+                 load_local_models: bool = True) -> CounterfactualSearch:
     """A ``CounterfactualSearch`` from a run's ``strategy`` parameters (a dict), its Stable Diffusion
-    generator (``models.StableDiffusion``: the pipeline shares its parts) and classifier."""
+    generator (``models.StableDiffusion``: the pipeline shares its parts) and classifier. Without
+    ``load_local_models``, a local captioner or language model is checked, not loaded (and None)."""
     parts = getattr(generator, "parts", None)
     if parts is None or not hasattr(parts, "vae"):
         raise ValueError("generator: strategy 'counterfactual' needs a Stable Diffusion folder (diffusers layout) "
@@ -281,17 +302,18 @@ def build_search(params: dict, generator, classifier, class_names: list[str], de
     if channels != regenerator.channels:
         raise ValueError(f"strategy.controlnet: the ControlNet takes {regenerator.channels}-channel control images, "
                          f"and control {params['control']!r} makes {channels}-channel ones")
-    captioner = _plugin(CAPTIONERS, params["captioner"], "captioner", device) if params.get("captioner") else None
-    return CounterfactualSearch(captioner, _plugin(WRITERS, params["writer"], "writer", device), control, regenerator,
-                                classifier, class_names, size, params.get("synonyms") or {}, params["task"],
-                                params["per_caption"], params["caption_template"],
-                                lambda z: generator.decode(z.to(device)).float().cpu())
+    load = load_local_models
+    captioner = _plugin(CAPTIONERS, params["captioner"], "captioner", device, load) if params.get("captioner") else None
+    writer = _plugin(WRITERS, params["writer"], "writer", device, load)
+    return CounterfactualSearch(captioner, writer, control, regenerator, classifier, class_names, size,
+                                params.get("synonyms") or {}, params["task"], params["per_caption"],
+                                params["caption_template"], lambda z: generator.decode(z.to(device)).float().cpu())
 
 
 def check_generator(params: CounterfactualParams, generator) -> None:
-    """Build the whole search on the driver (ControlNet, captioner, writer) so that a wrong folder,
-    channel count or writer option fails before any Ray work."""
-    build_search(params.model_dump(), generator, torch.nn.Identity(), [])
+    """Build the search on the driver (ControlNet, writer; local captioner and language-model folders
+    checked, not loaded) so that a wrong folder, channel count or option fails before any Ray work."""
+    build_search(params.model_dump(), generator, torch.nn.Identity(), [], load_local_models=False)
 
 
 COUNTERFACTUAL = Strategy("counterfactual", CounterfactualParams, "diffusion_model", None,
