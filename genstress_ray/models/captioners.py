@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genstress_ray.models.folders import check_transformers_folder, local_folder
-from genstress_ray.models.protocols import ModelError
+from genstress_ray.models.folders import load_transformers_folder
 
 # What a captioner folder must hold (what ``save_pretrained`` of a model and its processor write).
 NEEDED = ("config.json", "preprocessor_config.json|processor_config.json", "tokenizer_config.json")
@@ -29,13 +28,8 @@ class TransformersCaptioner:
                  min_new_tokens: int = 0, seed: int = 0, device: str = "cpu"):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        folder = local_folder(uri, "captioner")
-        check_transformers_folder(folder, uri, "captioner", "image-to-text model", NEEDED)
-        try:
-            self.processor = AutoProcessor.from_pretrained(folder)
-            self.model = AutoModelForImageTextToText.from_pretrained(folder).to(device).eval()
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"captioner folder {uri!r} cannot be loaded: {exc}") from None
+        self.processor, self.model = load_transformers_folder(uri, "captioner", "image-to-text model", NEEDED,
+                                                              AutoProcessor, AutoModelForImageTextToText, device)
         self.samples, self.top_p, self.seed, self.device = samples, top_p, seed, device
         self.lengths = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
 

@@ -56,6 +56,20 @@ def check_transformers_folder(folder: Path, uri: str, what: str, kind: str, need
                          "processor there with save_pretrained)")
 
 
+def load_transformers_folder(uri: str, what: str, kind: str, needed: tuple[str, ...], preprocessor, model,
+                             device: str = "cpu") -> tuple[Any, nn.Module]:
+    """A ``save_pretrained`` folder's preprocessor (tokenizer or processor) and model, loaded with the
+    ``Auto*`` classes given, the model in eval mode on ``device``; a folder that lacks files or does not
+    load is a ModelError naming it. Nothing is downloaded and nothing in the folder runs as code."""
+    folder = local_folder(uri, what)
+    check_transformers_folder(folder, uri, what, kind, needed)
+    try:
+        return (preprocessor.from_pretrained(folder, local_files_only=True),
+                model.from_pretrained(folder, local_files_only=True).to(device).eval())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{what} folder {uri!r} cannot be loaded: {exc}") from None
+
+
 def folder_format(uri: str) -> str | None:
     """``transformers`` or ``diffusers`` for a model folder at ``uri``; None when ``uri`` is no folder."""
     fs, path = filesystem_for(uri)

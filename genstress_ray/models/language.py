@@ -21,7 +21,7 @@ import zlib
 
 import torch
 
-from genstress_ray.models.folders import check_transformers_folder, local_folder
+from genstress_ray.models.folders import load_transformers_folder
 from genstress_ray.models.protocols import ModelError
 
 NEEDED = ("config.json", "tokenizer_config.json")
@@ -34,13 +34,8 @@ class TransformersChat:
                  seed: int = 0, device: str = "cpu"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = local_folder(uri, "language model")
-        check_transformers_folder(folder, uri, "language model", "causal language model", NEEDED)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"language model folder {uri!r} cannot be loaded: {exc}") from None
+        self.tokenizer, self.model = load_transformers_folder(uri, "language model", "causal language model", NEEDED,
+                                                              AutoTokenizer, AutoModelForCausalLM, device)
         if not self.tokenizer.chat_template:
             raise ModelError(f"language model folder {uri!r}: its tokenizer has no chat template (a chat model's "
                              "tokenizer_config.json carries one)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genstress_ray.data import IGNORE
 from genstress_ray.models.protocols import ModelError
 
 
@@ -47,7 +48,7 @@ class Segmenter(nn.Module):
         return logits
 
 
-def class_iou(pred: torch.Tensor, mask: torch.Tensor, num_classes: int, ignore: int | None = 255) -> torch.Tensor:
+def class_iou(pred: torch.Tensor, mask: torch.Tensor, num_classes: int, ignore: int | None = IGNORE) -> torch.Tensor:
     """Per-image, per-class intersection over union (N, K) of label maps (N, H, W); ``nan`` for a class
     in neither map; pixels labelled ``ignore`` in the mask do not count.
 
@@ -62,13 +63,13 @@ def class_iou(pred: torch.Tensor, mask: torch.Tensor, num_classes: int, ignore: 
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
 
 
-def miou(pred: torch.Tensor, mask: torch.Tensor, num_classes: int, ignore: int | None = 255) -> torch.Tensor:
+def miou(pred: torch.Tensor, mask: torch.Tensor, num_classes: int, ignore: int | None = IGNORE) -> torch.Tensor:
     """Mean IoU per image (N,) over the classes present in its prediction or mask."""
     return class_iou(pred, mask, num_classes, ignore).nanmean(1)
 
 
 def miou_drop(source_pred: torch.Tensor, generated_pred: torch.Tensor, mask: torch.Tensor, num_classes: int,
-              ignore: int | None = 255) -> tuple[torch.Tensor, torch.Tensor]:
+              ignore: int | None = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
     """The fault score of regenerated images: mIoU on the source image minus mIoU on each regenerated
     one, both against the source's mask (N,); and the per-class IoU drop (N, K), ``nan`` where a class
     is absent from both."""

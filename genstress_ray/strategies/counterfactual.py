@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 
 from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, WRITERS
 from genstress_ray.counterfactuals.text import Rewrite
+from genstress_ray.data import IGNORE
 from genstress_ray.metrics import edge_agreement, score_logits, ssim
 from genstress_ray.models.controlnet import NEGATIVE_PROMPT, ControlNetRegenerator
 from genstress_ray.registry import resolve
@@ -172,7 +173,7 @@ class Candidates:
 
 def segmentation_scores(segmenter: torch.nn.Module, source_x: torch.Tensor, generated: torch.Tensor,
                         masks: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, threshold: float,
-                        ignore: int | None = 255) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[dict]]:
+                        ignore: int | None = IGNORE) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[dict]]:
     """Scores of regenerated images under a segmentation model (``models.segmentation.Segmenter``),
     against their source's ``masks`` (S, H, W): a **fault** when the mIoU drop from the source image
     exceeds ``threshold``. ``pred``, ``probs`` and the rest are the model's pixel logits averaged over
@@ -185,9 +186,9 @@ def segmentation_scores(segmenter: torch.nn.Module, source_x: torch.Tensor, gene
     names = segmenter.class_names
     with torch.no_grad():
         source_logits, logits = segmenter(source_x), segmenter(generated)
-    mask = masks[index]
-    drop, class_drop = miou_drop(source_logits.argmax(1)[index], logits.argmax(1), mask, len(names), ignore)
-    before = miou(source_logits.argmax(1)[index], mask, len(names), ignore)
+    mask, source_map = masks[index], source_logits.argmax(1)[index]
+    drop, class_drop = miou_drop(source_map, logits.argmax(1), mask, len(names), ignore)
+    before = miou(source_map, mask, len(names), ignore)
     on_object = mask == labels[index].view(-1, 1, 1)
     on_object |= ~on_object.flatten(1).any(1).view(-1, 1, 1)
     weights = on_object.unsqueeze(1).float()
