@@ -151,12 +151,30 @@ def assess_counterfactual(ctx: RunContext, classifier) -> dict[str, Any]:
         "flip_rate": counts.get("flipped", 0) / counts["candidates"] if counts.get("candidates") else float("nan"),
         "fault_edge_agreement": mean("edge_agreement"), "fault_ssim_to_source": mean("ssim"),
         "fault_text_diversity": text_diversity(sorted({p["text"] for p in params}))}
+    if ctx.segmentation:
+        summary["segmentation"] = segmentation_summary(params, ctx.class_names, ctx.cfg.strategy.miou_drop)
     if ctx.cfg.oracle is not None and faults.num_rows:
         with torch.no_grad():
             oracle_pred = ctx.oracle()(fault_x).argmax(1).numpy()
         kept = oracle_pred == faults["source_label"].to_numpy(zero_copy_only=False)
         summary["validity"]["oracle_keeps_label"] = float(kept.mean())
     return summary
+
+
+def segmentation_summary(params: list[dict], class_names: list[str], threshold: float) -> dict[str, Any]:
+    """A segmentation model's faults: mIoU on their source images and on the faults, the drop, and
+    per class (where present in the source's mask or either prediction) the mean IoU drop, worst first."""
+    mean = (lambda key: float(np.mean([p[key] for p in params])) if params else float("nan"))
+    per_class = {}
+    for name in class_names:
+        drops = [p["iou_drop"][name] for p in params if name in p["iou_drop"]]
+        if drops:
+            per_class[name] = {"mean_iou_drop": float(np.mean(drops)), "faults": len(drops)}
+    worst_first = dict(sorted(per_class.items(), key=lambda kv: -kv[1]["mean_iou_drop"]))
+    return {"miou_drop_threshold": threshold, "fault_miou_source": mean("miou_source"), "fault_miou": mean("miou"),
+            "fault_miou_drop": mean("miou_drop"),
+            "fault_miou_drop_median": float(np.median([p["miou_drop"] for p in params])) if params else float("nan"),
+            "iou_drop_by_class": worst_first}
 
 
 @torch.no_grad()

@@ -116,10 +116,13 @@ class ModelSpec(_Strict):
 
     ``architecture`` names a registered model; ``factory`` ("package.module:function") builds a user's
     own; ``params`` go to either; ``train`` holds training settings for built-ins (epochs, lr, ...).
-    ``input`` declares a classifier's input size and normalisation (``InputConfig``).
+    ``input`` declares a classifier's input size and normalisation (``InputConfig``). ``task``: what
+    the model under test (``classifier:``) does: ``classification`` (images -> class logits) or
+    ``segmentation`` (images -> per-pixel logits over the data's mask classes; ``models.Segmenter``).
     """
 
     uri: Location | None = None
+    task: Literal["classification", "segmentation"] = "classification"
     format: str = "auto"
     architecture: str | None = None
     factory: str | None = None
@@ -325,6 +328,7 @@ class CampaignConfig(_Strict):
     def _models_are_buildable(self):
         if self.generator is None:
             self.generator = default_model(self.strategy.generator_kind)
+        self._check_task()
         for role, spec in (("classifier", self.classifier), ("generator", self.generator), ("oracle", self.oracle)):
             if spec is not None and spec.uri is None and spec.architecture is None:
                 raise ValueError(f"{role}: give a checkpoint 'uri' or a built-in 'architecture' to train "
@@ -334,6 +338,29 @@ class CampaignConfig(_Strict):
             raise ValueError(f"generator.architecture: strategy {self.strategy.name!r} needs a {needed} "
                              f"({', '.join(list_models(needed))}), and {arch!r} is a {model_kind(arch)}")
         return self
+
+    def _check_task(self) -> None:
+        """A segmentation model under test: the built-in one unless a model is named, and a strategy
+        that keeps each source's layout (its mask is the ground truth)."""
+        for role in ("generator", "oracle"):
+            spec = getattr(self, role)
+            if spec is not None and spec.task != "classification":
+                raise ValueError(f"{role}.task: only the model under test ('classifier:') may be a segmentation model")
+        spec = self.classifier
+        if spec.task != "segmentation":
+            return
+        if not self.strategy.plugin.segmentation:
+            able = [s.name for s in STRATEGIES.values() if s.segmentation]
+            raise ValueError(f"classifier.task: segmentation models are tested by strategy {' or '.join(able)} "
+                             f"(it keeps each source's layout, so the source's mask stays its ground truth), "
+                             f"not {self.strategy.name!r}")
+        if spec.uri is None and spec.architecture is None:
+            default = MODEL_KINDS.get("segmenter").default
+            self.classifier = spec.model_copy(update={"architecture": default["architecture"],
+                                                      "train": spec.train or default["train"]})
+        elif spec.architecture is not None and model_kind(spec.architecture) != "segmenter":
+            raise ValueError(f"classifier.architecture: {spec.architecture!r} is a {model_kind(spec.architecture)}; "
+                             f"a segmentation model under test needs a segmenter ({', '.join(list_models('segmenter'))})")
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -59,13 +59,14 @@ def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
     """The reference a run uses for a model: the configured checkpoint, or the cached built-in at ``uri``."""
     declared = spec.input.model_dump() if spec.input else None
     if spec.uri:
-        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params, declared)
-    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params, declared)
+        return ModelRef(spec.uri, spec.format, spec.architecture, spec.factory, spec.params, declared, spec.task)
+    return ModelRef(uri, "safetensors", spec.architecture, None, spec.params, declared, spec.task)
 
 
 def prepare_model(role: str, spec: ModelSpec, cfg: CampaignConfig, class_names: list[str], image_shape) -> ModelRef:
     """The checkpoint to use for ``role``: the configured one, or a built-in trained once and cached."""
-    expected = {"generator": cfg.strategy.generator_kind, "detector": "latent_generator"}.get(role, "classifier")
+    expected = {"generator": cfg.strategy.generator_kind, "detector": "latent_generator"}.get(
+        role, "segmenter" if spec.task == "segmentation" else "classifier")
     if spec.architecture and model_kind(spec.architecture) != expected:
         raise ModelError(f"{role}.architecture: {spec.architecture!r} is a {model_kind(spec.architecture)}, "
                          f"not a {expected}")
@@ -136,6 +137,10 @@ class RunContext:
         source, catalog = open_source(cfg.data.search, "data.search")
         if catalog.rows == 0:
             raise DataError("data.search: the split holds no images")
+        if cfg.classifier.task == "segmentation" and not catalog.masks:
+            raise DataError(f"data.search: the model under test is a segmentation model (classifier.task), and "
+                            f"the {cfg.data.search.kind!r} source has no masks to score it against "
+                            f"(the 'scenes' source has)")
         manifest = store.read_manifest() if manifest is None else manifest
         ctx = cls(cfg, store, catalog.class_names, tuple(catalog.image_shape), {}, manifest, _source=(source, catalog))
         ctx.models = {role: ctx.prepare(role, getattr(cfg, role)) for role in ("classifier", "generator")}
@@ -145,6 +150,17 @@ class RunContext:
     @property
     def strategy(self) -> Strategy:
         return self.cfg.strategy.plugin
+
+    @property
+    def segmentation(self) -> bool:
+        """Whether the model under test is a segmentation model (``classifier.task``)."""
+        return self.cfg.classifier.task == "segmentation"
+
+    def refuse_segmentation(self, command: str, why: str) -> None:
+        """A clear refusal of what a segmentation run cannot do (yet)."""
+        if self.segmentation:
+            raise ConfigError(f"run {self.store.uri} tests a segmentation model (classifier.task: segmentation): "
+                              f"{command} {why}")
 
     @property
     def search(self) -> ImageSet:
@@ -230,4 +246,5 @@ class RunContext:
         return {"classifier": self.models["classifier"], "generator": self.models["generator"],
                 "class_names": self.class_names, "image_shape": tuple(self.image_shape), "seed": self.cfg.seed,
                 "generator_kind": self.cfg.strategy.generator_kind, "boundary": boundary,
-                "strategy": self.cfg.strategy.name}
+                "strategy": self.cfg.strategy.name,
+                **({"segmentation": {"miou_drop": self.cfg.strategy.miou_drop}} if self.segmentation else {})}

@@ -19,6 +19,11 @@ def _label(args) -> int:
         raise LabelError(f"run {store.uri} was made by an older genstress_ray (no class_names in its manifest); "
                          "rerun it with the same run id to record them")
     class_names = manifest["class_names"]
+    if manifest.get("config", {}).get("classifier", {}).get("task") == "segmentation":
+        raise LabelError(f"run {store.uri} tests a segmentation model (classifier.task: segmentation): its faults "
+                         "are judged against the sources' masks by mIoU drop, and region labels (one class per "
+                         "image) and the correction they feed are for classifiers; see the report and "
+                         "`genstress assess` for its per-class IoU drop")
     method = next((name for name in labeling.LABELLERS if getattr(args, name)), None)
     if method not in ("file", "import_label_studio") and not store.is_complete("region_samples"):
         raise LabelError(f"run {store.uri} has no finished region_samples stage to label")

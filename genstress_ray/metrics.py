@@ -248,17 +248,22 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def penultimate_features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """The classifier's penultimate features: its ``embed()`` when it has one, else the input of its
-    last ``nn.Linear`` (captured with a forward hook)."""
+    last ``nn.Linear`` (captured with a forward hook); for a fully convolutional network (a
+    segmentation model) the input of its last ``nn.Conv2d``, averaged over the image."""
     was_training = net.training
     net.eval()
     if callable(getattr(net, "embed", None)):
         out = [net.embed(x) for x in images.split(batch_size)]
     else:
-        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-        if not linears:
-            raise ValueError(f"{type(net).__name__} has neither embed() nor an nn.Linear head to take features from")
+        heads = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        pool = not heads
+        heads = heads or [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        if not heads:
+            raise ValueError(f"{type(net).__name__} has neither embed() nor an nn.Linear or nn.Conv2d head to take "
+                             "features from")
         captured: list[torch.Tensor] = []
-        hook = linears[-1].register_forward_hook(lambda m, inp, out: captured.append(inp[0].flatten(1)))
+        hook = heads[-1].register_forward_hook(
+            lambda m, inp, out: captured.append(inp[0].mean((2, 3)) if pool else inp[0].flatten(1)))
         try:
             for x in images.split(batch_size):
                 net(x)

@@ -168,29 +168,54 @@ def run_regions(cfg: CampaignConfig, store: RunStore) -> dict:
 
 
 def decode_region_samples(cfg: CampaignConfig, store: RunStore, stage: str, regions: pa.Table, per_region: int,
-                          labels: dict[int, int], constructor: dict, progress=None) -> dict:
+                          labels: dict[int, int], constructor: dict, progress=None,
+                          anchors: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> dict:
     """Draw ``per_region`` latents from each region, decode and classify them on Ray into ``stage``.
 
     ``labels`` maps a region id to the class its samples are judged against (a fault is a prediction
-    other than it); ``constructor["seed"]`` seeds the draws.
+    other than it); ``constructor["seed"]`` seeds the draws. ``anchors``: ``(source labels, latents) ->
+    columns`` that each sample is also scored against (``segmentation_anchors``).
     """
     region_ids, latents = sample_regions(regions, per_region, cfg.reduce.tau, constructor["seed"])
+    source_labels = np.asarray([labels[r] for r in region_ids], np.int64)
     table = pa.table({"region_id": region_ids, "draw": np.tile(np.arange(per_region), regions.num_rows),
-                      "source_label": np.asarray([labels[r] for r in region_ids], np.int64),
-                      "latent": list(latents)})
+                      "source_label": source_labels, "latent": list(latents),
+                      **(anchors(source_labels, latents) if anchors is not None and len(latents) else {})})
     totals = run_sharded(store, stage, slice_shards(table, cfg.shard_rows), RegionDecode,
                          cfg.resources.region_samples, constructor, progress=progress)
     return {stage: store.count_rows(stage), **totals}
 
 
-def run_region_samples(cfg: CampaignConfig, store: RunStore, constructor: dict, progress=None) -> dict:
+def segmentation_anchors(ctx: RunContext, labels: np.ndarray, latents: np.ndarray) -> dict:
+    """What a segmentation model's region samples are scored against: a sample has no source image,
+    so it takes its **anchor**, the fault nearest to it in latent space among those of its class,
+    and that fault's source image and mask (the layout the sample was drawn near). Columns
+    ``anchor_id``, ``anchor_image`` (raw uint8 bytes) and ``mask``."""
+    faults = ctx.store.read_table("identify", columns=["source_id", "source_label", "latent"], filter=pc.field("fault"))
+    points = faults["latent"].combine_chunks().flatten().to_numpy().reshape(faults.num_rows, -1)
+    fault_labels = faults["source_label"].to_numpy()
+    anchors = []
+    for z, label in zip(latents, labels):
+        pool = np.flatnonzero(fault_labels == label)
+        pool = pool if len(pool) else np.arange(len(points))
+        anchors.append(pool[np.argmin(((points[pool] - z) ** 2).sum(1))])
+    ids = [faults["source_id"][int(i)].as_py() for i in anchors]
+    search = ctx.search
+    row = {sid: i for i, sid in enumerate(search.source_ids)}
+    return {"anchor_id": ids, "anchor_image": [search.images[row[s]].tobytes() for s in ids],
+            "mask": [search.masks[row[s]].tobytes() for s in ids]}
+
+
+def run_region_samples(ctx: RunContext, constructor: dict, progress=None) -> dict:
+    cfg, store = ctx.cfg, ctx.store
     store.resume_stage("region_samples")
     regions = store.read_table("regions")
     if regions.num_rows == 0 or cfg.reduce.samples_per_region == 0:
         return {"region_samples": 0, "candidates": 0}
     dominant = dict(zip(regions["region_id"].to_pylist(), regions["dominant_source_label"].to_pylist()))
+    anchors = (lambda labels, latents: segmentation_anchors(ctx, labels, latents)) if ctx.segmentation else None
     return decode_region_samples(cfg, store, "region_samples", regions, cfg.reduce.samples_per_region, dominant,
-                                 constructor, progress)
+                                 constructor, progress, anchors)
 
 
 def new_run_id() -> str:
@@ -256,7 +281,7 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
     constructor = ctx.stage_constructor(boundary)
     runners = {"identify": lambda: run_identify(ctx, generator, constructor, progress),
                "regions": lambda: run_regions(cfg, store),
-               "region_samples": lambda: run_region_samples(cfg, store, constructor, progress)}
+               "region_samples": lambda: run_region_samples(ctx, constructor, progress)}
     skipped = [stage for stage in stages if not _run_stage(store, stage, runners[stage], lease)]
     return _finish(ctx, stages, skipped, started)
 

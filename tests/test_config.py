@@ -93,3 +93,25 @@ def test_local_paths_become_absolute_when_the_config_is_loaded(tmp_path, monkeyp
     assert cfg.output == f"{tmp_path}/genstress-runs" and cfg.data.search.uri == f"{tmp_path}/data/mnist"
     assert cfg.classifier.uri == f"{tmp_path}/models/cnn.pt"
     assert load_config({"output": "s3://bucket/runs"}).output == "s3://bucket/runs"
+
+
+CF = {"name": "counterfactual", "controlnet": "cn"}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"classifier": {"task": "segmentation"}}, "classifier.task: segmentation models are tested by strategy "
+                                               "counterfactual"),
+    ({"classifier": {"task": "segmentation", "architecture": "small_cnn"}, "strategy": CF},
+     "classifier.architecture: 'small_cnn' is a classifier; a segmentation model under test needs a segmenter"),
+    ({"oracle": {"task": "segmentation", "architecture": "small_segnet"}}, "oracle.task: only the model under test"),
+    ({"classifier": {"task": "detection"}}, "classifier.task"),
+])
+def test_a_segmentation_model_under_test_is_checked_against_strategy_and_architecture(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(raw)
+
+
+def test_a_segmentation_model_under_test_defaults_to_the_built_in_segmenter():
+    cfg = load_config({"classifier": {"task": "segmentation", "train": {"epochs": 2}}, "strategy": CF})
+    assert (cfg.classifier.architecture, cfg.classifier.train, cfg.strategy.miou_drop) == ("small_segnet", {"epochs": 2}, 0.1)
+    assert load_config({"classifier": {"task": "segmentation"}, "strategy": CF}).classifier.train == {"epochs": 5}

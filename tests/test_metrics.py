@@ -87,6 +87,9 @@ def test_penultimate_features_use_embed_or_the_input_of_the_last_linear():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10))
     feats = penultimate_features(mlp, x)
     assert torch.allclose(feats, mlp[:3](x)) and len(mlp[3]._forward_hooks) == 0
+    # A fully convolutional (segmentation) network: the last conv's input, averaged over the image.
+    fcn = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 1))
+    assert torch.allclose(penultimate_features(fcn, x), fcn[:2](x).mean((2, 3)))
 
 
 def test_reconstruction_error_separates_real_digits_from_noise():

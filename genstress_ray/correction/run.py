@@ -195,6 +195,8 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
     started = time.time()
     # Overrides are validated before any work.
     ctx = RunContext.open(run_uri, config, storage_options, {"correction": overrides} if overrides else None)
+    ctx.refuse_segmentation("correction", "fine-tunes classifiers on labelled failure regions; fine-tuning a "
+                            "segmentation model on its faults is not supported")
     store = ctx.store
     labels = read_labels(store)
     failure_labels, n_labelled = failure_region_labels(labels, ctx.class_names)

@@ -72,11 +72,13 @@ class ImageSet:
 
 @dataclass(frozen=True)
 class Catalog:
-    """What the driver knows of a split without holding its pixels: class names, image shape, rows."""
+    """What the driver knows of a split without holding its pixels: class names, image shape, rows,
+    and whether its rows carry segmentation masks."""
 
     class_names: list[str]
     image_shape: tuple[int, int, int]
     rows: int
+    masks: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ class DatasetSource:
     def catalog(self) -> Catalog:
         """Class names, image shape and row count of the split (an in-memory source loads it)."""
         data = self._loaded()
-        return Catalog(data.class_names, data.image_shape, len(data))
+        return Catalog(data.class_names, data.image_shape, len(data), data.masks is not None)
 
     def shards(self, rows_per_shard: int) -> list[Shard]:
         """The split cut into named shards of ``rows_per_shard`` rows, always the same way."""

@@ -1,7 +1,7 @@
 """Classifiers, latent generators and style-based generators behind three protocols, their registry,
 loaders and training."""
 
-from genstress_ray.models import architectures, diffusion, stylegan  # noqa: F401  (register the built-ins)
+from genstress_ray.models import architectures, diffusion, segmentation, stylegan  # noqa: F401  (register the built-ins)
 from genstress_ray.models.loading import FORMATS, import_factory, load_module, save_checkpoint
 from genstress_ray.models.protocols import Classifier, LatentGenerator, ModelError, StyleGenerator
 from genstress_ray.models.refs import ModelRef, load_classifier, load_generator

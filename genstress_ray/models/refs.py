@@ -23,6 +23,7 @@ class ModelRef:
     factory: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     input: dict[str, Any] | None = None
+    task: str = "classification"  # or "segmentation": load_classifier gives a Segmenter
 
     def __post_init__(self):
         object.__setattr__(self, "uri", resolve_uri(self.uri))  # actors run in other working directories
@@ -58,8 +59,11 @@ def class_index(model_names: list[str] | None, class_names: list[str]) -> list[i
 
 
 def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Classifier:
-    """The classifier at ``ref`` behind its protocol, taking the run's images of ``image_shape``."""
+    """The classifier at ``ref`` behind its protocol, taking the run's images of ``image_shape`` (for
+    a ``segmentation`` ref, the ``Segmenter`` over the data's mask classes)."""
     module, meta = ref.load_with_meta()
+    if ref.task == "segmentation":
+        return load_segmenter(module, meta, class_names, image_shape)
     # A built-in checkpoint says the shape it was trained at (``params.in_shape``): data of another
     # size is resized to it.
     trained = meta.get("params", {}).get("in_shape")
@@ -71,3 +75,15 @@ def load_classifier(ref: ModelRef, class_names: list[str], image_shape) -> Class
 def load_generator(ref: ModelRef, image_shape, kind: str = "latent_generator", num_classes: int | None = None):
     """The generator at ``ref`` behind the protocol of its model ``kind`` (``MODEL_KINDS``)."""
     return MODEL_KINDS.get(kind).wrap(ref.load(), image_shape, num_classes).eval()
+
+
+def load_segmenter(module, meta: dict, class_names: list[str], image_shape):
+    """A loaded segmentation network behind the ``Segmenter`` protocol; a checkpoint that names its
+    classes must name the masks' classes, in their order (a pixel's class index is its mask value)."""
+    from genstress_ray.models.segmentation import Segmenter
+
+    named = meta.get("class_names")
+    if named and list(named) != list(class_names):
+        raise ModelError(f"classifier: the segmentation model's classes {list(named)} differ from the masks' "
+                         f"{list(class_names)}")
+    return MODEL_KINDS.get("segmenter").wrap(module, class_names, image_shape).eval()

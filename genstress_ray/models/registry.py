@@ -60,6 +60,9 @@ for _kind in (
     ModelKind("diffusion_model", "ddpm", "genstress_ray.models.diffusion_generators:diffusion_generator",
               "genstress_ray.models.diffusion:train_ddpm",
               {"architecture": "small_ddpm", "train": {"epochs": 8}}, ("max_minutes",)),
+    ModelKind("segmenter", "segmenter", "genstress_ray.models.segmentation:Segmenter",
+              "genstress_ray.models.segmentation:train_segmenter",
+              {"architecture": "small_segnet", "train": {"epochs": 5}}),
 ):
     MODEL_KINDS.register(_kind.name, _kind)
 

@@ -8,6 +8,7 @@ they were made from, and samples drawn from the region.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
@@ -170,7 +171,21 @@ def counterfactual_table(a: dict) -> str:
     if "oracle_keeps_label" in a["validity"]:
         rows.append(("faults the oracle still gives the source label", f"{a['validity']['oracle_keeps_label']:.1%}"))
     invalid = "".join(f"<li>{html.escape(e)}</li>" for e in c["rewrites_invalid_first"])
-    return search_table(a) + _table(rows) + (f"<p>First invalid rewrites:</p><ul>{invalid}</ul>" if invalid else "")
+    return (search_table(a) + _table(rows) + (f"<p>First invalid rewrites:</p><ul>{invalid}</ul>" if invalid else "")
+            + (_segmentation_table(a["segmentation"]) if "segmentation" in a else ""))
+
+
+def _segmentation_table(seg: dict) -> str:
+    """A segmentation model's faults: mIoU before and after, and the IoU drop per class, worst first."""
+    rows = _table([("fault: mIoU drop from the source image above", f"{seg['miou_drop_threshold']:.3f}"),
+                   ("faults' mIoU on the source image / on the fault",
+                    f"{_ratio(seg['fault_miou_source'])} / {_ratio(seg['fault_miou'])}"),
+                   ("faults' mIoU drop: mean / median",
+                    f"{_ratio(seg['fault_miou_drop'])} / {_ratio(seg['fault_miou_drop_median'])}")])
+    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{v['mean_iou_drop']:.3f}</td><td>{v['faults']}</td></tr>"
+                   for name, v in seg["iou_drop_by_class"].items())
+    return (rows + "<table id='iou-by-class'><caption>IoU drop per class over the faults, worst first</caption>"
+            "<tr><th>class</th><th>mean IoU drop</th><th>faults with the class</th></tr>" + body + "</table>")
 
 
 def _ratio(value, fmt: str = "{:.3f}") -> str:
@@ -207,6 +222,38 @@ def _tile(data: bytes, side: int = TILE) -> str:
     return png_uri(buf.getvalue())
 
 
+def _overlay(image: bytes, label_map: np.ndarray, side: int = TILE) -> str:
+    """A tile of ``image`` (PNG bytes) with a label map over it, one colour per class (unlabelled
+    pixels left as they are), half transparent."""
+    rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), np.float32)
+    if label_map.shape != rgb.shape[:2]:
+        label_map = np.asarray(Image.fromarray(label_map).resize(rgb.shape[1::-1], Image.NEAREST))
+    colours = (np.asarray(plt.get_cmap("tab10").colors) * 255).astype(np.float32)
+    labelled = label_map < len(colours)
+    rgb[labelled] = 0.5 * rgb[labelled] + 0.5 * colours[label_map[labelled]]
+    return _tile(png_bytes(rgb.round().astype(np.uint8).transpose(2, 0, 1)), side)
+
+
+def _legend(names: list[str]) -> str:
+    """The overlays' colours, by class."""
+    colours = plt.get_cmap("tab10").colors
+    return "<p>Mask colours: " + ", ".join(
+        f"<span style='background:rgb({int(r * 255)},{int(g * 255)},{int(b * 255)});padding:0 .6rem'></span> "
+        f"{html.escape(n)}" for n, (r, g, b) in zip(names, colours)) + "</p>"
+
+
+def _mask_pair(e: dict) -> str:
+    """A segmentation fault's overlays: the source's mask on the source image, the model's map on the
+    fault, and the mIoU drop."""
+    p = json.loads(e["params"] or "{}")
+    if e.get("source_mask") is None or "pred_mask" not in p:
+        return ""
+    predicted = np.asarray(Image.open(io.BytesIO(base64.b64decode(p["pred_mask"]))))
+    return (f"<img src='{_overlay(e['source_image'], e['source_mask'])}' alt='mask of {html.escape(e['source_id'])}'>"
+            f"<img src='{_overlay(e['image'], predicted)}' alt='segmented {html.escape(e['sample_id'])}'>"
+            f"<span>mask, then segmented: mIoU {p['miou_source']:.2f} -> {p['miou']:.2f}</span>")
+
+
 def _region_examples(store: RunStore, manifest: dict, regions, per_region: int) -> dict[int, list[dict]]:
     """For each region, its most typical faults (highest density under the region) with the source
     image each was made from: what the image was, what it became, what the classifier said."""
@@ -226,12 +273,14 @@ def _region_examples(store: RunStore, manifest: dict, regions, per_region: int) 
     sources = _source_images(manifest, {r["source_id"] for r in rows})
     out: dict[int, list[dict]] = {}
     for r in rows:
-        out.setdefault(chosen[r["sample_id"]], []).append({**r, "source_image": sources.get(r["source_id"])})
+        image, mask = sources.get(r["source_id"], (None, None))
+        out.setdefault(chosen[r["sample_id"]], []).append({**r, "source_image": image, "source_mask": mask})
     return out
 
 
-def _source_images(manifest: dict, ids: set[str]) -> dict[str, bytes]:
-    """PNG bytes of the search images with these source ids (none for seeds of a generator)."""
+def _source_images(manifest: dict, ids: set[str]) -> dict[str, tuple[bytes, np.ndarray | None]]:
+    """PNG bytes of the search images with these source ids, and their masks where the data has
+    them (none for seeds of a generator)."""
     if not ids or all(i.startswith("seed:") for i in ids):
         return {}
     from genstress_ray.config import load_config
@@ -243,7 +292,8 @@ def _source_images(manifest: dict, ids: set[str]) -> dict[str, bytes]:
     except Exception:  # the data moved or is unreadable here: the report shows the faults alone
         return {}
     index = {sid: i for i, sid in enumerate(search.source_ids) if sid in ids}
-    return {sid: png_bytes(search.images[i]) for sid, i in index.items()}
+    return {sid: (png_bytes(search.images[i]), None if search.masks is None else search.masks[i])
+            for sid, i in index.items()}
 
 
 def _failure_table(regions: list[dict], labels: dict, per_region: dict, class_names: list[str]) -> str:
@@ -317,7 +367,8 @@ def _region_section(r: dict, label: dict | None, accuracy: dict, examples: list[
                                 if e["source_image"] else "")
         + f"<img src='{_tile(e['image'])}' alt='fault {html.escape(e['sample_id'])}'>"
         f"<span>{'source, then fault: ' if e['source_image'] else ''}true {html.escape(name(e['source_label']))}"
-        f", predicted {html.escape(name(e['pred']))}{_asked_for(e['params'])}</span></div>" for e in examples)
+        f", predicted {html.escape(name(e['pred']))}{_asked_for(e['params'])}</span>{_mask_pair(e)}</div>"
+        for e in examples)
     cells = "".join(
         f"<div class='cell'><img src='{_tile(s['image'])}' alt='region {rid} sample {s['draw']}'>"
         f"predicted {html.escape(name(s['pred']))}</div>" for s in shown)
@@ -325,7 +376,9 @@ def _region_section(r: dict, label: dict | None, accuracy: dict, examples: list[
     return (f"<section id='region-{rid}'><h3>Region {rid}</h3>"
             f"<p>weight {r['weight']:.3f}, {r['n_members']} faults; {html.escape(region_pairs(r, names, 3))}; "
             f"{verdict}{acc}</p>"
-            + (f"<h4>Faults found, next to the image each was made from</h4><div class='grid'>{pairs}</div>"
+            + (f"<h4>Faults found, next to the image each was made from</h4>"
+               f"{_legend(names) if any(e['source_mask'] is not None for e in examples) else ''}"
+               f"<div class='grid'>{pairs}</div>"
                if pairs else "")
             + (f"<h4>Samples drawn from the region{' (label ' + html.escape(label['label']) + ')' if failure else ''}"
                f"</h4><div class='grid'>{cells}</div>" if cells else "") + "</section>")

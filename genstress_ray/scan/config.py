@@ -81,6 +81,9 @@ def load_scan_config(path: str | Path | dict, output: str | None = None,
             campaign = load_config(base / entry if isinstance(entry, str) else entry)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        if campaign.classifier.task == "segmentation":
+            raise ConfigError(f"{where}: campaign {campaign.campaign!r} tests a segmentation model "
+                              "(classifier.task); a scan labels and tracks classifiers' failure regions only")
         if campaign.oracle is None:
             raise ConfigError(f"{where}: campaign {campaign.campaign!r} has no 'oracle': a scan labels its regions "
                               "with the campaign's oracle classifier")

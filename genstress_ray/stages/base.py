@@ -54,8 +54,10 @@ class ModelStage:
                  seed: int, output: str | None = None, stage: str | None = None, threads: int = 1,
                  chunk_size: int = 512, rows_per_call: int = 64, storage_options: dict | None = None,
                  generator_kind: str = "latent_generator",
-                 boundary: dict | None = None, strategy: str = "defuse"):
+                 boundary: dict | None = None, strategy: str = "defuse", segmentation: dict | None = None):
         self.refs, self.generator_kind, self.strategy = (classifier, generator), generator_kind, strategy
+        # A segmentation model under test: {"miou_drop": its fault threshold}; rows carry the masks.
+        self.segmentation = segmentation
         # KLDB runs: {"subset": class indices of C, "threshold": boundary_kldb, "temperature": T}. Their
         # candidates are scored against C (``score_boundary``), the region samples' too.
         self.boundary = boundary
@@ -119,6 +121,10 @@ class ModelStage:
 
     def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         raise NotImplementedError
+
+    def _masks(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The batch's ``mask`` column as uint8 (N, H, W) label maps."""
+        return np.frombuffer(b"".join(batch["mask"]), np.uint8).reshape(len(batch["mask"]), *self.image_shape[1:])
 
     def _count(self, counts: dict[str, int]) -> None:
         """Add to this shard's totals (stored in its file)."""

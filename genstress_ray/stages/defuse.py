@@ -81,7 +81,11 @@ class RegionDecode(ModelStage):
         region = np.asarray(batch["region_id"], np.int64)
         draw = np.asarray(batch["draw"], np.int64)
         labels = torch.tensor(np.asarray(batch["source_label"], np.int64))
-        images, scores, finite = self._decode_and_score(latents.to(self.device), labels.to(self.device))
+        if self.segmentation:
+            images, scores, finite, params = self._segmented(batch, latents, labels)
+        else:
+            images, scores, finite = self._decode_and_score(latents.to(self.device), labels.to(self.device))
+            params = [{} for _ in draw]
         keep = finite.cpu()
         self._count({"candidates": len(draw), "nonfinite_dropped": int((~keep).sum())})
         idx = keep.nonzero().squeeze(1)
@@ -91,9 +95,26 @@ class RegionDecode(ModelStage):
             "source_id": [f"region:{r}" for r in region[sel]],
             "source_label": labels[idx].numpy(),
             "strategy": [self.strategy] * len(sel),  # the run's strategy; region_id marks a region sample
-            "params": [json.dumps({"region_id": int(r)}) for r in region[sel]],
+            "params": [json.dumps({"region_id": int(region[i]), **params[i]}) for i in sel],
             "draw": draw[sel], "seed": np.full(len(sel), self.seed, np.int64), "region_id": region[sel],
         }
         idx_dev = idx.to(self.device)
         return candidate_table(REGION_SAMPLES_SCHEMA, columns, latents[idx], images[idx_dev],
                                {k: v[idx_dev] for k, v in scores.items()})
+
+    @torch.no_grad()
+    def _segmented(self, batch: dict[str, np.ndarray], latents: torch.Tensor, labels: torch.Tensor):
+        """A segmentation model's scores of region samples: each sample has no source of its own, so
+        it is scored against its anchor, the region's nearest fault's source image and mask
+        (``pipeline.segmentation_anchors``)."""
+        from genstress_ray.strategies.counterfactual import segmentation_scores
+
+        dev, n = self.device, len(labels)
+        images = torch.cat([self.generator.decode(z.to(dev)).float() for z in latents.split(self.chunk_size)])
+        source_x = to_float(np.frombuffer(b"".join(batch["anchor_image"]), np.uint8).reshape(n, *self.image_shape))
+        scores, _, extra = segmentation_scores(self.classifier, source_x.to(dev), images,
+                                               torch.from_numpy(self._masks(batch)).long().to(dev), labels.to(dev),
+                                               torch.arange(n, device=dev), self.segmentation["miou_drop"])
+        finite = torch.isfinite(latents).all(1).to(dev) & torch.isfinite(images).flatten(1).all(1)
+        anchors = [str(a) for a in batch["anchor_id"]]
+        return images, scores, finite, [{"anchor": a, **e} for a, e in zip(anchors, extra)]

@@ -51,6 +51,8 @@ class Strategy:
         boundary: for strategies whose candidates are scored against a set of classes rather than the
             intended class: ``(params, class_names, temperature) -> spec`` (``temperature()`` fits one).
         check_generator: ``(params, generator)``, raising ValueError when the generator cannot serve.
+        segmentation: whether it can test a segmentation model (``classifier.task: segmentation``):
+            its stage scores a ``Segmenter`` against each source's mask.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Strategy:
     report: str
     boundary: Callable[[Any, list[str], Callable[[], float]], dict] | None = None
     check_generator: Callable[[Any, Any], None] | None = None
+    segmentation: bool = False
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")

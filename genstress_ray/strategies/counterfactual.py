@@ -15,6 +15,7 @@ same captions, texts and images however the search images are batched or spread 
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pydantic import Field, field_validator
 
 from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, WRITERS
 from genstress_ray.counterfactuals.text import Rewrite
-from genstress_ray.data import IGNORE
+from genstress_ray.data import IGNORE, png_bytes
 from genstress_ray.metrics import edge_agreement, score_logits, ssim
 from genstress_ray.models.controlnet import NEGATIVE_PROMPT, ControlNetRegenerator
 from genstress_ray.registry import resolve
@@ -79,6 +80,9 @@ class CounterfactualParams(StrategyParams):
     negative_prompt: str = NEGATIVE_PROMPT
     size: int | None = Field(None, ge=8)  # the side images are regenerated at; None: the generator's own
     keep: Literal["faults", "all"] = "faults"
+    # A segmentation model under test (classifier.task: segmentation): a fault is an mIoU drop from
+    # the source image above this.
+    miou_drop: float = Field(0.1, gt=0, le=1)
 
     @field_validator("control")
     @classmethod
@@ -180,14 +184,15 @@ def segmentation_scores(segmenter: torch.nn.Module, source_x: torch.Tensor, gene
     the source's object (the mask's pixels of its label; the whole image where the label is absent),
     so a region reads "sign -> segmented as ground". Returns the ``score_logits`` columns, the same
     pooled prediction on each candidate's source image, and per candidate the mIoU on the source and
-    on the image, the drop, and the IoU drop per class present (by class name)."""
+    on the image, the drop, the IoU drop per class present (by class name) and the predicted label
+    map (``pred_mask``: a base64 grey PNG, for the report's overlays)."""
     from genstress_ray.models.segmentation import miou, miou_drop
 
     names = segmenter.class_names
     with torch.no_grad():
         source_logits, logits = segmenter(source_x), segmenter(generated)
-    mask, source_map = masks[index], source_logits.argmax(1)[index]
-    drop, class_drop = miou_drop(source_map, logits.argmax(1), mask, len(names), ignore)
+    mask, source_map, pred_map = masks[index], source_logits.argmax(1)[index], logits.argmax(1)
+    drop, class_drop = miou_drop(source_map, pred_map, mask, len(names), ignore)
     before = miou(source_map, mask, len(names), ignore)
     on_object = mask == labels[index].view(-1, 1, 1)
     on_object |= ~on_object.flatten(1).any(1).view(-1, 1, 1)
@@ -199,8 +204,9 @@ def segmentation_scores(segmenter: torch.nn.Module, source_x: torch.Tensor, gene
     scores = score_logits(pooled(logits), labels[index])
     scores["fault"] = drop > threshold
     extra = [{"miou_source": round(float(b), 6), "miou": round(float(b - d), 6), "miou_drop": round(float(d), 6),
-              "iou_drop": {names[k]: round(float(v), 6) for k, v in enumerate(row) if not torch.isnan(v)}}
-             for b, d, row in zip(before, drop, class_drop)]
+              "iou_drop": {names[k]: round(float(v), 6) for k, v in enumerate(row) if not torch.isnan(v)},
+              "pred_mask": base64.b64encode(png_bytes(m[None].to(torch.uint8).cpu().numpy())).decode()}
+             for b, d, row, m in zip(before, drop, class_drop, pred_map)]
     return scores, pooled(source_logits[index]).argmax(1), extra
 
 
@@ -265,16 +271,19 @@ class CounterfactualSearch:
         # The run's generator decodes the latents, so that stored images are what a latent decodes to
         # (region samples are decoded the same way).
         generated = self.decode(latents) if self.decode is not None else to_shape(made, shape)
-        index, targets = torch.from_numpy(source), torch.as_tensor(np.asarray(labels, np.int64))
+        # Scored where the model under test lives (its actor's GPU); the candidates come back on the CPU.
+        dev = next(self.classifier.parameters(), torch.zeros(0)).device
+        index, targets = torch.from_numpy(source).to(dev), torch.as_tensor(np.asarray(labels, np.int64), device=dev)
         segmentation = None
         if masks is not None:
             scores, source_pred, segmentation = segmentation_scores(
-                self.classifier, source_x, generated, torch.as_tensor(np.asarray(masks, np.int64)), targets, index,
-                self.miou_drop)
+                self.classifier, source_x.to(dev), generated.to(dev),
+                torch.as_tensor(np.asarray(masks, np.int64), device=dev), targets, index, self.miou_drop)
         else:
             with torch.no_grad():
-                source_pred, logits = self.classifier(source_x).argmax(-1)[index], self.classifier(generated)
-            scores = score_logits(logits, targets[index])
+                source_pred = self.classifier(source_x.to(dev)).argmax(-1)[index]
+                scores = score_logits(self.classifier(generated.to(dev)), targets[index])
+        scores, source_pred = {k: v.cpu() for k, v in scores.items()}, source_pred.cpu()
         jobs_of = np.repeat(np.arange(len(jobs)), k)
         return Candidates(
             source=source, draw=draw, seed=[image_seeds[j] * 1000 + int(d) % k for j, d in zip(jobs_of, draw)],
@@ -308,7 +317,8 @@ def build_search(params: dict, generator, classifier, class_names: list[str], de
     writer = _plugin(WRITERS, params["writer"], "writer", device, load)
     return CounterfactualSearch(captioner, writer, control, regenerator, classifier, class_names, size,
                                 params.get("synonyms") or {}, params["task"], params["per_caption"],
-                                params["caption_template"], lambda z: generator.decode(z.to(device)).float().cpu())
+                                params["caption_template"], lambda z: generator.decode(z.to(device)).float().cpu(),
+                                params.get("miou_drop", 0.1))
 
 
 def check_generator(params: CounterfactualParams, generator) -> None:
@@ -320,4 +330,5 @@ def check_generator(params: CounterfactualParams, generator) -> None:
 COUNTERFACTUAL = Strategy("counterfactual", CounterfactualParams, "diffusion_model", None,
                           stage="genstress_ray.stages.counterfactual:CounterfactualStage",
                           assess="genstress_ray.assessment:assess_counterfactual",
-                          report="genstress_ray.report.html:counterfactual_table", check_generator=check_generator)
+                          report="genstress_ray.report.html:counterfactual_table", check_generator=check_generator,
+                          segmentation=True)

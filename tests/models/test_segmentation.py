@@ -78,3 +78,24 @@ def test_a_segmentation_model_whose_classes_differ_is_refused():
     # Logits at a lower resolution are resized to the image.
     down = Segmenter(nn.Conv2d(3, 3, 2, stride=2), CLASSES, (3, 16, 16))
     assert down(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def test_the_built_in_segmenter_trains_on_scene_masks_and_loads_behind_the_protocol(tmp_path):
+    from genstress_ray.data import DataError, get_source
+    from genstress_ray.models import ModelRef, load_classifier, train_and_save
+    from genstress_ray.models.segmentation import mean_iou
+
+    train = get_source("scenes", split="train", size=200, side=16).load()
+    validation = get_source("scenes", split="validation", size=200, side=16).load()
+    uri = str(tmp_path / "segnet.safetensors")
+    metrics = train_and_save("segmenter", "small_segnet", train, validation, uri, {"width": 8}, {"epochs": 8})
+    segmenter = load_classifier(ModelRef(uri, task="segmentation"), train.class_names, train.image_shape)
+    assert isinstance(segmenter, Segmenter) and segmenter(torch.zeros(2, 3, 16, 16)).shape == (2, 4, 16, 16)
+    assert metrics["val_miou"] > 0.7 and mean_iou(segmenter.net, validation) == pytest.approx(metrics["val_miou"])
+    # The checkpoint names its classes: masks with other classes are refused, by name.
+    with pytest.raises(ModelError, match=r"classes \['ground', 'sky', 'sign', 'car'\] differ from the masks'"):
+        load_classifier(ModelRef(uri, task="segmentation"), ["ground", "sky", "car", "sign"], train.image_shape)
+    # Data without masks cannot train one.
+    digits = get_source("digits", split="train", limit=20).load()
+    with pytest.raises(DataError, match="data.train: a segmentation model trains on masks"):
+        train_and_save("segmenter", "small_segnet", digits, None, uri, {"width": 8}, {"epochs": 1})

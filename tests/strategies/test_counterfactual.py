@@ -4,11 +4,14 @@ tiny CNN under test."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, LexiconWriter
 from genstress_ray.counterfactuals.text import Rewrite
@@ -111,3 +114,5 @@ def test_a_segmentation_model_is_scored_by_its_miou_drop_against_the_source_mask
         assert p["miou_drop"] == pytest.approx(float(drop[i]), abs=1e-5) and p["miou_source"] > 0.9
         assert p["miou"] == pytest.approx(p["miou_source"] - p["miou_drop"], abs=1e-5)
         assert p["iou_drop"]["sign"] == pytest.approx(float(per_class[i, sign]), abs=1e-5)
+        predicted = np.asarray(Image.open(io.BytesIO(base64.b64decode(p["pred_mask"]))))
+        assert np.array_equal(predicted, logits[i].argmax(0).numpy())  # the map the report overlays
