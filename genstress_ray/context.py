@@ -137,9 +137,10 @@ class RunContext:
         source, catalog = open_source(cfg.data.search, "data.search")
         if catalog.rows == 0:
             raise DataError("data.search: the split holds no images")
-        if cfg.classifier.task == "segmentation" and not catalog.masks:
-            raise DataError(f"data.search: the model under test is a segmentation model (classifier.task), and "
-                            f"the {cfg.data.search.kind!r} source has no masks to score it against "
+        needs = ("the model under test is a segmentation model (classifier.task)" if cfg.classifier.task == "segmentation"
+                 else "the strategy's control images are made from masks" if cfg.strategy.needs_masks else None)
+        if needs and not catalog.masks:
+            raise DataError(f"data.search: {needs}, and the {cfg.data.search.kind!r} source has no masks "
                             f"(the 'scenes' source has)")
         manifest = store.read_manifest() if manifest is None else manifest
         ctx = cls(cfg, store, catalog.class_names, tuple(catalog.image_shape), {}, manifest, _source=(source, catalog))

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_CNN
 from genstress_ray.cli import main
 from genstress_ray.config import ConfigError
+from genstress_ray.data import DataError
 from genstress_ray.models import ModelError, ModelRef, get_model, load_generator, save_checkpoint
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.storage import SAMPLES_SCHEMA, RunStore
@@ -160,3 +161,70 @@ def test_a_counterfactual_run_refuses_bad_models_before_any_ray_work(counterfact
         run_campaign({**cfg, "run_id": "r5"})
     with pytest.raises(ConfigError, match="strategy.counterfactual.control: unknown control image kind 'hed'"):
         run_campaign({**counterfactual_config, "strategy": {**counterfactual_config["strategy"], "control": "hed"}})
+
+
+@pytest.fixture
+def segmentation_config(counterfactual_config) -> dict:
+    """A campaign testing the built-in segmenter (trained here on the synthetic scenes' masks)."""
+    cfg = copy.deepcopy(counterfactual_config)
+    cfg.update(data={"search": {"kind": "scenes", "split": "test", "limit": 10, "options": {"size": 200, "side": 16}}},
+               classifier={"task": "segmentation", "params": {"width": 8}, "train": {"epochs": 8}}, oracle=None,
+               assessment={"detector": {"architecture": "beta_vae", "params": {"latent_dim": 4, "width": 8,
+                                                                                "hidden": 32}, "train": {"epochs": 2}}})
+    # The sources' masks, colour-coded, condition the ControlNet (the tiny one takes any 3-channel image).
+    cfg["strategy"].update(miou_drop=0.5, keep="all", synonyms={}, control="segmentation")
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_segmentation_campaign_scores_miou_drop_through_regions_assessment_and_report(segmentation_config, capsys):
+    cfg = segmentation_config
+    result = run_campaign(cfg)
+    store = RunStore(cfg["output"], cfg["campaign"], result.run_id)
+    samples = store.read_table("identify").to_pylist()
+    assert len(samples) == 10 * 2 * 2 == store.marker("identify")["candidates"]  # keep: all
+    params = [json.loads(r["params"]) for r in samples]
+    for r, p in zip(samples, params):
+        assert r["fault"] == (p["miou_drop"] > 0.5) and p["miou_source"] > 0.5  # the trained segmenter segments
+        assert set(p["iou_drop"]) <= {"ground", "sky", "sign", "car"} and r["source_label"] in (2, 3)
+        assert p["control"] == "segmentation" and 0 <= p["edge_agreement"] <= 1
+    faults = [(r, p) for r, p in zip(samples, params) if r["fault"]]
+    assert faults and result.counts["regions"] >= 1
+    # Region samples have no source: each is scored against its anchor, the nearest fault of its class.
+    source_miou = {r["source_id"]: p["miou_source"] for r, p in faults}
+    fault_labels = {r["source_id"]: r["source_label"] for r, _ in faults}
+    region_rows = store.read_table("region_samples").to_pylist()
+    assert len(region_rows) == result.counts["regions"] * cfg["reduce"]["samples_per_region"]
+    for row in region_rows:
+        p = json.loads(row["params"])
+        assert fault_labels[p["anchor"]] == row["source_label"]
+        assert p["miou_source"] == pytest.approx(source_miou[p["anchor"]], abs=1e-5)  # same image, mask, model
+        assert row["fault"] == (p["miou_drop"] > 0.5)
+
+    assert main(["assess", result.run_uri]) == 0
+    seg = store.read_json("assessment")["segmentation"]
+    drops = [p["iou_drop"]["sky"] for r, p in faults if "sky" in p["iou_drop"]]
+    assert seg["iou_drop_by_class"]["sky"] == {"mean_iou_drop": pytest.approx(np.mean(drops)), "faults": len(drops)}
+    assert seg["fault_miou_drop"] == pytest.approx(np.mean([p["miou_drop"] for _, p in faults]))
+    worst = [v["mean_iou_drop"] for v in seg["iou_drop_by_class"].values()]
+    assert worst == sorted(worst, reverse=True)
+    assert main(["report", result.run_uri]) == 0
+    page = store.fs.cat_file(f"{store.path}/report/index.html").decode()
+    assert "id='iou-by-class'" in page and "Mask colours" in page and "alt='mask of scenes:test:" in page
+    capsys.readouterr()
+    # Labels (one class per image) and the correction they feed are refused, by name.
+    assert main(["label", result.run_uri, "--oracle"]) != 0
+    assert main(["correct", result.run_uri]) != 0
+    err = capsys.readouterr().err
+    assert err.count("tests a segmentation model") == 2 and not store.is_complete("labels")
+
+
+def test_a_segmentation_run_refuses_data_without_masks(segmentation_config):
+    cfg = copy.deepcopy(segmentation_config)
+    cfg["data"] = {"search": {"kind": "digits", "split": "test", "limit": 4}}
+    with pytest.raises(DataError, match="data.search: the model under test is a segmentation model .* 'digits' "
+                                        "source has no masks"):
+        run_campaign(cfg)
+    cfg["classifier"] = {"architecture": "small_cnn"}  # a classifier, with control images made from masks
+    with pytest.raises(DataError, match="data.search: the strategy's control images are made from masks"):
+        run_campaign({**cfg, "run_id": "r2"})

@@ -17,6 +17,7 @@ import torch
 
 from conftest import SHARED_DATA, TINY_CNN, TINY_DDPM, TINY_STYLEGAN, TINY_VAE
 from genstress_ray.config import ConfigError, load_config
+from genstress_ray.counterfactuals.control import CONTROLS, MASK_CONTROLS
 from genstress_ray.data import SOURCES, get_source
 from genstress_ray.labeling import LABELLERS, export_tasks, validate_labels
 from genstress_ray.repair import DECIDERS
@@ -217,7 +218,11 @@ def test_a_sources_shards_read_back_to_its_split(kind, tmp_path):
 
 
 # ---- model kinds -----------------------------------------------------------------------------
-TINY_PARAMS = {"small_cnn": TINY_CNN, "beta_vae": TINY_VAE, "small_stylegan": TINY_STYLEGAN, "small_ddpm": TINY_DDPM}
+TINY_PARAMS = {"small_cnn": TINY_CNN, "beta_vae": TINY_VAE, "small_stylegan": TINY_STYLEGAN, "small_ddpm": TINY_DDPM,
+               "small_segnet": {"width": 4}}
+# The models under test, with the task each is loaded for and data it trains on (a segmenter needs masks).
+UNDER_TEST = {"classifier": ("classification", "digits", {}),
+              "segmenter": ("segmentation", "scenes", {"size": 40, "side": 16})}
 
 
 def test_model_kind_commands_are_unique_and_defaults_are_their_kinds():
@@ -231,14 +236,17 @@ def test_model_kind_commands_are_unique_and_defaults_are_their_kinds():
 def test_a_model_kinds_trainer_makes_a_checkpoint_that_loads_behind_its_protocol(kind, tmp_path):
     spec = MODEL_KINDS.get(kind)
     architecture = spec.default["architecture"]
-    train = get_source("digits", split="train", limit=64).load()
+    task, source, options = UNDER_TEST.get(kind, (None, "digits", {}))
+    train = get_source(source, split="train", limit=64, **options).load()
     uri = str(tmp_path / "model.safetensors")
     params = {k: v for k, v in TINY_PARAMS[architecture].items() if k != "in_shape"}
     train_and_save(kind, architecture, train, None, uri, params, {"epochs": 1})
     x = torch.from_numpy(train.images[:4]).float() / 255
     with torch.no_grad():
-        if kind == "classifier":
-            assert load_classifier(ModelRef(uri), NAMES, (1, 8, 8))(x).shape == (4, 10)
+        if task is not None:
+            model = load_classifier(ModelRef(uri, task=task), train.class_names, train.image_shape)
+            per_pixel = train.image_shape[1:] if task == "segmentation" else ()
+            assert model(x).shape == (4, len(train.class_names), *per_pixel)
             return
         generator = load_generator(ModelRef(uri), (1, 8, 8), kind, 10)
         images = generator.decode(_latents(generator, kind, 4))
@@ -300,3 +308,21 @@ def test_a_labeller_makes_a_valid_labels_table_for_the_run(name, tiny_config, ti
     validate_labels(table, [r["region_id"] for r in result.regions], NAMES)
     labelled = {r for r in table["region_id"].to_pylist() if r is not None}
     assert labelled == {r["region_id"] for r in result.regions}
+
+
+# ---- control images --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CONTROLS.names()))
+def test_a_control_keeps_the_layout_as_a_three_channel_image_of_the_sources_size(name):
+    scenes = get_source("scenes", split="test", limit=3, size=40, side=16).load()
+    control = CONTROLS.get(name)
+    out = control(scenes.images, scenes.masks)
+    assert out.shape == (3, 3, 16, 16) and out.dtype == np.uint8
+    # Sources with another layout (the object moved) get another control image.
+    moved = control(np.roll(scenes.images, 5, axis=3), np.roll(scenes.masks, 5, axis=2))
+    assert not np.array_equal(out, moved)
+    if name in MASK_CONTROLS:
+        with pytest.raises(ValueError, match=f"control '{name}' .* none"):
+            control(scenes.images, None)
+        # Its colours tell the masks' classes apart, one colour per class.
+        colours = {tuple(out[i, :, y, x]) for i in range(3) for y in range(16) for x in range(16)}
+        assert len(colours) == len(np.unique(scenes.masks))

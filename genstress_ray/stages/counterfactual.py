@@ -38,7 +38,7 @@ class CounterfactualStage(ModelStage):
         ids = [str(s) for s in batch["source_id"]]
         labels = np.asarray(batch["source_label"], np.int64)
         raw = np.frombuffer(b"".join(batch["image"]), np.uint8).reshape(len(ids), *self.image_shape)
-        masks = self._masks(batch) if self.segmentation else None  # scored against the sources' masks
+        masks = self._masks(batch) if "mask" in batch else None  # a segmentation data set's
         found, rewrites = self.search.search(raw, labels, ids, self.seed, masks)
         invalid = [(ids[i], r) for i, r in enumerate(rewrites) if not r.valid]
         fault = found.scores["fault"]

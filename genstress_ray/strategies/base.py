@@ -32,6 +32,11 @@ class StrategyParams(BaseModel):
     def generator_kind(self) -> str:
         return self.plugin.generator_kind
 
+    @property
+    def needs_masks(self) -> bool:
+        """Whether the search needs segmentation masks with its source images."""
+        return False
+
 
 @dataclass(frozen=True)
 class Strategy:

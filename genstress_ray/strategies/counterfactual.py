@@ -4,7 +4,7 @@
 
 A candidate is a fault when the classifier's prediction differs from the source's label; whether it
 differs from the classifier's own prediction on the source image is recorded beside it
-(``flipped``). Layout kept is measured per candidate (``edge_agreement`` of the control images, SSIM
+(``flipped``). Layout kept is measured per candidate (``edge_agreement`` of their Canny edges, SSIM
 to the source). For a segmentation model under test (given the sources' masks), a fault is an mIoU
 drop beyond a threshold (``segmentation_scores``). A candidate's latent is its final denoised Stable Diffusion latent, which the regions
 stage clusters and the generator decodes back into images (as for KLDB on Stable Diffusion).
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, WRITERS
+from genstress_ray.counterfactuals.control import MASK_CONTROLS, canny
 from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.data import IGNORE, png_bytes
 from genstress_ray.metrics import edge_agreement, score_logits, ssim
@@ -83,6 +84,11 @@ class CounterfactualParams(StrategyParams):
     # A segmentation model under test (classifier.task: segmentation): a fault is an mIoU drop from
     # the source image above this.
     miou_drop: float = Field(0.1, gt=0, le=1)
+
+    @property
+    def needs_masks(self) -> bool:
+        """Whether its control images are made from the sources' masks."""
+        return self.control in MASK_CONTROLS
 
     @field_validator("control")
     @classmethod
@@ -214,11 +220,11 @@ def segmentation_scores(segmenter: torch.nn.Module, source_x: torch.Tensor, gene
 class CounterfactualSearch:
     """What one search batch needs: a captioner (``caption(images, seeds) -> list[str]``, or None for
     ``caption_template``), a writer (``write(caption, class_name, synonyms, task, seed) -> Rewrite``), a
-    control (uint8 images -> uint8 control images), a regenerator (``generate(controls, prompts, seeds,
+    control (``counterfactuals.control``: images and masks -> uint8 control images), a regenerator (``generate(controls, prompts, seeds,
     per_prompt, latents=True)``) and the classifier under test. ``size``: the side the regenerator works
     at (512 for SD 1.5). ``decode``: latents -> images at the data's shape (the run's generator); None:
-    the regenerated images resized. The model under test may be a segmentation model instead: see
-    ``search``."""
+    the regenerated images resized. The model under test may be a segmentation model (a
+    ``Segmenter``) instead: see ``search``."""
 
     captioner: object | None
     writer: object
@@ -232,7 +238,7 @@ class CounterfactualSearch:
     per_caption: int = 1
     caption_template: str = "a photo of a {class_name}"
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-    miou_drop: float = 0.1  # a segmentation model's fault threshold (searches given masks)
+    miou_drop: float = 0.1  # a segmentation model's fault threshold
 
     def captions(self, images: np.ndarray, labels: np.ndarray, seeds: list[int]) -> list[str]:
         if self.captioner is None:
@@ -242,12 +248,18 @@ class CounterfactualSearch:
     def search(self, images: np.ndarray, labels: np.ndarray, source_ids: list[str], seed: int = 0,
                masks: np.ndarray | None = None) -> tuple[Candidates, list[Rewrite]]:
         """The batch's candidates and every source's ``Rewrite`` (invalid ones included, with why).
-        With ``masks`` (N, H, W) the model under test is a segmentation model (``Segmenter``), scored by
-        ``segmentation_scores`` with the ``miou_drop`` threshold."""
+        ``masks`` (N, H, W): the sources' segmentation masks, for a control made from them and for a
+        segmentation model under test (``Segmenter``), which is scored by ``segmentation_scores`` with
+        the ``miou_drop`` threshold."""
+        from genstress_ray.models.segmentation import Segmenter
+
+        segmenting = isinstance(self.classifier, Segmenter)
+        if segmenting and masks is None:
+            raise ValueError("a segmentation model under test is scored against the sources' masks: give masks")
         shape = tuple(images.shape[1:])
         seeds = [source_seed(seed, s) for s in source_ids]
         work = to_shape(images, (3, self.size, self.size)).mul(255).round().to(torch.uint8).numpy()
-        controls = self.control(work)
+        controls = self.control(work, masks)
         rewrites, jobs = [], []
         for i, (caption, label) in enumerate(zip(self.captions(images, labels, seeds), labels)):
             name = self.class_names[int(label)]
@@ -275,7 +287,7 @@ class CounterfactualSearch:
         dev = next(self.classifier.parameters(), torch.zeros(0)).device
         index, targets = torch.from_numpy(source).to(dev), torch.as_tensor(np.asarray(labels, np.int64), device=dev)
         segmentation = None
-        if masks is not None:
+        if segmenting:
             scores, source_pred, segmentation = segmentation_scores(
                 self.classifier, source_x.to(dev), generated.to(dev),
                 torch.as_tensor(np.asarray(masks, np.int64), device=dev), targets, index, self.miou_drop)
@@ -290,7 +302,7 @@ class CounterfactualSearch:
             text=[prompts[j] for j in jobs_of], edits=[rewrites[jobs[j][0]].edits[jobs[j][1]] for j in jobs_of],
             latents=latents.flatten(1), images=generated, scores=scores,
             flipped=scores["pred"] != source_pred, source_pred=source_pred,
-            edge_agreement=edge_agreement(torch.from_numpy(controls[source]), torch.from_numpy(self.control(made))),
+            edge_agreement=edge_agreement(torch.from_numpy(canny(work)[source]), torch.from_numpy(canny(made))),
             ssim=ssim(source_x[index], generated), segmentation=segmentation), rewrites
 
 
@@ -308,7 +320,7 @@ def build_search(params: dict, generator, classifier, class_names: list[str], de
         guidance_scale=params["guidance_scale"], negative_prompt=params["negative_prompt"], device=device)
     control = CONTROLS.get(params["control"])
     size = params.get("size") or regenerator.size
-    channels = control(np.zeros((1, 3, size, size), np.uint8)).shape[1]
+    channels = control(np.zeros((1, 3, size, size), np.uint8), np.zeros((1, size, size), np.uint8)).shape[1]
     if channels != regenerator.channels:
         raise ValueError(f"strategy.controlnet: the ControlNet takes {regenerator.channels}-channel control images, "
                          f"and control {params['control']!r} makes {channels}-channel ones")
