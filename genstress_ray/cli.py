@@ -121,7 +121,7 @@ TRAIN_OPTIONS = {
 
 # Architecture parameters ``genstress train`` sets (a config sets them under ``<model>.params``).
 ARCHITECTURE_OPTIONS = {"latent_dim": "vae: latent size (the Defuse paper: 10 on MNIST, 15 on traffic signs)",
-                        "width": "classifier, vae: channels of the first conv layer",
+                        "width": "classifier, vae, segmenter: channels of the first conv layer",
                         "hidden": "classifier, vae: units of the fully connected layers"}
 
 
