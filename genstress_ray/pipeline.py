@@ -136,6 +136,8 @@ def run_identify(ctx: RunContext, generator, constructor: dict, progress=None) -
     """The search, shard by shard, into ``identify``: the search images (read by Ray tasks for a
     streaming source) or the strategy's own source rows (seeds, sweep points)."""
     cfg, store = ctx.cfg, ctx.store
+    if ctx.strategy.prepare is not None:
+        resolve(ctx.strategy.prepare)(ctx, constructor, progress)
     store.resume_stage("identify")
     source = None
     if ctx.strategy.source_rows is None:

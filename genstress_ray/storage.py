@@ -72,6 +72,15 @@ RELABELS_SCHEMA = pa.schema([
 ])
 
 
+# Counterfactual captions written for every search image before regeneration (strategy
+# counterfactual with ``llm_processor``): the ``Rewrite`` fields, lists and dicts as JSON.
+REWRITES_SCHEMA = pa.schema([
+    ("source_id", pa.string()), ("caption", pa.string()), ("words", pa.string()), ("alternatives", pa.string()),
+    ("edits", pa.string()), ("captions", pa.string()), ("valid", pa.bool_()), ("error", pa.string()),
+    ("answer", pa.string()), ("calls", pa.int64()),
+])
+
+
 @dataclass(frozen=True)
 class Stage:
     """One part of a run's folder: where it lives, what it holds and what makes it.
@@ -92,6 +101,8 @@ class Stage:
 # Every part of a run, in the order a campaign and its follow-ups make them. The one place that
 # names them: stores, status listings, resumption and the report all read this table.
 LAYOUT = {s.name: s for s in (
+    # Made before identify's shards when the counterfactual strategy writes through Ray Data's LLM processor.
+    Stage("rewrites", "rewrites", "genstress run (counterfactual with llm_processor)", REWRITES_SCHEMA),
     Stage("identify", "identify", "genstress run", SAMPLES_SCHEMA, "sample_id"),
     Stage("regions", "regions", "genstress run", REGIONS_SCHEMA),
     Stage("region_samples", "region_samples", "genstress run", REGION_SAMPLES_SCHEMA, "sample_id"),

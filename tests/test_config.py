@@ -105,10 +105,19 @@ CF = {"name": "counterfactual", "controlnet": "cn"}
      "classifier.architecture: 'small_cnn' is a classifier; a segmentation model under test needs a segmenter"),
     ({"oracle": {"task": "segmentation", "architecture": "small_segnet"}}, "oracle.task: only the model under test"),
     ({"classifier": {"task": "detection"}}, "classifier.task"),
+    ({"strategy": {**CF, "llm_processor": {}}}, "llm_processor: runs a language model's dialogue through Ray Data's "
+                                                "LLM processor, and writer 'lexicon' is none"),
+    ({"strategy": {**CF, "writer": {"name": "vllm", "model_source": "m"}}}, "writer: 'vllm' runs only through"),
 ])
 def test_a_segmentation_model_under_test_is_checked_against_strategy_and_architecture(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(raw)
+
+
+def test_an_llm_processor_takes_a_chat_or_vllm_writer():
+    for writer in ({"name": "chat", "base_url": "http://x/v1", "model": "m"}, {"name": "vllm", "model_source": "m"}):
+        s = load_config({"strategy": {**CF, "writer": writer, "llm_processor": {"qps": 5}}}).strategy
+        assert (s.llm_processor.batch_size, s.llm_processor.qps) == (16, 5)
 
 
 def test_a_segmentation_model_under_test_defaults_to_the_built_in_segmenter():

@@ -103,10 +103,14 @@ def digit_model(body: dict) -> str:
 
 
 @pytest.mark.slow
-def test_a_campaign_with_a_language_model_writer_retries_and_records_invalid_answers(counterfactual_config):
+@pytest.mark.parametrize("processor", [None, {"batch_size": 4}], ids=["in-actors", "llm-processor"])
+def test_a_campaign_with_a_language_model_writer_retries_and_records_invalid_answers(counterfactual_config, processor):
+    """The writer called by the search's actors, or (``llm_processor``) every source's dialogue run
+    first through Ray Data's LLM processor: the same calls, invalid records and rows."""
     server = ScriptedChat(digit_model)
     cfg = copy.deepcopy(counterfactual_config)
     cfg["strategy"]["writer"] = {"name": "chat", "base_url": server.url, "model": "scripted", "attempts": 2}
+    cfg["strategy"]["llm_processor"] = processor
     try:
         result = run_campaign(cfg, stop_after="identify")
     finally:
@@ -122,7 +126,13 @@ def test_a_campaign_with_a_language_model_writer_retries_and_records_invalid_ans
     assert counts["rewrites_invalid"] == n7 and len(counts["rewrites_invalid_first"]) == min(n7, 5)
     assert all("no valid answer in 2 attempts" in e and "let me think" in e for e in counts["rewrites_invalid_first"])
     assert counts["counterfactual_texts"] == 2 * (16 - n7) and counts["candidates"] == 4 * (16 - n7)
-    samples = RunStore(cfg["output"], cfg["campaign"], result.run_id).read_table("identify").to_pylist()
+    store = RunStore(cfg["output"], cfg["campaign"], result.run_id)
+    assert store.is_complete("rewrites") == (processor is not None)
+    if processor:  # written before the search: the actors read them, calling nothing
+        rewrites = store.read_table("rewrites").to_pylist()
+        assert len(rewrites) == 16 and store.marker("rewrites")["llm_calls"] == len(server.requests)
+        assert sum(not r["valid"] for r in rewrites) == n7 == store.marker("rewrites")["rewrites_invalid"]
+    samples = store.read_table("identify").to_pylist()
     assert samples and all(r["source_label"] != 7 for r in samples)
     for r in samples:
         p = json.loads(r["params"])

@@ -7,7 +7,9 @@ A row's ``params`` carries what it was made from: the source's caption, the coun
 edited words, the control type and the image's generator seed, with ``flipped`` (the prediction
 differs from the one on the source image) and how well it kept the layout (edge agreement, SSIM).
 Captions whose writer gave no valid answer are counted (``rewrites_invalid``) and the first few are
-kept with their error and last answer in the stage's counts.
+kept with their error and last answer in the stage's counts. With ``strategy.llm_processor`` the
+captions were written before the search, through Ray Data's LLM processor (``stages.rewrites``), and
+the actors read them from the run's ``rewrites`` table instead of calling the writer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from genstress_ray.stages.base import ModelStage, candidate_table
+from genstress_ray.stages.rewrites import stored_rewrites
 from genstress_ray.storage import SAMPLES_SCHEMA, sample_id
 from genstress_ray.strategies.counterfactual import build_search
 
@@ -33,13 +36,16 @@ class CounterfactualStage(ModelStage):
         if self.device.type == "cuda":
             self.generator.half()  # fp16 on the GPU; the classifier stays in float32
         self.search = build_search(self.params, self.generator, self.classifier, self.class_names, str(self.device))
+        # Written for every source before the search (strategy.llm_processor), else here, per batch.
+        self.rewrites = stored_rewrites(self.store) if self.params.get("llm_processor") else None
 
     def process_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = [str(s) for s in batch["source_id"]]
         labels = np.asarray(batch["source_label"], np.int64)
         raw = np.frombuffer(b"".join(batch["image"]), np.uint8).reshape(len(ids), *self.image_shape)
         masks = self._masks(batch) if "mask" in batch else None  # a segmentation data set's
-        found, rewrites = self.search.search(raw, labels, ids, self.seed, masks)
+        found, rewrites = self.search.search(raw, labels, ids, self.seed, masks,
+                                             None if self.rewrites is None else [self.rewrites[s] for s in ids])
         invalid = [(ids[i], r) for i, r in enumerate(rewrites) if not r.valid]
         fault = found.scores["fault"]
         self._count({"candidates": len(found), "faults": int(fault.sum()), "generator_calls": len(found),

@@ -17,17 +17,27 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import ray
+import torch
 
+from genstress_ray.counterfactuals import CAPTIONERS
 from genstress_ray.counterfactuals.chat import (DONE, STEPS, ChatEndpoint, EndpointError, advance, request, start,
                                                 to_rewrite)
-from genstress_ray.storage import short_cause
+from genstress_ray.counterfactuals.text import Rewrite
+from genstress_ray.stages.shards import bytes_table, read_shards, table_bytes
+from genstress_ray.storage import REWRITES_SCHEMA, RunStore, short_cause
 
+log = logging.getLogger(__name__)
 PASSES_PER_ATTEMPT = len(STEPS)
+JSON_FIELDS = ("words", "alternatives", "edits", "captions")  # stored as JSON text
 
 
 def _reply(response) -> str:
@@ -105,11 +115,11 @@ class _Http:
 
 def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, attempts: int = 3, task: str =
                           "image classification", concurrency: int = 1, batch_size: int = 16,
-                          qps: int | None = None) -> list[dict]:
+                          qps: int | None = None, synonyms: dict[str, list[str]] | None = None) -> list[dict]:
     """Counterfactual captions for every row of ``ds`` (``caption``, ``class_name``, optional ``synonyms``
     and ``seed``; other columns are kept): one row each with the ``Rewrite`` fields. ``llm``: a
     chat-completions endpoint (``concurrency`` and ``qps`` are its request workers and rate) or vLLM
-    engines on the cluster.
+    engines on the cluster. ``synonyms``: by class name, for rows without their own.
 
     Raises:
         EndpointError: the endpoint is unreachable or does not speak the protocol, or the engines fail
@@ -122,7 +132,9 @@ def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, 
     config = engine.config(batch_size=batch_size, concurrency=concurrency, qps=qps)
 
     def begin(row: dict) -> dict:
-        state = start(row["caption"], row["class_name"], list(row.get("synonyms") or ()), task, int(row.get("seed", 0)))
+        own = row.get("synonyms")
+        words = list(own) if own is not None and len(own) else (synonyms or {}).get(row["class_name"], [])
+        state = start(row["caption"], row["class_name"], words, task, int(row.get("seed", 0)))
         return {**row, "dialogue": json.dumps(state), "step": state["step"]}
 
     def answered(row: dict) -> dict:
@@ -134,10 +146,13 @@ def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, 
         *request(json.loads(row["dialogue"])))}, postprocess=answered)
     states = ds.map(begin).materialize()
     columns = states.columns()
-    for _ in range(PASSES_PER_ATTEMPT * attempts):
+    for n in range(PASSES_PER_ATTEMPT * attempts):
         pending = states.filter(expr=col("step") != DONE)
-        if pending.count() == 0:
+        waiting = pending.count()
+        if waiting == 0:
             break
+        log.info("rewrites: pass %d (of at most %d), %d dialogues waiting for %s", n + 1,
+                 PASSES_PER_ATTEMPT * attempts, waiting, engine)
         try:
             states = states.filter(expr=col("step") == DONE).union(processor(pending)).materialize()
         except Exception as exc:  # the HTTP stage's errors arrive wrapped in Ray's
@@ -148,3 +163,88 @@ def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, 
         row.pop("step")
         out.append({**row, **rewrite.__dict__})
     return out
+
+
+# ---- as a stage of a counterfactual campaign ---------------------------------------------------
+class Captioning:
+    """Ray Data actor: the source rows of a batch of shards -> one row per image with its caption
+    (the strategy's captioner, on the actor's GPU; without one, its caption template), class name and
+    seed (the source's own, as the search draws it)."""
+
+    def __init__(self, params: dict, class_names: list[str], image_shape, seed: int, threads: int = 1):
+        self.params, self.class_names, self.image_shape, self.seed = params, class_names, tuple(image_shape), seed
+        self.threads, self.captioner, self.loaded = threads, None, False
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from genstress_ray.strategies.counterfactual import _plugin, caption_sources, source_seed
+
+        if not self.loaded:  # on the thread that runs the batches (see ModelStage)
+            torch.set_num_threads(self.threads)
+            device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+            spec = self.params.get("captioner")
+            self.captioner = _plugin(CAPTIONERS, spec, "captioner", device) if spec else None
+            self.loaded = True
+        out: dict[str, list] = {"source_id": [], "caption": [], "class_name": [], "seed": []}
+        for payload in batch["rows"]:
+            rows = bytes_table(payload)
+            ids, labels = rows["source_id"].to_pylist(), rows["source_label"].to_numpy()
+            images = np.frombuffer(b"".join(rows["image"].to_pylist()), np.uint8).reshape(len(ids), *self.image_shape)
+            seeds = [source_seed(self.seed, s) for s in ids]
+            out["caption"] += caption_sources(self.captioner, self.params["caption_template"], self.class_names,
+                                              images, labels, seeds)
+            out["source_id"] += ids
+            out["class_name"] += [self.class_names[int(y)] for y in labels]
+            out["seed"] += seeds
+        return out
+
+
+def rewrite_record(row: dict) -> dict:
+    """A ``rewrites`` table row from ``write_counterfactuals``'s."""
+    return {k: json.dumps(row[k]) if k in JSON_FIELDS else row[k] for k in REWRITES_SCHEMA.names}
+
+
+def stored_rewrites(store: RunStore) -> dict[str, Rewrite]:
+    """The run's ``rewrites`` table, by source id."""
+    rows = store.read_table("rewrites").to_pylist()
+    return {r.pop("source_id"): Rewrite(**{k: json.loads(v) if k in JSON_FIELDS else v for k, v in r.items()})
+            for r in rows}
+
+
+def prepare_rewrites(ctx, constructor: dict, progress=None) -> dict | None:
+    """The counterfactual captions of every search image, written before the search regenerates any
+    (``strategy.llm_processor``): the images are read and captioned by actors, then the writer's
+    dialogues run through Ray Data's LLM processor (``write_counterfactuals``), and the rewrites land
+    in the run's ``rewrites`` table, which the search's actors read. Done once: a finished table is
+    reused when the run resumes. Returns the stage's counts (None without ``llm_processor``)."""
+    from genstress_ray.strategies.counterfactual import llm_backend
+
+    params, store = ctx.cfg.strategy, ctx.store
+    if params.llm_processor is None:
+        return None
+    if store.is_complete("rewrites"):
+        log.info("stage rewrites: already complete, reused")
+        return store.marker("rewrites")
+    log.info("stage rewrites: running")
+    started = time.time()
+    store.begin_stage("rewrites")
+    llm, attempts = llm_backend(params.model_dump())
+    source, resources = ctx.search_source, ctx.cfg.resources.search
+    shards = source.shards(ctx.cfg.shard_rows)
+    ds = ray.data.from_items([{"shard": s.name, "rows": table_bytes(s.rows), "counts": "{}"} for s in shards],
+                             override_num_blocks=len(shards))
+    if source.streaming:
+        ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"source": source},
+                            num_cpus=resources.read_cpus)
+    ds = ds.map_batches(Captioning, batch_size=1, batch_format="numpy", **resources.ray_args(),
+                        fn_constructor_kwargs={"params": params.model_dump(), "class_names": ctx.class_names,
+                                               "image_shape": ctx.image_shape, "seed": ctx.cfg.seed,
+                                               "threads": resources.torch_threads()})
+    p = params.llm_processor
+    rows = write_counterfactuals(ds, llm, attempts, params.task, p.concurrency, p.batch_size, p.qps, params.synonyms)
+    store.write_table("rewrites", pa.Table.from_pylist([rewrite_record(r) for r in rows], REWRITES_SCHEMA))
+    info = {"sources": len(rows), "llm_calls": sum(r["calls"] for r in rows),
+            "rewrites_invalid": sum(not r["valid"] for r in rows), "seconds": round(time.time() - started, 3)}
+    store.complete_stage("rewrites", info)
+    log.info("stage rewrites: done in %.1fs (%d sources, %d language-model calls, %d invalid)", info["seconds"],
+             info["sources"], info["llm_calls"], info["rewrites_invalid"])
+    return info

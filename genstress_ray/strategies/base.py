@@ -56,6 +56,8 @@ class Strategy:
         boundary: for strategies whose candidates are scored against a set of classes rather than the
             intended class: ``(params, class_names, temperature) -> spec`` (``temperature()`` fits one).
         check_generator: ``(params, generator)``, raising ValueError when the generator cannot serve.
+        prepare: ``"module:function"`` ``(context, stage constructor, progress) -> dict | None``: work
+            done over the whole search set before its shards (a stage of its own, resumed whole).
         segmentation: whether it can test a segmentation model (``classifier.task: segmentation``):
             its stage scores a ``Segmenter`` against each source's mask.
     """
@@ -69,6 +71,7 @@ class Strategy:
     report: str
     boundary: Callable[[Any, list[str], Callable[[], float]], dict] | None = None
     check_generator: Callable[[Any, Any], None] | None = None
+    prepare: str | None = None
     segmentation: bool = False
 
 

@@ -25,9 +25,9 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, WRITERS
+from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, LLM_BACKENDS, WRITERS
 from genstress_ray.counterfactuals.control import MASK_CONTROLS, canny
 from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.data import IGNORE, png_bytes
@@ -56,6 +56,18 @@ def source_seed(seed: int, source_id: str) -> int:
     return int(row_rng(seed, source_id).integers(2**31))
 
 
+class LLMProcessor(BaseModel):
+    """``strategy.llm_processor``: write every search image's counterfactual captions first, through
+    Ray Data's LLM processor (``stages.rewrites``), then regenerate from the stored captions.
+    ``batch_size``: dialogues per request batch; ``concurrency`` and ``qps``: an endpoint's request
+    workers and rate (a vLLM writer sets its engines' ``concurrency`` itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(16, gt=0)
+    concurrency: int = Field(1, gt=0)
+    qps: int | None = Field(None, gt=0)
+
+
 class CounterfactualParams(StrategyParams):
     """``strategy:`` of an LLM-counterfactual run. The run's ``generator`` is a Stable Diffusion folder;
     ``controlnet`` the ControlNet folder that conditions it on ``control`` images of each source.
@@ -64,7 +76,9 @@ class CounterfactualParams(StrategyParams):
     "model": ...}`` (``genstress_ray.counterfactuals.CAPTIONERS``); None: ``caption_template`` with the
     source's class name. ``writer``: ``{"name": "lexicon"}`` (offline, the default), ``{"name": "chat",
     "base_url": ..., "model": ..., "api_key_env": ...}`` or ``{"name": "transformers", "uri": ...}`` (a
-    local causal LM folder) (``WRITERS``)."""
+    local causal LM folder) (``WRITERS``). With ``llm_processor`` the writer's dialogue runs through
+    Ray Data's LLM processor instead: ``chat``, or ``{"name": "vllm", "model_source": ...,
+    "engine_kwargs": ...}`` (engines Ray Data starts on the cluster's GPUs) (``LLM_BACKENDS``)."""
 
     name: Literal["counterfactual"] = "counterfactual"
     controlnet: str
@@ -72,6 +86,7 @@ class CounterfactualParams(StrategyParams):
     captioner: dict[str, Any] | None = None
     caption_template: str = "a photo of a {class_name}"
     writer: dict[str, Any] = Field(default_factory=lambda: {"name": "lexicon"})
+    llm_processor: LLMProcessor | None = None
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
     task: str = "image classification"
     per_caption: int = Field(5, ge=1)  # images per counterfactual caption, as in the reference code
@@ -104,8 +119,19 @@ class CounterfactualParams(StrategyParams):
         registry = WRITERS if info.field_name == "writer" else CAPTIONERS
         if "name" not in v:
             raise ValueError(f"needs a 'name': one of {', '.join(registry.names())}")
-        registry.get(v["name"])
+        if not (info.field_name == "writer" and v["name"] in LLM_BACKENDS):
+            registry.get(v["name"])
         return v
+
+    @model_validator(mode="after")
+    def _writer_fits_the_processor(self):
+        name = self.writer["name"]
+        if self.llm_processor is not None and name not in LLM_BACKENDS:
+            raise ValueError(f"llm_processor: runs a language model's dialogue through Ray Data's LLM processor, and "
+                             f"writer {name!r} is none (allowed: {', '.join(LLM_BACKENDS.names())})")
+        if self.llm_processor is None and name not in WRITERS:
+            raise ValueError(f"writer: {name!r} runs only through Ray Data's LLM processor: set llm_processor")
+        return self
 
     @field_validator("caption_template")
     @classmethod
@@ -142,6 +168,14 @@ def _plugin(registry, spec: dict, field_name: str, device: str, load: bool = Tru
     if "://" not in uri and not Path(uri).is_dir():
         raise ValueError(f"strategy.{field_name}.uri: {uri!r} is not a folder (a transformers model folder)")
     return None
+
+
+def caption_sources(captioner, template: str, class_names: list[str], images: np.ndarray, labels: np.ndarray,
+                    seeds: list[int]) -> list[str]:
+    """One caption per source image: the captioner's (``caption(images, seeds)``), or ``template``
+    with the class name where there is none or it gave an empty one."""
+    made = captioner.caption(images, seeds) if captioner is not None else [""] * len(labels)
+    return [c or template.format(class_name=class_names[int(y)]) for c, y in zip(made, labels)]
 
 
 @dataclass
@@ -240,17 +274,20 @@ class CounterfactualSearch:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     miou_drop: float = 0.1  # a segmentation model's fault threshold
 
-    def captions(self, images: np.ndarray, labels: np.ndarray, seeds: list[int]) -> list[str]:
-        if self.captioner is None:
-            return [self.caption_template.format(class_name=self.class_names[int(y)]) for y in labels]
-        return self.captioner.caption(images, seeds)
+    def rewrite(self, images: np.ndarray, labels: np.ndarray, seeds: list[int]) -> list[Rewrite]:
+        """Each source's counterfactual captions: its caption, rewritten by the writer."""
+        captions = caption_sources(self.captioner, self.caption_template, self.class_names, images, labels, seeds)
+        return [self.writer.write(caption, self.class_names[int(y)], self.synonyms.get(self.class_names[int(y)], []),
+                                  self.task, seed=s) for caption, y, s in zip(captions, labels, seeds)]
 
     def search(self, images: np.ndarray, labels: np.ndarray, source_ids: list[str], seed: int = 0,
-               masks: np.ndarray | None = None) -> tuple[Candidates, list[Rewrite]]:
+               masks: np.ndarray | None = None, rewrites: list[Rewrite] | None = None
+               ) -> tuple[Candidates, list[Rewrite]]:
         """The batch's candidates and every source's ``Rewrite`` (invalid ones included, with why).
         ``masks`` (N, H, W): the sources' segmentation masks, for a control made from them and for a
         segmentation model under test (``Segmenter``), which is scored by ``segmentation_scores`` with
-        the ``miou_drop`` threshold."""
+        the ``miou_drop`` threshold. ``rewrites``: the sources' counterfactual captions, written
+        already (``stages.rewrites``); None: captioned and written here."""
         from genstress_ray.models.segmentation import Segmenter
 
         segmenting = isinstance(self.classifier, Segmenter)
@@ -260,13 +297,8 @@ class CounterfactualSearch:
         seeds = [source_seed(seed, s) for s in source_ids]
         work = to_shape(images, (3, self.size, self.size)).mul(255).round().to(torch.uint8).numpy()
         controls = self.control(work, masks)
-        rewrites, jobs = [], []
-        for i, (caption, label) in enumerate(zip(self.captions(images, labels, seeds), labels)):
-            name = self.class_names[int(label)]
-            rewrite = self.writer.write(caption or self.caption_template.format(class_name=name), name,
-                                        self.synonyms.get(name, []), self.task, seed=seeds[i])
-            rewrites.append(rewrite)
-            jobs += [(i, j) for j in range(len(rewrite.captions))] if rewrite.valid else []
+        rewrites = self.rewrite(images, labels, seeds) if rewrites is None else rewrites
+        jobs = [(i, j) for i, r in enumerate(rewrites) if r.valid for j in range(len(r.captions))]
         if not jobs:
             none = torch.zeros(0, dtype=torch.long)
             return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], [], torch.zeros(0, 0),
@@ -306,6 +338,16 @@ class CounterfactualSearch:
             ssim=ssim(source_x[index], generated), segmentation=segmentation), rewrites
 
 
+def llm_backend(params: dict):
+    """The language model (``ChatEndpoint`` or ``VLLMEngine``) and attempts of a run's
+    ``llm_processor`` writer."""
+    spec = params["writer"]
+    try:
+        return LLM_BACKENDS.get(spec["name"])(**{k: v for k, v in spec.items() if k != "name"})
+    except TypeError as exc:
+        raise ValueError(f"strategy.writer: {exc}") from None
+
+
 def build_search(params: dict, generator, classifier, class_names: list[str], device: str = "cpu",
                  load_local_models: bool = True) -> CounterfactualSearch:
     """A ``CounterfactualSearch`` from a run's ``strategy`` parameters (a dict), its Stable Diffusion
@@ -326,7 +368,11 @@ def build_search(params: dict, generator, classifier, class_names: list[str], de
                          f"and control {params['control']!r} makes {channels}-channel ones")
     load = load_local_models
     captioner = _plugin(CAPTIONERS, params["captioner"], "captioner", device, load) if params.get("captioner") else None
-    writer = _plugin(WRITERS, params["writer"], "writer", device, load)
+    if params.get("llm_processor"):  # written before the search (stages.rewrites): its options checked here
+        writer = None
+        llm_backend(params)
+    else:
+        writer = _plugin(WRITERS, params["writer"], "writer", device, load)
     return CounterfactualSearch(captioner, writer, control, regenerator, classifier, class_names, size,
                                 params.get("synonyms") or {}, params["task"], params["per_caption"],
                                 params["caption_template"], lambda z: generator.decode(z.to(device)).float().cpu(),
@@ -343,4 +389,4 @@ COUNTERFACTUAL = Strategy("counterfactual", CounterfactualParams, "diffusion_mod
                           stage="genstress_ray.stages.counterfactual:CounterfactualStage",
                           assess="genstress_ray.assessment:assess_counterfactual",
                           report="genstress_ray.report.html:counterfactual_table", check_generator=check_generator,
-                          segmentation=True)
+                          prepare="genstress_ray.stages.rewrites:prepare_rewrites", segmentation=True)
