@@ -132,6 +132,11 @@ def test_a_campaign_with_a_language_model_writer_retries_and_records_invalid_ans
         rewrites = store.read_table("rewrites").to_pylist()
         assert len(rewrites) == 16 and store.marker("rewrites")["llm_calls"] == len(server.requests)
         assert sum(not r["valid"] for r in rewrites) == n7 == store.marker("rewrites")["rewrites_invalid"]
+        from genstress_ray.context import RunContext
+        from genstress_ray.stages.rewrites import prepare_rewrites
+
+        # A finished table is reused (the server is gone by now).
+        assert prepare_rewrites(RunContext.open(result.run_uri), {}) == store.marker("rewrites")
     samples = store.read_table("identify").to_pylist()
     assert samples and all(r["source_label"] != 7 for r in samples)
     for r in samples:

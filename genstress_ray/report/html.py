@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from genstress_ray.data import class_name, png_bytes, png_uri  # noqa: E402
+from genstress_ray.counterfactuals.control import palette  # noqa: E402
+from genstress_ray.data import IGNORE, class_name, png_bytes, png_uri  # noqa: E402
 
 from genstress_ray.labeling.oracle import reviewed_samples  # noqa: E402
 from genstress_ray.regions import region_log_density, region_pairs  # noqa: E402
@@ -223,23 +224,21 @@ def _tile(data: bytes, side: int = TILE) -> str:
 
 
 def _overlay(image: bytes, label_map: np.ndarray, side: int = TILE) -> str:
-    """A tile of ``image`` (PNG bytes) with a label map over it, one colour per class (unlabelled
-    pixels left as they are), half transparent."""
+    """A tile of ``image`` (PNG bytes) with a label map over it, half transparent, in the colours of
+    the segmentation control images (``counterfactuals.control.palette``); unlabelled pixels as they are."""
     rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), np.float32)
     if label_map.shape != rgb.shape[:2]:
         label_map = np.asarray(Image.fromarray(label_map).resize(rgb.shape[1::-1], Image.NEAREST))
-    colours = (np.asarray(plt.get_cmap("tab10").colors) * 255).astype(np.float32)
-    labelled = label_map < len(colours)
-    rgb[labelled] = 0.5 * rgb[labelled] + 0.5 * colours[label_map[labelled]]
+    labelled = label_map != IGNORE
+    rgb[labelled] = 0.5 * rgb[labelled] + 0.5 * palette(IGNORE)[label_map[labelled]]
     return _tile(png_bytes(rgb.round().astype(np.uint8).transpose(2, 0, 1)), side)
 
 
 def _legend(names: list[str]) -> str:
     """The overlays' colours, by class."""
-    colours = plt.get_cmap("tab10").colors
     return "<p>Mask colours: " + ", ".join(
-        f"<span style='background:rgb({int(r * 255)},{int(g * 255)},{int(b * 255)});padding:0 .6rem'></span> "
-        f"{html.escape(n)}" for n, (r, g, b) in zip(names, colours)) + "</p>"
+        f"<span style='background:rgb({r},{g},{b});padding:0 .6rem'></span> {html.escape(n)}"
+        for n, (r, g, b) in zip(names, palette(len(names)).tolist())) + "</p>"
 
 
 def _mask_pair(e: dict) -> str:

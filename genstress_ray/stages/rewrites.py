@@ -153,8 +153,12 @@ def write_counterfactuals(ds: ray.data.Dataset, llm: ChatEndpoint | VLLMEngine, 
             break
         log.info("rewrites: pass %d (of at most %d), %d dialogues waiting for %s", n + 1,
                  PASSES_PER_ATTEMPT * attempts, waiting, engine)
+        # One processor run per step, one after the other: a step's requests share one payload shape
+        # (its schema), and Ray Data cannot join blocks whose nested Arrow types differ.
+        steps = [pending.filter(expr=col("step") == step) for step in STEPS]
         try:
-            states = states.filter(expr=col("step") == DONE).union(processor(pending)).materialize()
+            answered = [processor(part).materialize() for part in steps if part.count()]
+            states = states.filter(expr=col("step") == DONE).union(*answered).materialize()
         except Exception as exc:  # the HTTP stage's errors arrive wrapped in Ray's
             raise EndpointError(f"{engine} failed: {_cause(exc)}") from exc
     out = []
