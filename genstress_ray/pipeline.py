@@ -190,18 +190,27 @@ def decode_region_samples(cfg: CampaignConfig, store: RunStore, stage: str, regi
 
 def segmentation_anchors(ctx: RunContext, labels: np.ndarray, latents: np.ndarray) -> dict:
     """What a segmentation model's region samples are scored against: a sample has no source image,
-    so it takes its **anchor**, the fault nearest to it in latent space among those of its class,
-    and that fault's source image and mask (the layout the sample was drawn near). Columns
-    ``anchor_id``, ``anchor_image`` (raw uint8 bytes) and ``mask``."""
+    so it takes its **anchor**, the fault nearest to it in latent space (on at most
+    ``reduce.max_dims`` principal components) among those of its class, and that fault's source
+    image and mask (the layout the sample was drawn near). Columns ``anchor_id``, ``anchor_image``
+    (raw uint8 bytes) and ``mask``."""
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
     faults = ctx.store.read_table("identify", columns=["source_id", "source_label", "latent"], filter=pc.field("fault"))
     points = faults["latent"].combine_chunks().flatten().to_numpy().reshape(faults.num_rows, -1)
     fault_labels = faults["source_label"].to_numpy()
-    anchors = []
-    for z, label in zip(latents, labels):
+    dims = min(ctx.cfg.reduce.max_dims, *points.shape)
+    if dims < points.shape[1]:  # nearest on the principal components, as the regions were fitted (SD latents are long)
+        pca = PCA(dims, random_state=ctx.cfg.seed).fit(points)
+        points, latents = pca.transform(points), pca.transform(latents)
+    anchors = np.zeros(len(latents), np.int64)
+    for label in np.unique(labels):
         pool = np.flatnonzero(fault_labels == label)
         pool = pool if len(pool) else np.arange(len(points))
-        anchors.append(pool[np.argmin(((points[pool] - z) ** 2).sum(1))])
-    ids = [faults["source_id"][int(i)].as_py() for i in anchors]
+        rows = np.flatnonzero(labels == label)
+        anchors[rows] = pool[NearestNeighbors(n_neighbors=1).fit(points[pool]).kneighbors(latents[rows])[1][:, 0]]
+    ids = faults["source_id"].take(anchors).to_pylist()
     search = ctx.search
     row = {sid: i for i, sid in enumerate(search.source_ids)}
     return {"anchor_id": ids, "anchor_image": [search.images[row[s]].tobytes() for s in ids],
