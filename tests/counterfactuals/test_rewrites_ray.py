@@ -98,3 +98,30 @@ def test_dialogues_run_on_vllm_engines(ray_cluster, tmp_path):
                                  VLLMEngine(str(tmp_path / "lm"), {"max_model_len": 1024}), attempts=2)
     # Random weights constrained to the schema: valid JSON each time, whatever words it picks.
     assert len(rows) == 1 and rows[0]["calls"] >= 1 and (rows[0]["valid"] or "step" in rows[0]["error"])
+
+
+# Options of every language model Ray Data's LLM processor can run the dialogue on (LLM_BACKENDS).
+LLM_BACKEND_OPTIONS = {"chat": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "attempts": 2},
+                       "vllm": {"model_source": "models/llama", "attempts": 2}}
+
+
+def test_every_llm_backend_has_test_options():
+    from genstress_ray.counterfactuals import LLM_BACKENDS
+
+    assert sorted(LLM_BACKENDS.names()) == sorted(LLM_BACKEND_OPTIONS)
+
+
+@pytest.mark.parametrize("name", sorted(LLM_BACKEND_OPTIONS))
+def test_an_llm_backend_is_built_from_the_writer_options_and_asks_each_step_with_its_schema(name):
+    from genstress_ray.counterfactuals.chat import request, start
+    from genstress_ray.counterfactuals.text import WORDS_SCHEMA
+    from genstress_ray.stages.rewrites import _Http
+    from genstress_ray.strategies.counterfactual import llm_backend
+
+    llm, attempts = llm_backend({"writer": {"name": name, **LLM_BACKEND_OPTIONS[name]}})
+    engine = _Http(llm) if isinstance(llm, ChatEndpoint) else llm
+    row = engine.payload(*request(start("a red sign", "sign")))
+    assert attempts == 2 and json.dumps(WORDS_SCHEMA) in json.dumps(row)
+    assert "a red sign" in json.dumps(row)
+    with pytest.raises(ValueError, match="strategy.writer: .*no_such_option"):
+        llm_backend({"writer": {"name": name, **LLM_BACKEND_OPTIONS[name], "no_such_option": 1}})
