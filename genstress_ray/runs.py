@@ -124,12 +124,12 @@ def run_status(store: RunStore, manifest: dict | None = None) -> dict[str, Any]:
     of ``genstress run`` would do for each stage."""
     manifest = store.read_manifest() if manifest is None else manifest
     stages = {}
-    for stage, command in ((s.name, s.made_by) for s in LAYOUT.values() if s.marked):
+    for stage, command, optional in ((s.name, s.made_by, s.optional) for s in LAYOUT.values() if s.marked):
         if store.is_complete(stage):
             marker = store.marker(stage)
             rows = {k: v for k, v in marker.items() if isinstance(v, int) and not isinstance(v, bool)}
             stages[stage] = {"done": True, "rows": rows, "next": "kept (finished)"}
-        else:
+        elif not optional:
             stages[stage] = {"done": False, "next": f"made by {command}"}
     lease = read_lease(store.fs, store.path)
     created = manifest.get("created_at")

@@ -96,13 +96,15 @@ class Stage:
     schema: pa.Schema | None = None
     row_order: str | None = None
     marked: bool = True
+    optional: bool = False  # made by some runs only: listed once it exists
 
 
 # Every part of a run, in the order a campaign and its follow-ups make them. The one place that
 # names them: stores, status listings, resumption and the report all read this table.
 LAYOUT = {s.name: s for s in (
     # Made before identify's shards when the counterfactual strategy writes through Ray Data's LLM processor.
-    Stage("rewrites", "rewrites", "genstress run (counterfactual with llm_processor)", REWRITES_SCHEMA),
+    Stage("rewrites", "rewrites", "genstress run (counterfactual with llm_processor)", REWRITES_SCHEMA,
+          optional=True),
     Stage("identify", "identify", "genstress run", SAMPLES_SCHEMA, "sample_id"),
     Stage("regions", "regions", "genstress run", REGIONS_SCHEMA),
     Stage("region_samples", "region_samples", "genstress run", REGION_SAMPLES_SCHEMA, "sample_id"),
