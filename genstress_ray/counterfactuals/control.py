@@ -10,6 +10,8 @@ for data sets with masks (``MASK_CONTROLS``). Registered in ``CONTROLS``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from genstress_ray.registry import Registry
@@ -33,6 +35,7 @@ def canny(images: np.ndarray, masks: np.ndarray | None = None, low: int = 100, h
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def palette(n: int) -> np.ndarray:
     """``n`` distinct RGB colours (uint8 (n, 3)), PASCAL VOC's colour map: class k's bits spread over
     the three channels' high bits, so neighbouring classes differ strongly.
@@ -48,6 +51,15 @@ def palette(n: int) -> np.ndarray:
                 rgb[channel] |= ((c >> channel) & 1) << shift
             c >>= 3
         colours[k] = rgb
+    colours.flags.writeable = False  # cached: shared by every caller
+    return colours
+
+
+@functools.lru_cache(maxsize=1)
+def _label_colours() -> np.ndarray:
+    """A colour per label value, 255 (unlabelled) black."""
+    colours = np.concatenate([palette(255), np.zeros((1, 3), np.uint8)])
+    colours.flags.writeable = False
     return colours
 
 
@@ -65,8 +77,7 @@ def segmentation_map(images: np.ndarray, masks: np.ndarray | None = None) -> np.
     rows = (np.arange(h) * masks.shape[1]) // h
     cols = (np.arange(w) * masks.shape[2]) // w
     labels = masks[:, rows][:, :, cols]
-    colours = np.concatenate([palette(255), np.zeros((1, 3), np.uint8)])  # 255: unlabelled
-    return np.ascontiguousarray(colours[labels].transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(_label_colours()[labels].transpose(0, 3, 1, 2))
 
 
 CONTROLS: Registry = Registry("control image kind", ValueError)

@@ -33,6 +33,7 @@ from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.data import IGNORE, png_bytes
 from genstress_ray.metrics import edge_agreement, score_logits, ssim
 from genstress_ray.models.controlnet import NEGATIVE_PROMPT, ControlNetRegenerator
+from genstress_ray.models.segmentation import Segmenter, miou, miou_drop
 from genstress_ray.registry import resolve
 from genstress_ray.strategies.base import Strategy, StrategyParams
 from genstress_ray.strategies.seeds import row_rng
@@ -226,8 +227,6 @@ def segmentation_scores(segmenter: torch.nn.Module, source_x: torch.Tensor, gene
     pooled prediction on each candidate's source image, and per candidate the mIoU on the source and
     on the image, the drop, the IoU drop per class present (by class name) and the predicted label
     map (``pred_mask``: a base64 grey PNG, for the report's overlays)."""
-    from genstress_ray.models.segmentation import miou, miou_drop
-
     names = segmenter.class_names
     with torch.no_grad():
         source_logits, logits = segmenter(source_x), segmenter(generated)
@@ -288,8 +287,6 @@ class CounterfactualSearch:
         segmentation model under test (``Segmenter``), which is scored by ``segmentation_scores`` with
         the ``miou_drop`` threshold. ``rewrites``: the sources' counterfactual captions, written
         already (``stages.rewrites``); None: captioned and written here."""
-        from genstress_ray.models.segmentation import Segmenter
-
         segmenting = isinstance(self.classifier, Segmenter)
         if segmenting and masks is None:
             raise ValueError("a segmentation model under test is scored against the sources' masks: give masks")
@@ -329,12 +326,13 @@ class CounterfactualSearch:
                 scores = score_logits(self.classifier(generated.to(dev)), targets[index])
         scores, source_pred = {k: v.cpu() for k, v in scores.items()}, source_pred.cpu()
         jobs_of = np.repeat(np.arange(len(jobs)), k)
+        edges = controls if self.control is canny else canny(work)  # the layout kept is judged on edges
         return Candidates(
             source=source, draw=draw, seed=[image_seeds[j] * 1000 + int(d) % k for j, d in zip(jobs_of, draw)],
             text=[prompts[j] for j in jobs_of], edits=[rewrites[jobs[j][0]].edits[jobs[j][1]] for j in jobs_of],
             latents=latents.flatten(1), images=generated, scores=scores,
             flipped=scores["pred"] != source_pred, source_pred=source_pred,
-            edge_agreement=edge_agreement(torch.from_numpy(canny(work)[source]), torch.from_numpy(canny(made))),
+            edge_agreement=edge_agreement(torch.from_numpy(edges[source]), torch.from_numpy(canny(made))),
             ssim=ssim(source_x[index], generated), segmentation=segmentation), rewrites
 
 
