@@ -139,7 +139,7 @@ def _swap_for(fs: fsspec.AbstractFileSystem, path: str):
                        f"not on {protocols[0]}://")
 
 
-def _holder_gone(record: dict[str, Any]) -> bool:
+def holder_gone(record: dict[str, Any]) -> bool:
     """Whether the holder ran on this host in a process that no longer exists (a driver killed with
     SIGKILL): its lease need not be waited out. A holder on another host is judged by expiry alone."""
     host, _, rest = str(record.get("holder", "")).partition(":")
@@ -183,7 +183,7 @@ class RunLease:
         tag = self.swap.create(self._record())
         if tag is None:
             current, current_tag = self.swap.read()
-            if current is not None and current.get("expires_at", 0) > time.time() and not _holder_gone(current):
+            if current is not None and current.get("expires_at", 0) > time.time() and not holder_gone(current):
                 raise LeaseHeld(f"run {self.uri.rsplit('/', 1)[0]} is being written by {describe(current)}; "
                                 "wait for it to finish, or rerun after the lease expires if that driver is gone")
             tag = self.swap.replace(current_tag, self._record()) if current is not None else \
@@ -193,7 +193,7 @@ class RunLease:
                 raise LeaseHeld(f"run {self.uri.rsplit('/', 1)[0]} was just taken over by "
                                 f"{describe(current or {})}")
             log.info("took over the lease of %s, %s", describe(current or {}),
-                     "whose process is gone" if current and _holder_gone(current) else "expired")
+                     "whose process is gone" if current and holder_gone(current) else "expired")
         self.tag = tag
         self._thread = threading.Thread(target=self._heartbeat, name="genstress-lease", daemon=True)
         self._thread.start()

@@ -124,6 +124,63 @@ def membership_criterion(quantile: float) -> str:
             "such region when several claim it); every other image belongs to no region")
 
 
+@dataclass
+class Footprint:
+    """Where a region's own faults lie: its row of the regions table, its faults' latents (each fault
+    counted in its highest-density region) and its membership radius (the ``quantile`` of their
+    squared Mahalanobis distances to it)."""
+
+    row: dict
+    points: np.ndarray
+    radius: float
+
+    def contains(self, latents: np.ndarray) -> np.ndarray:
+        """Mask of the latents (N, d) within this region's membership radius."""
+        if not len(latents):
+            return np.zeros(0, bool)
+        return _whitened(self.row, np.asarray(latents, np.float64))[0] <= self.radius
+
+
+def footprints(regions: pa.Table, fault_latents: np.ndarray, quantile: float = 0.9) -> dict[int, Footprint]:
+    """Every region's ``Footprint`` (by region id), from the faults it was fitted on."""
+    rows = regions.to_pylist()
+    fault_latents = np.asarray(fault_latents, np.float64)
+    home = region_log_density(regions, fault_latents).argmax(1) if len(fault_latents) and rows else np.zeros(0, int)
+    out = {}
+    for j, row in enumerate(rows):
+        points = fault_latents[home == j]
+        own = _whitened(row, points)[0] if len(points) else np.zeros(0)
+        out[row["region_id"]] = Footprint(row, points, float(np.quantile(own, quantile)) if len(own) else 0.0)
+    return out
+
+
+def containment(a: Footprint, b: Footprint) -> float:
+    """How much two regions are one: the larger of the share of ``a``'s faults inside ``b``'s
+    membership radius and of ``b``'s inside ``a``'s, in [0, 1] (one region lying within the other: a
+    region refitted as two halves still matches the whole). Regions of latents of different lengths
+    share 0.
+
+    Unlike an overlap of the two fitted Gaussians, it asks of each region only what it is sure of
+    (where its own faults lie and how far they reach), so a region refitted from the same faults with
+    another seed, or from another version's faults of the same flaw, keeps a high score even when its
+    Gaussian came out another shape (README, "Nightly scans").
+
+    >>> row = {"mean": [0.0, 0.0], "cov": [1.0, 0.0, 0.0, 1.0]}
+    >>> pts = np.random.default_rng(0).normal(size=(200, 2))
+    >>> here, there = Footprint(row, pts, 4.6), Footprint({**row, "mean": [9.0, 0.0]}, pts + [9, 0], 4.6)
+    >>> round(containment(here, here), 2), containment(here, there)
+    (0.91, 0.0)
+    """
+    return max(containments(a, b))
+
+
+def containments(a: Footprint, b: Footprint) -> tuple[float, float]:
+    """The share of ``a``'s faults inside ``b``'s membership radius, and of ``b``'s inside ``a``'s."""
+    if not len(a.points) or not len(b.points) or len(a.row["mean"]) != len(b.row["mean"]):
+        return 0.0, 0.0
+    return float(b.contains(a.points).mean()), float(a.contains(b.points).mean())
+
+
 def assign_real(regions: pa.Table, fault_latents: np.ndarray, latents: np.ndarray, quantile: float = 0.9) -> RealMembership:
     """Assign real images' latents (N, d) to regions, with a membership radius calibrated per region on
     the faults it was fitted on (``fault_latents``, each counted in its highest-density region).
@@ -135,15 +192,9 @@ def assign_real(regions: pa.Table, fault_latents: np.ndarray, latents: np.ndarra
     ids = regions["region_id"].to_pylist()
     if not ids or not len(latents):
         return RealMembership(np.full(len(latents), -1, np.int64), {}, {}, quantile)
-    rows = regions.to_pylist()
-    fault_home = region_log_density(regions, fault_latents).argmax(1) if len(fault_latents) else np.zeros(0, int)
-    radius = {}
-    distances = np.empty((len(latents), len(ids)))
-    for j, row in enumerate(rows):
-        own = _whitened(row, np.asarray(fault_latents, np.float64)[fault_home == j])[0]
-        radius[ids[j]] = float(np.quantile(own, quantile)) if len(own) else 0.0
-        distances[:, j] = _whitened(row, latents)[0]
-    inside = distances <= np.array([radius[i] for i in ids])
+    own = footprints(regions, fault_latents, quantile)
+    radius = {rid: own[rid].radius for rid in ids}
+    inside = np.stack([own[rid].contains(latents) for rid in ids], 1)
     density = np.where(inside, region_log_density(regions, latents), -np.inf)
     region = np.where(inside.any(1), np.asarray(ids)[density.argmax(1)], -1)
     return RealMembership(region, radius, {i: int((region == i).sum()) for i in ids}, quantile)

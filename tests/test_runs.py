@@ -182,6 +182,26 @@ def test_runs_and_status_list_what_a_rerun_would_do(tiny_config, capsys):
     assert "lease: free" in out and "regions         not done" in out
 
 
+def test_status_tells_a_run_whose_driver_died_from_a_running_one(tiny_config, tmp_path, capsys):
+    """The manifest says "running" while a driver works; when no live driver holds the run's lease
+    (it was killed), status says the run was interrupted instead."""
+    import socket
+
+    store = RunStore(tiny_config["output"], "test", "r1")
+    store.fs.makedirs(store.path, exist_ok=True)
+    store.write_manifest({"config": {"campaign": "test"}, "status": "running", "created_at": time.time()})
+    assert run_status(store)["status"].startswith("interrupted (its driver is gone")
+    with RunLease.for_store(store):  # a live driver
+        assert run_status(store)["status"] == "running"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process of this host that no longer exists held the lease (a SIGKILLed driver)
+    lease = {"holder": f"{socket.gethostname()}:{gone.pid}:abc", "expires_at": time.time() + 100}
+    (tmp_path / "runs" / "test" / "r1" / "_LEASE").write_text(json.dumps(lease))
+    assert run_status(store)["status"].startswith("interrupted")
+    assert main(["status", store.uri]) == 0
+    assert "status interrupted (its driver is gone; rerun to resume)" in capsys.readouterr().out
+
+
 @pytest.fixture
 def library_log(caplog):
     """caplog on the genstress_ray logger itself (an in-process CLI call stops it propagating)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from genstress_ray.config import CampaignConfig, ConfigError, Location, _Strict, format_validation_error, load_config
 
@@ -32,9 +32,11 @@ class AlertConfig(_Strict):
 class ScanConfig(_Strict):
     """A nightly scan. ``campaigns``: campaign configs (YAML paths, relative to the scan file, or inline
     mappings), each with its own strategy and budget; each needs an ``oracle`` (it labels the regions).
-    ``fixed_accuracy``: a tracked region counts as fixed when the version classifies at least this share
-    of its region test samples correctly and no failure region of the scan overlaps it.
-    ``match_overlap``: the Bhattacharyya coefficient above which two regions are the same region."""
+    ``fixed_accuracy``: a tracked region counts as fixed when no failure region of the scan matches it
+    and the version classifies at least this share of its generated test draws and of its real
+    subgroup members correctly (``scan.tracking``). ``match_containment``: the containment (the mean
+    share of each region's faults inside the other's membership radius) from which two regions of
+    one label are the same region."""
 
     scan: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
     registry: Location
@@ -42,10 +44,19 @@ class ScanConfig(_Strict):
     storage_options: dict[str, Any] = {}
     campaigns: Annotated[list[str | dict[str, Any]], Field(min_length=1)]
     fixed_accuracy: Annotated[float, Field(gt=0, le=1)] = 0.9
-    match_overlap: Annotated[float, Field(gt=0, le=1)] = 0.5
+    match_containment: Annotated[float, Field(gt=0, le=1)] = 0.5
     # Real test images inside each failure region are scored too, when the generator has an encoder.
     member_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.9
     alert: AlertConfig = AlertConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "match_overlap" in data:
+            raise ValueError("match_overlap: the Bhattacharyya overlap of two regions' Gaussians no longer matches "
+                             "regions (it never matched the same flaw twice); use match_containment (default 0.5), "
+                             "README 'Nightly scans'")
+        return data
 
 
 def load_scan_config(path: str | Path | dict, output: str | None = None,

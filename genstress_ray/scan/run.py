@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -37,9 +37,10 @@ from genstress_ray.lease import RunLease
 from genstress_ray.models import ModelError, load_classifier
 from genstress_ray.models.training import images_predictions
 from genstress_ray.models.versions import ModelVersion, newest_version
-from genstress_ray.regions import region_pairs
+from genstress_ray.labeling import flagged_regions
+from genstress_ray.regions import Footprint, footprints, region_pairs
 from genstress_ray.scan.config import ScanConfig, load_scan_config
-from genstress_ray.scan.tracking import STATUSES, alerts, closest, is_failing, match_regions, next_status
+from genstress_ray.scan.tracking import MATCH_QUANTILE, STATUSES, Evidence, accuracy, alerts, match_regions, next_status, trend_text
 from genstress_ray.storage import RunStore, filesystem_for, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class ScanResult:
     uri: str
     record: dict
     already_complete: bool = False
+    unused: list[str] = field(default_factory=list)
 
     @property
     def alerts(self) -> list[str]:
@@ -65,10 +67,14 @@ class ScanResult:
         r = self.record
         head = "already complete, nothing redone: " if self.already_complete else ""
         lines = [f"{head}scan {r['scan']} {r['date']} of version {r['version']['version']}: {self.uri}"]
+        lines += [f"  not used: {u}" for u in self.unused]
         for campaign, s in r["strategies"].items():
             lines.append(f"  {campaign} ({s['strategy']}): {s['candidates']} candidates, {s['faults']} faults, "
                          f"{s['failure_regions']} failure regions; tracked: " +
-                         ", ".join(f"{s[k]} {k}" for k in STATUSES))
+                         ", ".join(f"{s.get(k, 0)} {k}" for k in STATUSES))
+        for t in r["regions"]:
+            if t["status"] in ("persisting", "regressed") and len(t["history"]) > 1:
+                lines.append(f"  {t['status']} {t['id']} ({t['label']}): {trend_text(t['history'])}")
         for line in self.alerts:
             lines.append(f"  ALERT {line}")
         lines.append(f"report: {self.uri}/{REPORT}")
@@ -172,6 +178,7 @@ class CampaignScan:
     def __init__(self, cfg: ScanConfig, folder: ScanFolder, day: str, campaign: CampaignConfig):
         self.cfg, self.folder, self.day, self.campaign = cfg, folder, day, campaign
         self.run_id = f"{cfg.scan}-{day}"
+        self._footprints: dict[str, dict[int, Footprint]] = {}
 
     def run(self) -> dict:
         """Run (or resume) the campaign, label its regions with its oracle and make the failure regions'
@@ -196,86 +203,112 @@ class CampaignScan:
         return f"members/{self.campaign.campaign}.parquet"
 
     def _write_members(self) -> None:
-        """The real test images inside this run's failure regions, kept with the scan for later versions."""
+        """The real test images inside this run's failure regions, each with its own label and its
+        region's (``target``), kept with the scan for later versions."""
         from genstress_ray.real_regions import FailureRegions
 
         if self.folder.fs.exists(self.folder.path(self.day, self.members_name)):
             return
-        rows = {"region_id": [], "label": [], "image": []}
+        rows = {"region_id": [], "label": [], "target": [], "image": []}
         regions = FailureRegions.open(self.ctx, self.failure_labels, self.cfg.member_quantile) \
             if self.failure_labels else "no failure regions"
         if isinstance(regions, str):
             log.info("scan %s: real members %s", self.campaign.campaign, regions)
         else:
-            members = regions.members(load_split(self.ctx.cfg.test_spec()))
+            members = regions.members(load_split(self.ctx.cfg.test_spec(), "correction.test"))
             for i in np.flatnonzero(members.inside):
                 rows["region_id"].append(int(members.region[i]))
-                rows["label"].append(int(members.target[i]))
+                rows["label"].append(int(members.split.labels[i]))
+                rows["target"].append(int(members.target[i]))
                 rows["image"].append(png_bytes(members.split.images[i]))
-        table = pa.table({"region_id": pa.array(rows["region_id"], pa.int64()),
-                          "label": pa.array(rows["label"], pa.int64()), "image": pa.array(rows["image"], pa.binary())})
+        table = pa.table({k: pa.array(v, pa.binary() if k == "image" else pa.int64()) for k, v in rows.items()})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         self.folder.fs.makedirs(self.folder.path(self.day, "members"), exist_ok=True)
         write_bytes_atomic(self.folder.fs, self.folder.path(self.day, self.members_name), sink.getvalue().to_pybytes())
 
-    def members(self, day: str, region_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Real test images inside a region found on ``day`` (images, labels)."""
+    def members(self, day: str, region_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Real test images inside a region found on ``day``: images, their own labels, and whether each
+        is of the region's subgroup (its label is the region's). A members table written before own
+        labels were kept holds no usable member."""
         path = self.folder.path(day, self.members_name)
+        none = np.zeros((0,)), np.zeros(0, np.int64), np.zeros(0, bool)
         if not self.folder.fs.exists(path):
-            return np.zeros((0,)), np.zeros(0, np.int64)
+            return none
         with self.folder.fs.open(path, "rb") as f:
             table = pq.read_table(f, filters=[("region_id", "=", region_id)])
-        if table.num_rows == 0:
-            return np.zeros((0,)), np.zeros(0, np.int64)
-        return decode_images(table["image"].to_pylist(), [path] * table.num_rows, None), table["label"].to_numpy()
+        if table.num_rows == 0 or "target" not in table.column_names:
+            return none
+        labels = table["label"].to_numpy()
+        images = decode_images(table["image"].to_pylist(), [path] * table.num_rows, None)
+        return images, labels, labels == table["target"].to_numpy()
+
+    def footprints(self, run_uri: str) -> dict[int, Footprint]:
+        """Every region of a run with where its faults lie (``regions.footprints``), read once per scan."""
+        if run_uri not in self._footprints:
+            store = RunStore.from_uri(run_uri, self.cfg.storage_options)
+            faults = store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
+            latents = faults["latent"].combine_chunks().flatten().to_numpy().reshape(faults.num_rows, -1) \
+                if faults.num_rows else np.zeros((0, 0))
+            self._footprints[run_uri] = footprints(store.read_table("regions"), latents, MATCH_QUANTILE)
+        return self._footprints[run_uri]
+
+    def _origin(self, tracked: dict) -> Footprint:
+        o = tracked["origin"]
+        found = self.footprints(o["run"]).get(o["region_id"])
+        if found is None:
+            raise ScanError(f"tracked region {tracked['id']}: region {o['region_id']} is gone from {o['run']}")
+        return found
+
+    def evidence(self, tracked: dict, classifier) -> tuple[Evidence, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The version's accuracy on a tracked region's held-out evidence, and its generated test
+        images with their labels and the version's predictions (for the report)."""
+        o = tracked["origin"]
+        images, labels = _region_test(o["run"], o["region_id"], o["test_draws"], self.cfg.storage_options)
+        generated, n, preds = _accuracy(classifier, images, labels)
+        real_images, real_labels, subgroup = self.members(o["date"], o["region_id"])
+        real_preds = images_predictions(classifier, real_images) if len(real_labels) else np.zeros(0, np.int64)
+        sub = accuracy(real_preds[subgroup], real_labels[subgroup])
+        other = accuracy(real_preds[~subgroup], real_labels[~subgroup])
+        return Evidence(generated, n, *sub, *other), (images, labels, preds)
 
     def track(self, previous: list[dict], version: dict) -> tuple[list[dict], dict[str, list[dict]]]:
         """This campaign's tracked regions after this scan (with history), and example images per region."""
         ctx, cfg, name = self.ctx, self.cfg, self.campaign.campaign
         classifier = ctx.classifier()
         store = ctx.store
-        regions = store.read_table("regions").to_pylist()
-        current = [r for r in regions if r["region_id"] in self.failure_labels]
         generator = ctx.models["generator"].uri
-        comparable = [(t["id"], self._origin_region(t)) for t in previous if t["origin"]["generator"] == generator]
-        matched = match_regions(current, comparable, cfg.match_overlap)
-        # For a new region, the nearest tracked one all the same: how far from a match it was.
-        nearest = {f"{name}/{self.day}/r{r['region_id']}": closest(r, comparable) for r in current}
+        flags = flagged_regions(store.read_table("labels"))
+        found = self.footprints(store.uri)
+        current = {rid: (ctx.class_names[label], found[rid]) for rid, label in self.failure_labels.items()}
+        comparable = [(t["id"], t["label"], self._origin(t)) for t in previous if t["origin"]["generator"] == generator]
+        matched, nearest = match_regions(current, comparable, cfg.match_containment)
         c = ctx.cfg.correction
         draws = [c.finetune_per_region, c.finetune_per_region + c.test_per_region]
-        tracked, examples = [], {}
-        new = [{"id": f"{name}/{self.day}/r{r['region_id']}", "campaign": name,
-                "origin": {"date": self.day, "run": store.uri, "region_id": r["region_id"], "test_draws": draws,
+        new = [{"id": f"{name}/{self.day}/r{rid}", "campaign": name,
+                "origin": {"date": self.day, "run": store.uri, "region_id": rid, "test_draws": draws,
                            "generator": generator},
-                "label": ctx.class_names[self.failure_labels[r["region_id"]]],
-                "pairs": region_pairs(r, ctx.class_names), "faults": r["n_members"], "history": []}
-               for r in current if r["region_id"] not in matched]
+                "label": label, "pairs": region_pairs(fp.row, ctx.class_names), "faults": fp.row["n_members"],
+                "history": [], **({"flag": flags[rid]} if rid in flags else {})}
+               for rid, (label, fp) in sorted(current.items()) if rid not in matched]
+        closest = {t["id"]: nearest[t["origin"]["region_id"]] for t in new if t["origin"]["region_id"] in nearest}
+        tracked, examples = [], {}
         for t in [*previous, *new]:
-            o = t["origin"]
-            images, labels = _region_test(o["run"], o["region_id"], o["test_draws"], cfg.storage_options)
-            accuracy, n, preds = _accuracy(classifier, images, labels)
-            real_accuracy, real_n, _ = _accuracy(classifier, *self.members(o["date"], o["region_id"]))
-            overlaps = {rid: bc for rid, (tid, bc) in matched.items() if tid == t["id"]}
-            failing = is_failing(accuracy, cfg.fixed_accuracy, bool(overlaps))
-            status = next_status(t["history"][-1]["status"] if t["history"] else None, failing)
-            entry = {"date": self.day, "version": version["version"], "status": status, "accuracy": accuracy, "n": n,
-                     "real_accuracy": real_accuracy, "real_n": real_n,
-                     "matched": {str(rid): round(bc, 4) for rid, bc in overlaps.items()}}
-            if nearest.get(t["id"]):
-                entry["closest"] = [nearest[t["id"]][0], round(nearest[t["id"]][1], 4)]
+            overlaps = {rid: score for rid, (tid, score) in matched.items() if tid == t["id"]}
+            evidence, (images, labels, preds) = self.evidence(t, classifier)
+            evidence.matched = bool(overlaps)
+            status = next_status(t["history"][-1]["status"] if t["history"] else None, evidence, cfg.fixed_accuracy)
+            entry = {"date": self.day, "version": version["version"], "status": status,
+                     "accuracy": evidence.generated, "n": evidence.generated_n,
+                     "real_subgroup": evidence.real_subgroup, "real_subgroup_n": evidence.real_subgroup_n,
+                     "real_collateral": evidence.real_collateral, "real_collateral_n": evidence.real_collateral_n,
+                     "matched": {str(rid): round(score, 4) for rid, score in overlaps.items()}}
+            if t["id"] in closest:
+                entry["closest"] = [closest[t["id"]][0], round(closest[t["id"]][1], 4)]
             tracked.append({**t, "status": status, "history": [*t["history"], entry]})
             examples[t["id"]] = [{"image": png_bytes(images[i]), "pred": ctx.class_names[int(preds[i])],
-                                  "correct": bool(preds[i] == labels[i])} for i in range(min(EXAMPLES, n))]
+                                  "correct": bool(preds[i] == labels[i])} for i in range(min(EXAMPLES, len(labels)))]
         return tracked, examples
-
-    def _origin_region(self, tracked: dict) -> dict:
-        o = tracked["origin"]
-        store = RunStore.from_uri(o["run"], self.cfg.storage_options)
-        rows = store.read_table("regions", filter=pc.field("region_id") == o["region_id"]).to_pylist()
-        if not rows:
-            raise ScanError(f"tracked region {tracked['id']}: region {o['region_id']} is gone from {o['run']}")
-        return rows[0]
 
 
 def _strategy_row(campaign: CampaignConfig, counts: dict, tracked: list[dict], failure_regions: int) -> dict:
@@ -319,7 +352,8 @@ def run_scan(config, day: str | None = None, output: str | None = None, today: d
     day = scan_date(day, today).isoformat()
     folder = ScanFolder(cfg)
     if folder.dates().get(day):
-        return ScanResult(f"{folder.uri}/{day}", folder.read(day), already_complete=True)
+        record = folder.read(day)
+        return ScanResult(f"{folder.uri}/{day}", record, already_complete=True, unused=_unused(cfg, campaigns, record))
     previous = _previous(folder, day)
     pinned = _pinned(folder, day)
     if pinned:
@@ -346,6 +380,19 @@ def run_scan(config, day: str | None = None, output: str | None = None, today: d
     return ScanResult(f"{folder.uri}/{day}", record)
 
 
+def _unused(cfg: ScanConfig, campaigns: dict[str, CampaignConfig], record: dict) -> list[str]:
+    """What a rerun of a complete scan date asked for that differs from what the scan used (nothing
+    is redone, so none of it was used)."""
+    out = []
+    if cfg.registry != record.get("registry"):
+        out.append(f"registry {cfg.registry} (the scan of {record['date']} is complete; it scanned "
+                   f"{record.get('registry')})")
+    asked, done = sorted(campaigns), sorted(record.get("strategies", {}))
+    if asked != done:
+        out.append(f"campaigns {', '.join(asked)} (the scan of {record['date']} ran {', '.join(done) or 'none'})")
+    return out
+
+
 def _pinned(folder: ScanFolder, day: str) -> dict | None:
     """The version an unfinished scan of ``day`` started with (None: not started)."""
     if not folder.fs.exists(folder.path(day, STARTED)):
@@ -361,7 +408,7 @@ def _scan(cfg: ScanConfig, folder: ScanFolder, day: str, campaigns: dict[str, Ca
     tracked_before = (previous or {}).get("regions", [])
     record = {"scan": cfg.scan, "date": day, "version": version, "previous": (previous or {}).get("date"),
               "registry": cfg.registry, "strategies": {}, "regions": [], "_examples": {},
-              "thresholds": {"fixed_accuracy": cfg.fixed_accuracy, "match_overlap": cfg.match_overlap,
+              "thresholds": {"fixed_accuracy": cfg.fixed_accuracy, "match_containment": cfg.match_containment,
                              **cfg.alert.model_dump()}}
     for i, (name, campaign) in enumerate(campaigns.items(), 1):
         log.info("scan %s %s: campaign %s (%d/%d), %s on version %s", cfg.scan, day, name, i, len(campaigns),
@@ -386,5 +433,7 @@ def main_scan(config: str | Path, day: str | None, output: str | None = None, re
     """``genstress scan``: 0 when all is well, 3 when a threshold of ``alert`` was crossed."""
     result = run_scan(config, day, output, registry=registry)
     print(result.summary())
+    if result.unused:
+        print(f"note: the scan of {result.record['date']} is complete; use another --date to scan again")
     return 3 if result.alerts else 0
 
