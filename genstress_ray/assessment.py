@@ -145,7 +145,8 @@ def assess_counterfactual(ctx: RunContext, classifier) -> dict[str, Any]:
     params = [json.loads(p) for p in faults["params"].to_pylist()]
     mean = (lambda key: float(np.mean([p[key] for p in params])) if params else float("nan"))
     summary["counterfactual"] = {
-        "sources": counts.get("sources", 0), "texts": counts.get("counterfactual_texts", 0), "llm_calls": calls,
+        "sources": counts.get("sources", 0), "sources_misclassified": counts.get("sources_misclassified", 0),
+        "texts": counts.get("counterfactual_texts", 0), "llm_calls": calls,
         "rewrites_invalid": counts.get("rewrites_invalid", 0),
         "rewrites_invalid_first": counts.get("rewrites_invalid_first", []),
         "flip_rate": counts.get("flipped", 0) / counts["candidates"] if counts.get("candidates") else float("nan"),

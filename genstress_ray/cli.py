@@ -15,7 +15,7 @@ from genstress_ray.console import HideRayNotices, configure_output
 from genstress_ray.data import DataError, get_source
 from genstress_ray.job_commands import add_jobs
 from genstress_ray.jobs import JobError
-from genstress_ray.label_commands import CONFIG_HELP, RUN_HELP, add_label, add_repair
+from genstress_ray.label_commands import CONFIG_HELP, RUN_HELP, add_label, add_repair, print_flags
 from genstress_ray.labeling import LabelError
 from genstress_ray.models import ModelError, train_and_save
 from genstress_ray.scan.run import ScanError
@@ -25,8 +25,10 @@ DEMO_CONFIG = {
     "campaign": "demo",
     "output": "genstress-runs",
     # Digits are 8x8; at that size a beta=4 VAE's KL term swamps the 64-pixel reconstruction and the
-    # posterior collapses. Resized to 28x28 they also fit the MNIST architectures unchanged.
-    "data": {"search": {"kind": "digits", "split": "test", "resize": 28}},
+    # posterior collapses. Resized to 28x28 they also fit the MNIST architectures unchanged. The
+    # search takes half of the test split (180 images, by a seeded hash of each image's index); the
+    # other half (179) is the held-out test split every verdict is measured on.
+    "data": {"search": {"kind": "digits", "split": "test", "resize": 28, "share": [0.0, 0.5]}},
     # The classifier under test is trained briefly (4 epochs, about 95% test accuracy): a model with
     # failures to find and fix in a few minutes. The oracle is a second CNN trained for 25 epochs.
     "classifier": {"architecture": "small_cnn", "train": {"epochs": 4}},
@@ -63,6 +65,7 @@ def _demo(args) -> int:
         else:  # the oracle is a second CNN (another seed, more epochs)
             table = labeling.LABELLERS.get("oracle").label(store, labeling.CONFIG_ORACLE, {})
             labeling.write_labels(store, table, result.class_names)
+        print_flags(store.marker("labels").get("flagged", {}), store.uri)
         print(run_correction(result.run_uri).summary(), flush=True)
     print(f"report: {write_report(store)}")
     print(f"wall time {time.time() - t0:.1f}s")
@@ -75,7 +78,8 @@ def _correct(args) -> int:
     overrides = {k: v for k, v in {"lambdas": args.lambdas, "workers": args.workers, "epochs": args.epochs,
                                    "max_concurrent_trials": args.max_concurrent_trials,
                                    "baseline": False if args.no_baseline else None,
-                                   "relabel": args.relabel or None, "region_data": args.region_data}.items()
+                                   "relabel": args.relabel or None, "region_data": args.region_data,
+                                   "confirm_flagged": args.confirm_flagged}.items()
                  if v is not None}
     print(run_correction(args.run, overrides, config=args.config).summary())
     return 0
@@ -88,6 +92,8 @@ def _run(args) -> int:
     _require_env(args.require_env)
     # The run id is fixed here, so an interrupted or failed run can say which command resumes it.
     cfg = load_config(args.config, output=args.output, run_id=args.run_id)
+    if args.accept_low_fidelity:
+        cfg = cfg.model_copy(update={"checks": cfg.checks.model_copy(update={"accept_low_fidelity": True})})
     run_id = cfg.run_id or new_run_id()
     args.resume = f"genstress run {args.config}" + (f" --output {args.output}" if args.output else "") + \
         f" --run-id {run_id}"
@@ -217,6 +223,9 @@ def _add_run(sub) -> None:
     run.add_argument("--output", help="overrides the config's output (local path or fsspec URI)")
     run.add_argument("--run-id", help="overrides the config's run id; an existing run id resumes")
     run.add_argument("--until", choices=STAGES, help="stop after this stage (a later run without it resumes)")
+    run.add_argument("--accept-low-fidelity", action="store_true",
+                     help="search even when the classifier recognises too few of the generator's reconstructions "
+                          "(checks.min_fidelity; the figure is printed either way)")
     run.add_argument("--require-env", action="append", metavar="NAME",
                      help="fail early unless this environment variable is set (credentials a submitted job needs)")
     run.set_defaults(func=_run)
@@ -276,6 +285,9 @@ def _add_correct(sub) -> None:
     correct.add_argument("--relabel", action="store_true", help="apply the accepted relabels of genstress repair to D")
     correct.add_argument("--region-data", choices=["generated", "real", "both", "augmented"],
                          help="overrides correction.region_data: what Df holds for each failure region")
+    correct.add_argument("--confirm-flagged", type=int, nargs="+", metavar="REGION",
+                         help="use these failure regions although their label is flagged as unsupported "
+                              "(genstress label says which are; they are left out otherwise)")
     correct.add_argument("--config", help=CONFIG_HELP)
     correct.set_defaults(func=_correct)
 

@@ -52,6 +52,10 @@ class DataSpec(_Strict):
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     test_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2  # 1: every image is test (a search-only folder)
     resize: Annotated[int, Field(gt=0)] | None = None
+    # [lo, hi): the part of the split this spec takes, by a seeded hash of each row's key (applied
+    # before ``limit``). Two specs of one split with disjoint shares never share an image: the search
+    # takes [0, 0.5] of a test split, the evaluation the other half.
+    share: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] | None = None
     options: dict[str, Any] = {}
 
     @field_validator("kind")
@@ -63,6 +67,21 @@ class DataSpec(_Strict):
     @classmethod
     def _known_split(cls, v):
         return _one_of(v, SPLITS, "split")
+
+    @field_validator("share")
+    @classmethod
+    def _share_is_a_range(cls, v):
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"share: {list(v)} is not a range [lo, hi) with lo < hi")
+        return v
+
+    def other_share(self) -> tuple[float, float] | None:
+        """The rest of the split when this spec takes its first or last part; None when there is no
+        one such range (the whole split, or a middle part)."""
+        if self.share is None:
+            return None
+        lo, hi = self.share
+        return (hi, 1.0) if lo == 0 and hi < 1 else (0.0, lo) if hi >= 1 and lo > 0 else None
 
     @model_validator(mode="after")
     def _fractions_fit(self):
@@ -83,21 +102,25 @@ class DataSpec(_Strict):
     def source_params(self) -> dict[str, Any]:
         return {"uri": self.uri, "split": self.split, "limit": self.limit, "seed": self.seed,
                 "validation_fraction": self.validation_fraction, "test_fraction": self.test_fraction,
-                "resize": self.resize, **self.options}
+                "resize": self.resize, "share": self.share, **self.options}
 
 
 class DataConfig(_Strict):
-    """The images to search around, and the splits built-in models train and validate on."""
+    """The images to search around, and the splits built-in models train and validate on.
 
-    search: DataSpec = DataSpec()
+    The default search takes half of the digits' test split (``share``); the other half is the test
+    split every verdict is measured on (``CampaignConfig.test_spec``)."""
+
+    search: DataSpec = DataSpec(share=(0.0, 0.5))
     train: DataSpec | None = None
     validation: DataSpec | None = None
 
     def train_spec(self) -> DataSpec:
-        return self.train or self.search.model_copy(update={"split": "train", "limit": None})
+        return self.train or self.search.model_copy(update={"split": "train", "limit": None, "share": None})
 
     def validation_spec(self) -> DataSpec:
-        return self.validation or self.train_spec().model_copy(update={"split": "validation", "limit": None})
+        return self.validation or self.train_spec().model_copy(update={"split": "validation", "limit": None,
+                                                                        "share": None})
 
 
 class InputConfig(_Strict):
@@ -194,8 +217,11 @@ class ResourcesConfig(_Strict):
     region_samples: StageResources = StageResources(num_cpus=0.5, threads=1, batch_size=256)
 
 
-# The Defuse paper's lambda grid, 1e-10 up to 1000.
-PAPER_LAMBDAS = [1e-10, 1e-5, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0]
+# The Defuse paper's lambda grid: 1e-10, 1e-9, ..., 0.1, 1, 2, 5, 10, 20, 100, 1000 (17 values).
+PAPER_LAMBDAS = [1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 2.0, 5.0, 10.0, 20.0, 100.0,
+                 1000.0]
+# The default sweep: 9 of the paper's values, one per two decades or so (half the trials).
+SHORT_LAMBDAS = [1e-10, 1e-5, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0]
 
 
 class CorrectionConfig(_Strict):
@@ -205,11 +231,13 @@ class CorrectionConfig(_Strict):
     ``region_validation_fraction`` are held back to choose lambda) and ``test_per_region`` more for the
     region test set. The trial with the best ``select_by`` score wins: ``combined`` is the mean of
     validation accuracy on D and on the regions' validation samples, ``real_region`` the mean of D's
-    and of the real validation images inside the failure regions (README, "Correction"),
-    ``validation`` uses D alone.
+    and of the accuracy on the real validation images inside the failure regions, each against its
+    own label (README, "Correction"), ``validation`` uses D alone. ``confirm_flagged``: failure
+    regions whose label the labels table flags (``labeling.support``) that the correction may use
+    all the same; the other flagged ones are left out.
     """
 
-    lambdas: list[Annotated[float, Field(ge=0)]] = PAPER_LAMBDAS
+    lambdas: list[Annotated[float, Field(ge=0)]] = SHORT_LAMBDAS
     epochs: Annotated[int, Field(gt=0)] = 2
     lr: Annotated[float, Field(gt=0)] = 1e-4
     batch_size: Annotated[int, Field(gt=0)] = 128
@@ -222,9 +250,7 @@ class CorrectionConfig(_Strict):
     region_data: Literal["generated", "real", "both", "augmented"] = "generated"
     # Membership radius of the real images in a region: this quantile of its own faults' distances.
     member_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.9
-    # What a real image inside a failure region is scored against: the region's label, or the
-    # config oracle's label for that image (a subgroup's members need not all share one class).
-    real_region_label: Literal["region", "oracle"] = "region"
+    confirm_flagged: list[int] = []
     # Apply the accepted relabels of data repair (``genstress repair``) to D before fine-tuning.
     relabel: bool = False
     baseline: bool = True
@@ -247,8 +273,8 @@ class CorrectionConfig(_Strict):
     @classmethod
     def _some_lambdas(cls, v):
         if not v:
-            raise ValueError("the lambda list is empty: give at least one value (the paper's: "
-                             f"{', '.join(str(x) for x in PAPER_LAMBDAS)})")
+            raise ValueError("the lambda list is empty: give at least one value (the default: "
+                             f"{', '.join(str(x) for x in SHORT_LAMBDAS)})")
         return v
 
 
@@ -280,6 +306,21 @@ class AssessmentConfig(_Strict):
         if v is not None and not v.uri:
             raise ValueError("give the feature network's checkpoint 'uri' (it is not trained here)")
         return v
+
+
+class ChecksConfig(_Strict):
+    """Checks before a search that it can mean something (README, "Guardrails").
+
+    Generator fidelity: for a strategy that searches around the generator's encodings of the search
+    images (``Strategy.fidelity``), the classifier's accuracy on the generator's reconstructions of
+    ``fidelity_images`` search images (a seeded sample). Below ``min_fidelity`` the run is refused
+    before the search, unless ``accept_low_fidelity``: its faults would be the generator's blur,
+    not the classifier's failures.
+    """
+
+    min_fidelity: Annotated[float, Field(ge=0, le=1)] = 0.8
+    fidelity_images: Annotated[int, Field(gt=0)] = 512
+    accept_low_fidelity: bool = False
 
 
 class RayConfig(_Strict):
@@ -317,12 +358,21 @@ class CampaignConfig(_Strict):
     reduce: ReduceConfig = ReduceConfig()
     correction: CorrectionConfig = CorrectionConfig()
     assessment: AssessmentConfig = AssessmentConfig()
+    checks: ChecksConfig = ChecksConfig()
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()
 
     def test_spec(self) -> DataSpec:
-        """Where test accuracy is measured: ``correction.test``, else the whole search split."""
-        return self.correction.test or self.data.search.model_copy(update={"limit": None})
+        """The held-out images every verdict is measured on: ``correction.test``; else the search
+        source's test split, without the part the search takes when the search is on that split
+        itself (``DataSpec.share``: the search takes [0, 0.5], the test [0.5, 1]). A search over the
+        whole test split leaves it no image of its own: ``context.check_disjoint`` refuses that."""
+        if self.correction.test is not None:
+            return self.correction.test
+        search = self.data.search
+        if search.split != "test":
+            return search.model_copy(update={"split": "test", "limit": None, "share": None})
+        return search.model_copy(update={"limit": None, "share": search.other_share() or search.share})
 
     @model_validator(mode="after")
     def _models_are_buildable(self):

@@ -55,6 +55,42 @@ def open_source(spec: DataSpec, field: str = "data") -> tuple[DatasetSource, Cat
         return source, source.catalog()
 
 
+def check_disjoint(cfg: CampaignConfig) -> dict[str, int]:
+    """Refuse a campaign whose search images are also its validation or test images (by each row's
+    identity: ``DatasetSource.origin_ids``), before any work; returns the three splits' sizes.
+
+    A search over images the strategy makes itself (seeds, noise: ``Strategy.source_rows``) uses no
+    data image, so nothing can overlap.
+
+    Raises:
+        DataError: naming the two fields, the overlap count and the fix.
+    """
+    search_source, _ = open_source(cfg.data.search, "data.search")
+    if cfg.strategy.plugin.source_rows is not None:
+        return {}
+    search = search_source.origin_ids()
+    sizes = {"search": len(search)}
+    for name, spec in (("data.validation", cfg.data.validation_spec()), ("correction.test", cfg.test_spec())):
+        try:
+            held = open_source(spec, name)[0].origin_ids()
+        except DataError:  # no such split here (a search-only folder): nothing to overlap; its users say so
+            continue
+        sizes[name] = len(held)
+        shared = len(search & held)
+        if not shared:
+            continue
+        if name == "correction.test" and cfg.correction.test is None:
+            fix = ("give data.search a share of its split, e.g. `share: [0.0, 0.5]` (the default test split is then "
+                   "the other half), or name a test split of other images in correction.test")
+            name = "the default test split (correction.test unset)"
+        else:
+            fix = f"name a split of other images in {name}, or search another split"
+        raise DataError(f"data.search and {name} share {shared} of the search's {len(search)} images: search and "
+                        f"evaluation must never use the same image (a verdict measured on searched images says "
+                        f"nothing about held-out ones). Fix: {fix}")
+    return sizes
+
+
 def model_ref(spec: ModelSpec, uri: str) -> ModelRef:
     """The reference a run uses for a model: the configured checkpoint, or the cached built-in at ``uri``."""
     declared = spec.input.model_dump() if spec.input else None

@@ -38,7 +38,17 @@ def _label(args) -> int:
     faults = info["labels"] - info["regions"]
     print(f"labels: {info['regions']} regions labelled, {info['failure_regions']} failure regions"
           + (f", {faults} faults labelled one by one" if faults else "") + f" -> {store.uri}/labels")
+    print_flags(info.get("flagged", {}), store.uri)
     return 0
+
+
+def print_flags(flagged: dict[str, str], run_uri: str) -> None:
+    """The failure labels their regions do not support (``labeling.support``), and what to do."""
+    for rid, why in sorted(flagged.items(), key=lambda kv: int(kv[0])):
+        print(f"  FLAGGED region {rid}: {why}")
+    if flagged:
+        print(f"  correction leaves flagged regions out; look at them in the report, relabel them, or confirm them: "
+              f"genstress correct {run_uri} --confirm-flagged {' '.join(sorted(flagged, key=int))}")
 
 
 

@@ -25,8 +25,9 @@ import yaml
 
 from genstress_ray.cleanup import watch_started_processes
 from genstress_ray.config import CampaignConfig, ConfigError, load_config
-from genstress_ray.context import RunContext
+from genstress_ray.context import RunContext, check_disjoint
 from genstress_ray.data import DataError, slice_shards
+from genstress_ray.guardrails import fidelity_line, generator_fidelity
 from genstress_ray.lease import RunLease
 from genstress_ray.models import ModelError
 from genstress_ray.progress import Progress
@@ -53,11 +54,12 @@ class CampaignResult:
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)
     message: str = ""
+    fidelity: dict | None = None
 
     def summary(self) -> str:
         c = self.counts
         rate = c.get("faults", 0) / c["candidates"] if c.get("candidates") else 0.0
-        lines = [f"run: {self.run_uri}",
+        lines = [f"run: {self.run_uri}", fidelity_line(self.fidelity),
                  f"candidates {c.get('candidates', 0)}, faults {c.get('faults', 0)} (fault rate {rate:.2%}), "
                  f"samples rows {c.get('samples', 0)}, non-finite dropped {c.get('nonfinite_dropped', 0)}",
                  f"regions: {len(self.regions)}" + (f" ({self.message})" if self.message else "")]
@@ -267,6 +269,7 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
     stages = STAGES[: STAGES.index(stop_after) + 1] if stop_after else STAGES
     cfg = load_config(config, output=output, run_id=run_id)
     torch.set_num_threads(cfg.threads)
+    check_disjoint(cfg)  # search and evaluation never share an image: refused before anything is written
     run_id = cfg.run_id or new_run_id()
     cfg = cfg.model_copy(update={"run_id": run_id})
     store = RunStore(cfg.output, cfg.campaign, run_id, cfg.storage_options)
@@ -287,7 +290,9 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
     ctx.classifier()
     generator = ctx.check_generator()
     boundary = ctx.boundary()  # unknown boundary classes fail here too
-    _start_manifest(ctx, boundary)
+    # Before the search: can its faults mean anything? (Kept from the run's start when resumed.)
+    fidelity = ctx.manifest.get("fidelity") or generator_fidelity(ctx, generator)
+    _start_manifest(ctx, boundary, fidelity)
     init_ray(cfg)
     constructor = ctx.stage_constructor(boundary)
     runners = {"identify": lambda: run_identify(ctx, generator, constructor, progress),
@@ -297,7 +302,7 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
     return _finish(ctx, stages, skipped, started)
 
 
-def _start_manifest(ctx: RunContext, boundary: dict | None) -> None:
+def _start_manifest(ctx: RunContext, boundary: dict | None, fidelity: dict) -> None:
     """Write a new run's manifest, or mark a resumed one running (refusing other models)."""
     store, cfg = ctx.store, ctx.cfg
     models = {k: v.uri for k, v in ctx.models.items()}
@@ -305,13 +310,13 @@ def _start_manifest(ctx: RunContext, boundary: dict | None) -> None:
         store.write_manifest({"config": cfg.model_dump(mode="json"), "run_id": store.run_id, "campaign": cfg.campaign,
                               "created_at": time.time(), "versions": library_versions(),
                               "seeds": {"campaign": cfg.seed}, "models": models, "class_names": ctx.class_names,
-                              "image_shape": list(ctx.image_shape), "status": "running",
+                              "image_shape": list(ctx.image_shape), "status": "running", "fidelity": fidelity,
                               **({"boundary": boundary} if boundary else {})})
         return
     if ctx.manifest.get("models") != models:
         raise ConfigError(f"run {store.uri} was made with the models {ctx.manifest.get('models')}, and this config "
                           f"now gives {models}: use a new run id")
-    store.update_manifest(status="running")
+    store.update_manifest(status="running", fidelity=fidelity)
 
 
 def _run_stage(store: RunStore, stage: str, runner: Callable[[], dict], lease: RunLease) -> bool:
@@ -353,7 +358,7 @@ def _finish(ctx: RunContext, stages: tuple[str, ...], skipped: list[str], starte
                           timings={"total_last_invocation": round(time.time() - started, 3)})
     regions = store.read_table("regions").to_pylist() if "regions" in stages else []
     return CampaignResult(store.uri, store.run_id, counts, regions, ctx.class_names, skipped,
-                          regions_info.get("message", ""))
+                          regions_info.get("message", ""), store.read_manifest().get("fidelity"))
 
 
 def _counts_text(info: dict) -> str:

@@ -14,11 +14,15 @@ import time
 from typing import Any
 
 from genstress_ray.config import CampaignConfig, ConfigError, load_config
-from genstress_ray.lease import describe, read_lease
+from genstress_ray.lease import describe, holder_gone, read_lease
 from genstress_ray.storage import LAYOUT, MANIFEST, RunStore, StorageError, filesystem_for, resolve_uri
 
-# Top-level fields a rerun may change: where the run is written and on what resources it runs.
-RELOCATABLE = ("output", "run_id", "resources", "ray", "storage_options")
+# Top-level fields a rerun may change: where the run is written and on what resources it runs (and
+# the checks that gate it, which change nothing it computes).
+RELOCATABLE = ("output", "run_id", "resources", "ray", "storage_options", "checks")
+# Fields earlier versions wrote that this one no longer has, dropped from a stored config when it is
+# read: (section, field).
+RETIRED = (("correction", "real_region_label"),)  # real members are scored against their own labels now
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -45,7 +49,11 @@ def manifest_config(store: RunStore, manifest: dict) -> dict[str, Any]:
     if not manifest.get("config"):
         raise StorageError(f"{store.uri}/{MANIFEST} holds no config: the run was not started, or its manifest "
                            "was lost (its tables cannot be traced to what made them)")
-    return manifest["config"]
+    raw = dict(manifest["config"])
+    for section, name in RETIRED:
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            raw[section] = {k: v for k, v in raw[section].items() if k != name}
+    return raw
 
 
 def with_current_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -132,9 +140,15 @@ def run_status(store: RunStore, manifest: dict | None = None) -> dict[str, Any]:
         elif not optional:
             stages[stage] = {"done": False, "next": f"made by {command}"}
     lease = read_lease(store.fs, store.path)
+    if lease is not None and holder_gone(lease):
+        lease = None
     created = manifest.get("created_at")
+    status = manifest.get("status", "unknown")
+    if status == "running" and lease is None:
+        # The manifest says running, but no live driver holds the run: it died (or was killed).
+        status = "interrupted (its driver is gone; rerun to resume)"
     return {"uri": store.uri, "campaign": manifest.get("campaign", store.campaign),
-            "run_id": manifest.get("run_id", store.run_id), "status": manifest.get("status", "unknown"),
+            "run_id": manifest.get("run_id", store.run_id), "status": status,
             "age": _age(time.time() - created) if created else "?", "stages": stages,
             "lease": describe(lease) if lease else None, "row_counts": manifest.get("row_counts", {})}
 

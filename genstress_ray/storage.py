@@ -59,6 +59,8 @@ REGIONS_SCHEMA = pa.schema([
 LABELS_SCHEMA = pa.schema([
     ("region_id", pa.int64()), ("sample_id", pa.string()), ("label", pa.string()), ("is_failure", pa.bool_()),
     ("source", pa.string()), ("annotator", pa.string()), ("time", pa.float64()), ("agreement", pa.float64()),
+    # Why a failure region's label is not supported by its faults (labeling.support); null: supported.
+    ("flag", pa.string()),
 ])
 # Data repair: real training images inside a failure region whose dataset label differs from the
 # region's label (``row``: its index in the training split), and the decisions taken on them.

@@ -114,10 +114,16 @@ def tiny_config(tiny_models, tmp_path) -> dict:
         "output": str(tmp_path / "runs"),
         "run_id": "r1",
         "cache": str(tmp_path / "cache"),
-        "data": {"search": {"kind": "digits", "split": "test", "limit": 48}},
+        # Half the test split is searched, the other half held out (config.DataSpec.share).
+        "data": {"search": {"kind": "digits", "split": "test", "limit": 48, "share": [0.0, 0.5]}},
+        # Random weights: the VAE's reconstructions are noise to the classifier.
+        "checks": {"accept_low_fidelity": True},
         "classifier": {"uri": tiny_models["classifier"]},
         "generator": {"uri": tiny_models["generator"]},
-        "strategy": {"name": "defuse", "a": 1.0, "b": 1.0, "draws": 8, "max_faults_per_image": 3},
+        # The reference code's settings (large uncentred noise, every image searched): random models
+        # then give faults enough for regions.
+        "strategy": {"name": "defuse", "preset": "reference", "a": 1.0, "b": 1.0, "draws": 8,
+                     "max_faults_per_image": 3},
         "reduce": {"max_components": 10, "samples_per_region": 4, "max_iter": 100},
         "resources": {"search": {"actors": 1, "num_cpus": 0.5, "batch_size": 16},
                       "region_samples": {"actors": 1, "num_cpus": 0.5, "batch_size": 16}},

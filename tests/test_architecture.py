@@ -18,7 +18,7 @@ LAYERS = [
     ("strategies", ["strategies", "regions", "counterfactuals"]),
     ("campaign config", ["config", "runs"]),
     ("run context", ["context"]),
-    ("consumers", ["real_regions", "labeling", "repair", "assessment", "report"]),
+    ("consumers", ["real_regions", "guardrails", "labeling", "repair", "assessment", "report"]),
     ("ray", ["stages", "pipeline", "correction", "jobs", "scan"]),
     ("command line", ["console", "label_commands", "job_commands", "cli", "__init__"]),
 ]

@@ -23,13 +23,15 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture
-def counterfactual_config(tiny_config, tiny_models, tiny_controlnet, tmp_path) -> dict:
+def counterfactual_config(tiny_config, tiny_models, tiny_controlnet, planted_classifier, tmp_path) -> dict:
     torch.manual_seed(1)  # an oracle that disagrees with the classifier under test: failure regions
     oracle = str(tmp_path / "oracle.safetensors")
     save_checkpoint(get_model("small_cnn", **TINY_CNN), oracle, "small_cnn", TINY_CNN)
     cfg = copy.deepcopy(tiny_config)
     cfg["data"]["search"]["limit"] = 16
-    cfg.update(generator={"uri": tiny_controlnet["stable_diffusion"]}, oracle={"uri": oracle},
+    # A trained classifier: sources it gets wrong are skipped, so a random one would leave few.
+    cfg.update(classifier={"uri": planted_classifier},
+               generator={"uri": tiny_controlnet["stable_diffusion"]}, oracle={"uri": oracle},
                strategy={"name": "counterfactual", "controlnet": tiny_controlnet["controlnet"], "per_caption": 2,
                          "steps": 2, "synonyms": {"3": ["three"]}},
                reduce={**cfg["reduce"], "max_dims": 8}, assessment={"detector": {"uri": tiny_models["generator"]}},
@@ -182,7 +184,8 @@ def test_a_counterfactual_run_refuses_bad_models_before_any_ray_work(counterfact
 def segmentation_config(counterfactual_config) -> dict:
     """A campaign testing the built-in segmenter (trained here on the synthetic scenes' masks)."""
     cfg = copy.deepcopy(counterfactual_config)
-    cfg.update(data={"search": {"kind": "scenes", "split": "test", "limit": 10, "options": {"size": 200, "side": 16}}},
+    cfg.update(data={"search": {"kind": "scenes", "split": "test", "limit": 10, "share": [0.0, 0.5],
+                                "options": {"size": 200, "side": 16}}},
                classifier={"task": "segmentation", "params": {"width": 8}, "train": {"epochs": 8}}, oracle=None,
                assessment={"detector": {"architecture": "beta_vae", "params": {"latent_dim": 4, "width": 8,
                                                                                 "hidden": 32}, "train": {"epochs": 2}}})
@@ -236,7 +239,7 @@ def test_a_segmentation_campaign_scores_miou_drop_through_regions_assessment_and
 
 def test_a_segmentation_run_refuses_data_without_masks(segmentation_config):
     cfg = copy.deepcopy(segmentation_config)
-    cfg["data"] = {"search": {"kind": "digits", "split": "test", "limit": 4}}
+    cfg["data"] = {"search": {"kind": "digits", "split": "test", "limit": 4, "share": [0.0, 0.5]}}
     with pytest.raises(DataError, match="data.search: the model under test is a segmentation model .* 'digits' "
                                         "source has no masks"):
         run_campaign(cfg)

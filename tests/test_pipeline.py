@@ -35,7 +35,7 @@ def test_identify_writes_the_samples_table_with_faults_that_recompute(tiny_confi
     assert max(v["counts"] for v in per_source) <= k
     assert all(samples["fault"].to_pylist())
     # Recompute every kept candidate: decode its latent, classify, compare with the stored row.
-    images = get_source("digits", split="test", limit=48).load()
+    images = get_source("digits", split="test", limit=48, share=(0.0, 0.5)).load()
     clf = load_classifier(ModelRef(tiny_models["classifier"]), images.class_names, images.image_shape)
     gen = load_generator(ModelRef(tiny_models["generator"]), images.image_shape)
     latents = torch.tensor(samples["latent"].to_pylist())
@@ -79,7 +79,7 @@ def test_images_whose_reconstruction_is_misclassified_are_skipped_before_any_dra
     assert result.counts["candidates"] == (48 - skipped) * 8 == result.counts["samples"]
     rows = store.read_table("identify", columns=["source_id", "source_label"])
     # The written seeds are exactly those whose reconstruction the classifier gets right.
-    search = get_source("digits", split="test", limit=48).load()
+    search = get_source("digits", split="test", limit=48, share=(0.0, 0.5)).load()
     gen = load_generator(ModelRef(tiny_config["generator"]["uri"]), (1, 8, 8))
     clf = load_classifier(ModelRef(tiny_config["classifier"]["uri"]), search.class_names, (1, 8, 8))
     with torch.no_grad():
@@ -207,7 +207,7 @@ def _digits_parquet(path, search_labels) -> str:
 def test_zero_faults_finish_every_stage_with_a_clear_message(tiny_config, tmp_path):
     tiny_config["classifier"] = {"uri": _constant_classifier(tmp_path / "const.safetensors")}
     tiny_config["data"]["search"] = {"kind": "parquet", "uri": _digits_parquet(tmp_path / "d.parquet", {0}),
-                                     "split": "test", "limit": 20}
+                                     "split": "test", "limit": 20, "share": [0.0, 0.5]}
     result = run_campaign(tiny_config)
     assert result.counts["candidates"] == 20 * 8
     assert result.counts["faults"] == result.counts["samples"] == 0
@@ -245,7 +245,7 @@ def test_non_finite_decodes_are_counted_and_dropped(tiny_config, tmp_path):
     tiny_config["generator"] = {"uri": str(path)}
     tiny_config["strategy"]["keep"] = "all"
     result = run_campaign(tiny_config)
-    ids = get_source("digits", split="test", limit=48).load().source_ids
+    ids = get_source("digits", split="test", limit=48, share=(0.0, 0.5)).load().source_ids
     expected_bad = int((beta_noise(ids, 2, 8, 1.0, 1.0, seed=0)[..., 0] > 0.5).sum())
     assert 0 < expected_bad < 48 * 8
     store = _store(result, tiny_config)

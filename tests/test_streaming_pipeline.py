@@ -37,10 +37,12 @@ def test_a_campaign_streams_an_image_folder_through_a_transformers_classifier_an
     write_tiny_transformers_classifier(tmp_path / "resnet", CLASSES, "resnet", side=32)
     write_tiny_autoencoder_kl(tmp_path / "vae", channels=3, side=16)
     cfg = {"campaign": "signs", "output": str(tmp_path / "runs"), "run_id": "r1", "shard_rows": 8,
-           "data": {"search": {"kind": "image_folder", "uri": str(sign_folder), "split": "test", "test_fraction": 1.0,
+           # Every image is searched (the folder's train split, test and validation empty): no evaluation here.
+           "data": {"search": {"kind": "image_folder", "uri": str(sign_folder), "split": "train", "test_fraction": 0.0,
                                "validation_fraction": 0.0}},
+           "checks": {"accept_low_fidelity": True},  # random weights
            "classifier": {"uri": str(tmp_path / "resnet")}, "generator": {"uri": str(tmp_path / "vae")},
-           "strategy": {"name": "defuse", "a": 2.0, "b": 2.0, "draws": 3, "keep": "all"},
+           "strategy": {"name": "defuse", "preset": "reference", "a": 2.0, "b": 2.0, "draws": 3, "keep": "all"},
            "reduce": {"max_components": 4, "samples_per_region": 2, "max_iter": 50, "max_dims": 8},
            "resources": {"search": {"actors": 1, "num_cpus": 0.5, "batch_size": 4},
                          "region_samples": {"actors": 1, "num_cpus": 0.5, "batch_size": 4}}}

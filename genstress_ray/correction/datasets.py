@@ -4,7 +4,9 @@ D's splits come from the data source's shards (read tasks fetch and decode them,
 the region sets and the labelled faults from the run's Parquet, and the real images inside the
 failure regions from actors that encode a split with the run's generator and keep its members. The
 Ray Train workers read them with ``get_dataset_shard``. Every dataset has the columns ``image``
-(uint8 C x H x W), ``label`` and ``region`` (the image's failure region, -1 for none).
+(uint8 C x H x W), ``label``, ``region`` (the image's failure region, -1 for none) and ``target``
+(that region's label, -1 for none: a real member whose own label equals it is of the region's
+subgroup, any other of its collateral).
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import ray
 import torch
 
 from genstress_ray.data import Catalog, DatasetSource, decode_images
-from genstress_ray.models import load_classifier, load_generator
-from genstress_ray.models.training import images_predictions
+from genstress_ray.models import load_generator
 from genstress_ray.real_regions import FailureRegions
 from genstress_ray.stages.shards import bytes_table, read_shards, table_bytes
 from genstress_ray.storage import RunStore
 
 
-def _rows(images: np.ndarray, labels, regions=None) -> dict[str, np.ndarray]:
+def _rows(images: np.ndarray, labels, regions=None, targets=None) -> dict[str, np.ndarray]:
     labels = np.asarray(labels, np.int64)
-    return {"image": images, "label": labels,
-            "region": np.full(len(labels), -1, np.int64) if regions is None else np.asarray(regions, np.int64)}
+    none = np.full(len(labels), -1, np.int64)
+    return {"image": images, "label": labels, "region": none if regions is None else np.asarray(regions, np.int64),
+            "target": none if targets is None else np.asarray(targets, np.int64)}
 
 
 def _split_rows(batch: dict[str, np.ndarray], shape: tuple, relabels: dict[str, int]) -> dict[str, np.ndarray]:
@@ -127,38 +129,40 @@ def kept_in_memory(datasets: dict[str, ray.data.Dataset], rows: dict[str, int], 
 
 
 class PlaceInRegions:
-    """Ray Data actor: keep the images that lie inside a failure region, labelled with that region's
-    label (or, with an ``oracle``, with the oracle's), their ``region`` set (``real_regions``)."""
+    """Ray Data actor: keep the images that lie inside a failure region (``real_regions``), with their
+    ``region`` and its label as ``target``. Each keeps its own label, what a verdict is measured
+    against; with ``relabel`` (Df of ``correction.region_data: real``) it takes the region's label."""
 
-    def __init__(self, placement: dict[str, Any], threads: int = 1):
+    def __init__(self, placement: dict[str, Any], threads: int = 1, relabel: bool = False):
         torch.set_num_threads(threads)
         p = placement
         generator = load_generator(p["generator"], p["image_shape"], p["generator_kind"], len(p["class_names"]))
         self.regions = FailureRegions(generator, bytes_table(p["regions"]), p["fault_latents"], p["failure_labels"],
                                       p["quantile"])
-        self.oracle = None if p["oracle"] is None else load_classifier(p["oracle"], p["class_names"], p["image_shape"])
+        self.relabel = relabel
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         region, target = self.regions.place(images)
         inside = target >= 0
-        label = target[inside] if self.oracle is None else images_predictions(self.oracle, images[inside])
-        return _rows(images[inside], label, region[inside])
+        label = target[inside] if self.relabel else batch["label"][inside]
+        return _rows(images[inside], label, region[inside], target[inside])
 
 
-def members_dataset(split: ray.data.Dataset, placement: dict[str, Any], num_cpus: float,
-                    threads: int) -> ray.data.MaterializedDataset:
-    """The members of ``split`` inside the failure regions, computed once and kept in the object store
-    (every trial reads them)."""
+def members_dataset(split: ray.data.Dataset, placement: dict[str, Any], num_cpus: float, threads: int,
+                    relabel: bool = False) -> ray.data.MaterializedDataset:
+    """The members of ``split`` inside the failure regions (with their own labels; with ``relabel``,
+    their region's), computed once and kept in the object store (every trial reads them)."""
     return split.map_batches(PlaceInRegions, batch_format="numpy", batch_size=512,
                              compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus,
-                             fn_constructor_kwargs={"placement": placement, "threads": threads}).materialize()
+                             fn_constructor_kwargs={"placement": placement, "threads": threads,
+                                                    "relabel": relabel}).materialize()
 
 
-def placement(regions: FailureRegions, generator, generator_kind: str, image_shape, class_names: list[str],
-              oracle=None) -> dict[str, Any]:
+def placement(regions: FailureRegions, generator, generator_kind: str, image_shape,
+              class_names: list[str]) -> dict[str, Any]:
     """What ``PlaceInRegions`` actors rebuild ``regions`` from (model references, never loaded modules)."""
     return {"generator": generator, "generator_kind": generator_kind, "image_shape": tuple(image_shape),
             "class_names": list(class_names), "regions": table_bytes(regions.regions),
             "fault_latents": regions.fault_latents, "failure_labels": dict(regions.failure_labels),
-            "quantile": regions.quantile, "oracle": oracle}
+            "quantile": regions.quantile}

@@ -24,12 +24,13 @@ from genstress_ray.data import to_float
 
 # What the trials score (metric -> evaluation set): D's validation and test splits, the regions'
 # generated validation and test samples, and the real images inside the failure regions
-# (``correction.real``) of the validation and test splits.
+# (``correction.real``) of the validation and test splits, each against its own label.
 EVAL_SETS = {"val_acc": "val", "region_val_acc": "region_val", "test_acc": "test", "region_test_acc": "region_test",
-             "real_region_val_acc": "real_region_val", "real_region_test_acc": "real_region_test"}
+             "real_members_val_acc": "real_members_val", "real_members_test_acc": "real_members_test"}
 
-# A batch: uint8 images (N, C, H, W), int64 labels and, for region sets, each image's region (-1: none).
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+# A batch: uint8 images (N, C, H, W), int64 labels and, where known, each image's failure region
+# (-1: none) and that region's label (-1: none).
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
 @dataclass
@@ -43,26 +44,41 @@ class FinetuneSettings:
     shuffle_rows: int = 4096  # rows D is shuffled within as it streams (Ray Data's local shuffle buffer)
 
 
-def score(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict:
-    """Correct predictions of ``model`` over ``batches``: ``{"n", "correct", "regions": {id: [correct, n]}}``.
+def _tally(into: dict, key: str, right: np.ndarray) -> None:
+    tally = into.setdefault(key, [0, 0])
+    tally[0] += int(right.sum())
+    tally[1] += len(right)
 
-    >>> score(model, [(images, labels, None)])  # doctest: +SKIP
-    {'n': 360, 'correct': 341, 'regions': {}}
+
+def score(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict:
+    """Correct predictions of ``model`` over ``batches``, overall and per region:
+    ``{"n", "correct", "regions": {id: [correct, n]}, "subgroup": {id: [correct, n]}, "collateral": ...}``.
+
+    Where a batch gives each image's region label (``target``), a region's images split into its
+    subgroup (own label = the region's label) and its collateral (any other label).
+
+    >>> score(model, [(images, labels, None, None)])  # doctest: +SKIP
+    {'n': 360, 'correct': 341, 'regions': {}, 'subgroup': {}, 'collateral': {}}
     """
     model.eval()
-    n, correct, regions = 0, 0, {}
+    n, correct, out = 0, 0, {"regions": {}, "subgroup": {}, "collateral": {}}
     with torch.no_grad():
-        for x, y, region in batches:
+        for x, y, region, target in batches:
             if not len(y):
                 continue
             right = (model(to_float(x).to(device)).argmax(1).cpu().numpy() == y)
             n, correct = n + len(y), correct + int(right.sum())
             for rid in np.unique(region) if region is not None else ():
-                if rid >= 0:
-                    tally = regions.setdefault(str(int(rid)), [0, 0])
-                    tally[0] += int(right[region == rid].sum())
-                    tally[1] += int((region == rid).sum())
-    return {"n": n, "correct": correct, "regions": regions}
+                if rid < 0:
+                    continue
+                mine = region == rid
+                _tally(out["regions"], str(int(rid)), right[mine])
+                if target is not None:
+                    own = y[mine] == target[mine]
+                    for group, keep in (("subgroup", own), ("collateral", ~own)):
+                        if keep.any():
+                            _tally(out[group], str(int(rid)), right[mine][keep])
+    return {"n": n, "correct": correct, **out}
 
 
 def rate(tally: dict | list) -> float:
@@ -73,9 +89,9 @@ def rate(tally: dict | list) -> float:
 
 def selection_score(metrics: dict[str, float], select_by: str) -> float:
     """What chooses lambda: ``combined`` = mean of D's and the regions' (generated) validation accuracy;
-    ``real_region`` = mean of D's and of the real validation images inside the failure regions
-    (``combined`` where there are none); ``validation`` = D's alone."""
-    regions = metrics.get("real_region_val_acc", float("nan")) if select_by == "real_region" else float("nan")
+    ``real_region`` = mean of D's and of the real validation images inside the failure regions, each
+    against its own label (``combined`` where there are none); ``validation`` = D's alone."""
+    regions = metrics.get("real_members_val_acc", float("nan")) if select_by == "real_region" else float("nan")
     if np.isnan(regions) and select_by != "validation":
         regions = metrics.get("region_val_acc", float("nan"))
     return metrics["val_acc"] if np.isnan(regions) else (metrics["val_acc"] + regions) / 2
@@ -106,7 +122,7 @@ def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> C
         order = np.random.default_rng([seed, e]).permutation(len(y))
         for start in range(0, len(y) - batch_size + 1, batch_size):
             i = order[start: start + batch_size]
-            yield x[i], y[i], None
+            yield x[i], y[i], None, None
     return epoch
 
 
@@ -128,7 +144,7 @@ def finetune(model: nn.Module, d_epoch: Callable[[int], Iterable[Batch]], fine_x
     f_order, f_at = rng.permutation(len(fine_y)), 0
     model.train()
     for epoch in range(settings.epochs):
-        for dx, dy, _ in d_epoch(epoch):
+        for dx, dy, *_ in d_epoch(epoch):
             n = len(dy)
             fi = f_order[np.arange(f_at, f_at + settings.batch_size) % len(f_order)]
             f_at += settings.batch_size

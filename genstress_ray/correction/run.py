@@ -25,13 +25,15 @@ import pyarrow.compute as pc
 import ray
 
 from genstress_ray.config import CampaignConfig
-from genstress_ray.context import RunContext, open_source
+from genstress_ray.context import RunContext, check_disjoint, open_source
 from genstress_ray.correction.datasets import (fault_dataset, kept_in_memory, members_dataset, region_set_dataset,
                                                split_dataset)
 from genstress_ray.correction.finetune import FinetuneSettings, rate, selection_score
-from genstress_ray.correction.real import real_region_accuracy, real_region_datasets, region_placement
+from genstress_ray.correction.real import (real_member_accuracy, real_member_datasets, real_member_lines,
+                                           region_placement)
 from genstress_ray.correction.trials import TrialResources, run_trials
 from genstress_ray.data import Catalog, DatasetSource
+from genstress_ray.labeling import flagged_regions
 from genstress_ray.labeling.table import LabelError, read_labels
 from genstress_ray.lease import RunLease
 from genstress_ray.pipeline import decode_region_samples, init_ray
@@ -40,8 +42,8 @@ from genstress_ray.repair import apply_relabels, read_relabels
 from genstress_ray.storage import CORRECTION_RESULTS, RunStore, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
-RESULT_KEYS = ("test_acc", "region_test_acc", "val_acc", "region_val_acc", "real_region_val_acc",
-               "real_region_test_acc")
+RESULT_KEYS = ("test_acc", "region_test_acc", "val_acc", "region_val_acc", "real_members_val_acc",
+               "real_members_test_acc")
 
 
 @dataclass
@@ -54,22 +56,19 @@ class CorrectionResult:
         lines = [f"correction of {self.run_uri}: {r['n_failure_regions']} failure regions of {r['n_regions']}"]
         if r.get("message"):
             lines.append(r["message"])
-        real = r.get("real_region", {}).get("overall", {})
-        lines.append(f"{'':>10} {'test acc':>9} {'region acc':>11} {'real region acc':>16} {'lambda':>8}")
+        if r.get("left_out"):
+            lines.append("left out, their label is flagged (confirm with --confirm-flagged): " + "; ".join(
+                f"region {k}: {v}" for k, v in r["left_out"].items()))
+        lines.append(f"{'':>10} {'test acc':>9} {'region acc (generated)':>23} {'lambda':>8}")
         for name in ("before", "baseline", "defuse"):
             row = r.get(name)
             if row:
                 lam = "" if row.get("lam") is None else f"{row['lam']:g}"
                 region = row.get("region_test_acc", float("nan"))
-                lines.append(f"{name:>10} {row['test_acc']:>9.4f} {region:>11.4f} "
-                             f"{real.get(name, float('nan')):>16.4f} {lam:>8}")
+                lines.append(f"{name:>10} {row['test_acc']:>9.4f} {region:>23.4f} {lam:>8}")
+        lines += real_member_lines(r.get("real_members", {}))
         if r.get("relabels"):
             lines.append(f"data repair: {r['relabels']['applied']} training labels changed before fine-tuning")
-        if real:
-            lines.append(f"real region acc: {real['n']} real test images inside the failure regions"
-                         + (f" ({real['message']})" if "message" in real else ""))
-        elif r.get("real_region", {}).get("message"):
-            lines.append(f"real region acc {r['real_region']['message']}")
         return "\n".join(lines)
 
 
@@ -149,7 +148,7 @@ def correction_datasets(ctx: RunContext, labels: pa.Table, regions: FailureRegio
             datasets["baseline"] = fault_dataset(store, faults, ctx.image_shape, c.read_cpus)
             rows["baseline"] = len(faults)
             fine_sets["baseline"] = "baseline"
-    real, real_info = real_region_datasets(ctx, regions, {"val": splits["val"], "test": splits["test"]})
+    real, real_info = real_member_datasets(ctx, regions, {"val": splits["val"], "test": splits["test"]})
     datasets, kept = kept_in_memory(datasets, rows, int(np.prod(ctx.image_shape)), c.cache_mib)
     log.info("correction: read once and kept in the object store: %s; streamed in every trial: %s",
              ", ".join(kept) or "none", ", ".join(sorted(set(datasets) - set(kept))) or "none")
@@ -161,7 +160,7 @@ def _real_members(ctx: RunContext, train: ray.data.Dataset, regions: FailureRegi
     if isinstance(regions, str):
         raise LabelError(f"correction.region_data: {choice!r} needs the regions' real members, {regions}")
     c = ctx.cfg.correction
-    members = members_dataset(train, region_placement(ctx, regions), c.num_cpus_per_worker, c.threads)
+    members = members_dataset(train, region_placement(ctx, regions), c.num_cpus_per_worker, c.threads, relabel=True)
     if members.count() == 0:
         raise LabelError(f"correction.region_data: {choice!r}: no training image lies inside a failure region "
                          "(use generated or augmented)")
@@ -197,9 +196,16 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
     ctx = RunContext.open(run_uri, config, storage_options, {"correction": overrides} if overrides else None)
     ctx.refuse_segmentation("correction", "fine-tunes classifiers on labelled failure regions; fine-tuning a "
                             "segmentation model on its faults is not supported")
+    check_disjoint(ctx.cfg)  # a run made before the check, or a test split given as an override
     store = ctx.store
     labels = read_labels(store)
     failure_labels, n_labelled = failure_region_labels(labels, ctx.class_names)
+    failure_labels, left_out = _confirmed(failure_labels, flagged_regions(labels), ctx.cfg.correction.confirm_flagged)
+    if left_out and not failure_labels:
+        reasons = "; ".join(f"region {r}: {why}" for r, why in sorted(left_out.items()))
+        raise LabelError(f"every failure region's label is flagged as unsupported by its faults ({reasons}): relabel "
+                         f"them, or confirm them with genstress correct {store.uri} --confirm-flagged "
+                         f"{' '.join(map(str, sorted(left_out)))}")
     # What decides the outcome: the settings and the labels (relabelling redoes the region sets too).
     done_with = {"settings": ctx.cfg.correction.model_dump(mode="json"), "labels": labels_digest(labels)}
     if ctx.cfg.correction.relabel:
@@ -209,6 +215,8 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
         return CorrectionResult(store.uri, store.read_json("correction", CORRECTION_RESULTS))
     with RunLease.for_store(store) as lease:
         results = _correct(ctx, labels, failure_labels, n_labelled, lease)
+        if left_out:
+            results["left_out"] = {str(r): why for r, why in sorted(left_out.items())}
         n_trials = results.pop("_trials")
         results["seconds"] = round(time.time() - started, 3)
         store.write_json("correction", results, CORRECTION_RESULTS)
@@ -217,6 +225,17 @@ def run_correction(run_uri: str, overrides: dict | None = None, storage_options:
                                             "n_failure_regions": len(failure_labels)})
         store.update_manifest(correction=results, timings={"correction": results["seconds"]})
     return CorrectionResult(store.uri, results)
+
+
+def _confirmed(failure_labels: dict[int, int], flagged: dict[int, str],
+               confirmed: list[int]) -> tuple[dict[int, int], dict[int, str]]:
+    """The failure regions a correction uses (flagged ones only when confirmed) and those left out."""
+    unknown = sorted(set(confirmed) - set(flagged))
+    if unknown:
+        raise LabelError(f"correction.confirm_flagged: region(s) {unknown} are not flagged failure regions "
+                         f"(flagged: {sorted(flagged) or 'none'})")
+    left_out = {r: why for r, why in flagged.items() if r not in confirmed and r in failure_labels}
+    return {r: lab for r, lab in failure_labels.items() if r not in left_out}, left_out
 
 
 def labels_digest(labels: pa.Table) -> str:
@@ -264,8 +283,8 @@ def _correct(ctx: RunContext, labels: pa.Table, failure_labels: dict[int, int], 
         _drop_trial_checkpoints(store)
         scored = {"before": before, **selected}
         results["per_region"] = _region_rates({m: t["scores"]["region_test"] for m, t in scored.items()})
-        results["real_region"] = real_region_accuracy(
-            {m: t["scores"]["real_region_test"] for m, t in scored.items() if "real_region_test" in t["scores"]},
+        results["real_members"] = real_member_accuracy(
+            {m: t["scores"]["real_members_test"] for m, t in scored.items() if "real_members_test" in t["scores"]},
             real_info)
         store.write_table("correction", pa.Table.from_pylist(
             [{k: v for k, v in t.items() if k not in ("checkpoint", "scores", "published")} for t in trials]))

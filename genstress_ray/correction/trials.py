@@ -75,7 +75,7 @@ def checkpoint_name(ref: ModelRef) -> str:
 
 
 def _batches(batches) -> Iterator[Batch]:
-    return ((b["image"], b["label"], b["region"]) for b in batches)
+    return ((b["image"], b["label"], b["region"], b.get("target")) for b in batches)
 
 
 def _whole(shard, image_shape) -> tuple[np.ndarray, np.ndarray]:

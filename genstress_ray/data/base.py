@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from dataclasses import dataclass
 from typing import ClassVar
@@ -154,6 +155,33 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return to_uint8(out)
 
 
+def hash_unit(keys, seed: int, salt: str = "split") -> np.ndarray:
+    """A number in [0, 1) per key, fixed by (seed, salt, key): splits and samples every worker agrees on.
+
+    >>> hash_unit(["a.png", "b.png"], seed=0).round(3).tolist() == hash_unit(["a.png", "b.png"], 0).round(3).tolist()
+    True
+    """
+    prefix = f"{seed}:{salt}:".encode()
+    return np.fromiter((int.from_bytes(hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest(), "little")
+                        for k in keys), dtype=np.float64, count=len(keys)) / 2.0 ** 64
+
+
+def in_share(keys, share: tuple[float, float] | None, seed: int) -> np.ndarray:
+    """Mask of the rows whose seeded hash of their key lies in ``share`` = [lo, hi): a part of a split
+    that another part of the same split never overlaps (``DataSpec.share``). None keeps every row.
+
+    >>> keys = [str(i) for i in range(100)]
+    >>> first, second = in_share(keys, (0, 0.5), 0), in_share(keys, (0.5, 1), 0)
+    >>> bool((first ^ second).all()), 40 < int(first.sum()) < 60
+    (True, True)
+    """
+    if share is None:
+        return np.ones(len(keys), bool)
+    u = hash_unit(keys, seed, "share")
+    lo, hi = share
+    return (u >= lo) & ((u < hi) | (hi >= 1))
+
+
 def split_indices(n: int, split: str, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
     """Reproducible indices of one split carved out of a single pool of ``n`` rows.
 
@@ -178,7 +206,9 @@ class DatasetSource:
     ``validation``, ``test``. A source that is one pool of rows carves the splits out of it with
     ``split_indices`` (``test_fraction``, ``validation_fraction``, ``seed``); a source with its own
     train/test files carves only validation out of train. ``resize`` makes every image square of
-    that side (bilinear), so differently sized data fits one model.
+    that side (bilinear), so differently sized data fits one model. ``share`` = [lo, hi) keeps the
+    rows of the split whose seeded hash of their key lies in that range (before ``limit``), so two
+    parts of one split never share an image (a search half and a held-out half).
     """
 
     name: ClassVar[str]
@@ -187,7 +217,8 @@ class DatasetSource:
 
     def __init__(self, uri: str | None = None, split: str = "test", limit: int | None = None,
                  validation_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-                 class_names: list[str] | None = None, resize: int | None = None):
+                 class_names: list[str] | None = None, resize: int | None = None,
+                 share: tuple[float, float] | None = None):
         if split not in SPLITS:
             raise DataError(f"data.split: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         self.uri = uri
@@ -198,6 +229,20 @@ class DatasetSource:
         self.seed = seed
         self.class_names = class_names
         self.resize = resize
+        self.share = None if share is None else (float(share[0]), float(share[1]))
+        if self.share is not None and not 0 <= self.share[0] < self.share[1] <= 1:
+            raise DataError(f"data.share: {list(share)} is not a range [lo, hi) with 0 <= lo < hi <= 1")
+
+    def pool(self) -> str:
+        """What the keys of this split index: rows of two specs are the same image when their pools
+        and keys are equal (``origin_ids``). By default each split is a pool of its own (a source
+        with a file set per split); a source that carves its splits out of one pool says so."""
+        return f"{self.name}|{(self.uri or '').rstrip('/')}|{self.split}"
+
+    def origin_ids(self) -> set[str]:
+        """Every row's identity beyond its split name, ``<pool>/<key>``: what tells whether two specs
+        (a search and a test split) share an image, whatever splits they name."""
+        return {f"{self.pool()}/{sid.split(':', 2)[2]}" for sid in self.split_labels().source_ids}
 
     def _location(self, what: str):
         """The filesystem and path of ``uri``; a DataError when the source was given none."""
@@ -233,6 +278,10 @@ class DatasetSource:
         images, labels, default_names, keys, *masks = self._load_split()
         masks = masks[0] if masks else None
         names = list(self.class_names or default_names)
+        if self.share is not None:
+            keep = np.flatnonzero(in_share(keys, self.share, self.seed))
+            images, labels, keys = images[keep], labels[keep], [keys[i] for i in keep]
+            masks = None if masks is None else masks[keep]
         if self.limit is not None:
             images, labels, keys = images[: self.limit], labels[: self.limit], keys[: self.limit]
             masks = None if masks is None else masks[: self.limit]

@@ -57,6 +57,9 @@ class DigitsSource(DatasetSource):
 
     name = "digits"
 
+    def pool(self) -> str:
+        return "digits"  # one pool of 1,797 images, carved into the splits
+
     def _load_split(self):
         from sklearn.datasets import load_digits
 
@@ -80,6 +83,9 @@ class ScenesSource(DatasetSource):
         if size < 10 or side < 16:
             raise DataError(f"data.options: the scenes source needs size >= 10 and side >= 16, got {size} and {side}")
         self.size, self.side = size, side
+
+    def pool(self) -> str:
+        return f"scenes|{self.size}|{self.side}"
 
     def _load_split(self):
         rng = np.random.default_rng(12345)  # one pool for every split and seed: the splits carve it
@@ -127,6 +133,10 @@ class MnistSource(DatasetSource):
         if split_from not in (None, "test", "train"):
             raise DataError(f"data.options.split_from: {split_from!r}; allowed: test, train")
         self.split_from = split_from
+
+    def pool(self) -> str:
+        files = self.split_from or ("test" if self.split == "test" else "train")
+        return f"{self.name}|{(self.uri or '').rstrip('/')}|{files}"
 
     def _load_split(self):
         if not self.uri:

@@ -11,7 +11,6 @@ named in the shard's counts, which the stage stores beside its rows.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import posixpath
 from collections import defaultdict
@@ -22,21 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from genstress_ray.data.base import Catalog, DataError, DatasetSource, ImageSet, Shard, SplitLabels, rows_table, slice_shards
+from genstress_ray.data.base import (Catalog, DataError, DatasetSource, ImageSet, Shard, SplitLabels, hash_unit, in_share,
+                                     rows_table, slice_shards)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jpe")
 NAMED_SKIPS = 5  # unreadable images named per shard
-
-
-def hash_unit(keys, seed: int, salt: str = "split") -> np.ndarray:
-    """A number in [0, 1) per key, fixed by (seed, salt, key): splits and samples every worker agrees on.
-
-    >>> hash_unit(["a.png", "b.png"], seed=0).round(3).tolist() == hash_unit(["a.png", "b.png"], 0).round(3).tolist()
-    True
-    """
-    prefix = f"{seed}:{salt}:".encode()
-    return np.fromiter((int.from_bytes(hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest(), "little")
-                        for k in keys), dtype=np.float64, count=len(keys)) / 2.0 ** 64
 
 
 def hash_split(keys, split: str, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
@@ -83,6 +72,10 @@ class StreamingSource(DatasetSource):
         self._names: list[str] | None = None
         self._shape: tuple[int, int, int] | None = None
 
+    def pool(self) -> str:
+        # Keys are paths (or ids) inside the one location every split is carved from.
+        return f"{self.name}|{(self.uri or '').rstrip('/')}"
+
     def __getstate__(self):
         # Read tasks get the source without its index: the shard they read carries its own rows.
         return {**self.__dict__, "_index": None}
@@ -103,6 +96,7 @@ class StreamingSource(DatasetSource):
         if self.classes is not None:
             table, names = self._select_classes(table, names)
         table = table.filter(pa.array(self._split_mask(table)))
+        table = table.filter(pa.array(in_share(table["key"].to_pylist(), self.share, self.seed)))
         if self.limit is not None and table.num_rows > self.limit:
             order = np.argsort(hash_unit(table["key"].to_pylist(), self.seed, "limit"), kind="stable")
             table = table.take(np.sort(order[: self.limit]))

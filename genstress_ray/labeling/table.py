@@ -10,6 +10,7 @@ import time
 
 import pyarrow as pa
 
+from genstress_ray.labeling.support import with_flags
 from genstress_ray.lease import RunLease
 from genstress_ray.storage import LABELS_SCHEMA, RunStore
 
@@ -66,9 +67,11 @@ def validate_labels(table: pa.Table, known_regions: list[int], class_names: list
 
 
 def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> None:
-    """Validate, then replace the run's ``labels`` table in one atomic step: earlier labels stay
-    readable until the new file is in place, and bad labels touch nothing."""
+    """Validate, flag the failure labels their regions do not support (``labeling.support``), then
+    replace the run's ``labels`` table in one atomic step: earlier labels stay readable until the new
+    file is in place, and bad labels touch nothing."""
     validate_labels(table, region_ids(store), class_names)
+    table = with_flags(labels_table(table.to_pylist()), store, class_names)
     rows = table.to_pylist()
     regions = [r for r in rows if r["region_id"] is not None]
     sources = sorted({r["source"] for r in rows})
@@ -76,7 +79,8 @@ def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> No
         store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
         store.write_table(STAGE, table)
         store.complete_stage(STAGE, {"labels": table.num_rows, "regions": len(regions), "sources": sources,
-                                     "failure_regions": sum(bool(r["is_failure"]) for r in regions)})
+                                     "failure_regions": sum(bool(r["is_failure"]) for r in regions),
+                                     "flagged": {str(r["region_id"]): r["flag"] for r in regions if r["flag"]}})
 
 
 def read_labels(store: RunStore) -> pa.Table:

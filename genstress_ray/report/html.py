@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 
 from genstress_ray.counterfactuals.control import palette  # noqa: E402
 from genstress_ray.data import IGNORE, class_name, png_bytes, png_uri  # noqa: E402
-
+from genstress_ray.guardrails import fidelity_line  # noqa: E402
 from genstress_ray.labeling.oracle import reviewed_samples  # noqa: E402
 from genstress_ray.regions import region_log_density, region_pairs  # noqa: E402
 from genstress_ray.registry import resolve  # noqa: E402
@@ -93,27 +93,49 @@ def _correction_section(store: RunStore) -> str:
             f"validation accuracy.</p>")
     if results.get("message"):
         head += f"<p>{html.escape(results['message'])}</p>"
-    real = results.get("real_region", {})
     rows = []
     for name in ("before", "baseline", "defuse"):
         r = results.get(name)
         if r:
             lam = "" if r.get("lam") is None else f"{r['lam']:g}"
-            on_real = real.get("overall", {}).get(name)
             rows.append(f"<tr><th>{name}</th><td>{r['test_acc']:.4f}</td>"
-                        f"<td>{r.get('region_test_acc', float('nan')):.4f}</td>"
-                        f"<td>{'' if on_real is None else f'{on_real:.4f}'}</td><td>{lam}</td></tr>")
-    table = ("<table id='before-after'><tr><th></th><th>test accuracy</th><th>region test accuracy (generated)</th>"
-             f"<th>real region accuracy</th><th>lambda</th></tr>{''.join(rows)}</table>")
-    if real.get("overall"):
-        table += (f"<p>Real region accuracy: the {real['overall']['n']} real test images inside the failure "
-                  f"regions, against each region's label; {html.escape(real['criterion'])}.</p>")
-    elif real.get("message"):
-        table += f"<p>Real region accuracy {html.escape(real['message'])}.</p>"
+                        f"<td>{r.get('region_test_acc', float('nan')):.4f}</td><td>{lam}</td></tr>")
+    table = ("<table id='before-after'><tr><th></th><th>test accuracy (real, held out)</th>"
+             f"<th>region test accuracy (generated samples)</th><th>lambda</th></tr>{''.join(rows)}</table>")
+    table += _real_members_table(results.get("real_members", {}))
+    if results.get("left_out"):
+        table += ("<p class='failure'>Left out of the correction, their label is flagged (confirm with "
+                  "<code>genstress correct --confirm-flagged</code>): " + "; ".join(
+                      f"region {html.escape(str(k))}: {html.escape(v)}" for k, v in results["left_out"].items()) + "</p>")
     trials = store.read_table("correction").to_pylist()
     plot = f"<div class='plots'><img src='{_tradeoff_plot(trials, results['before'])}' alt='lambda trade-off'></div>" \
         if trials else ""
     return head + table + plot + _relabels_list(results.get("relabels"))
+
+
+def _rate_cells(group: dict, methods: tuple[str, ...]) -> str:
+    if "message" in group:
+        return f"<td>{group['n']}</td><td colspan='{len(methods)}'>{html.escape(group['message'])}</td>"
+    return f"<td>{group['n']}</td>" + "".join(f"<td>{group[m]:.1%}</td>" if m in group else "<td>-</td>"
+                                              for m in methods)
+
+
+def _real_members_table(real: dict) -> str:
+    """The verdict on real images: the held-out test images inside each failure region, against their
+    own labels, split into the region's subgroup and its collateral (``correction.real``)."""
+    if not real.get("overall"):
+        return f"<p>Real held-out members {html.escape(real['message'])}.</p>" if real.get("message") else ""
+    methods = tuple(m for m in ("before", "baseline", "defuse") if m in real["overall"]["all"]) or ("before",)
+    head = "".join(f"<th>{m}</th>" for m in methods)
+    rows = []
+    for rid, r in [("all", {"label": "", **real["overall"]}), *real["per_region"].items()]:
+        for group in ("subgroup", "collateral"):
+            rows.append(f"<tr><td>{html.escape(str(rid))}</td><td>{html.escape(r['label'])}</td><td>{group}</td>"
+                        f"{_rate_cells(r[group], methods)}</tr>")
+    return (f"<table id='real-members'><caption>Real held-out test images inside the failure regions, each "
+            f"against its own label: the subgroup (its label is the region's) must improve, the collateral "
+            f"(other labels) must not get worse</caption><tr><th>region</th><th>label</th><th>group</th>"
+            f"<th>n</th>{head}</tr>{''.join(rows)}</table><p><small>{html.escape(real['criterion'])}</small></p>")
 
 
 def _relabels_list(relabels: dict | None) -> str:
@@ -162,6 +184,7 @@ def counterfactual_table(a: dict) -> str:
     c = a["counterfactual"]
     rows = [("source images / counterfactual texts / language-model calls", f"{c['sources']} / {c['texts']} / "
              f"{c['llm_calls']}"),
+            ("source images skipped: the classifier already gets them wrong", c.get("sources_misclassified", 0)),
             ("faults per language-model call", _ratio(a["fault_detection"].get("faults_per_llm_call"))),
             ("captions without a valid rewrite", c["rewrites_invalid"]),
             ("prediction moved off the one on the source image", _ratio(c["flip_rate"], "{:.1%}")),
@@ -295,8 +318,11 @@ def _source_images(manifest: dict, ids: set[str]) -> dict[str, tuple[bytes, np.n
             for sid, i in index.items()}
 
 
-def _failure_table(regions: list[dict], labels: dict, per_region: dict, class_names: list[str]) -> str:
-    """The report's opening table: failure regions (all regions while none is labelled), largest first."""
+def _failure_table(regions: list[dict], labels: dict, per_region: dict, class_names: list[str],
+                   real: dict | None = None) -> str:
+    """The report's opening table: failure regions (all regions while none is labelled), largest first,
+    with their accuracy on generated samples and on their real held-out subgroup (``real``: the
+    correction's ``real_members.per_region``)."""
     failures = [r for r in regions if labels.get(r["region_id"], {}).get("is_failure")]
     labelled = bool(labels)
     listed = sorted(failures if labelled else regions, key=lambda r: -r["n_members"])
@@ -304,15 +330,21 @@ def _failure_table(regions: list[dict], labels: dict, per_region: dict, class_na
         return ("<p id='failure-regions'>No failure regions: " + ("every labelled region was judged not a failure."
                 if labelled else "the search found no regions.") + "</p>")
     methods = [m for m in ("defuse", "baseline") if any(m in v for v in per_region.values())]
-    head = ["region", "faults", "true -> predicted", "label", "region accuracy before"] + \
-        [f"after {m}" for m in methods]
+    real = real or {}
+    head = ["region", "faults", "true -> predicted", "label", "generated samples: accuracy before"] + \
+        [f"after {m}" for m in methods] + ["real subgroup (held out): n, before"] + [f"after {m}" for m in methods]
     body = []
     for r in listed:
         rid = r["region_id"]
         label = labels.get(rid, {}).get("label") or "not labelled yet"
+        if labels.get(rid, {}).get("flag"):
+            label += f" (flagged: {labels[rid]['flag']})"
         acc = per_region.get(str(rid), {})
+        sub = real.get(str(rid), {}).get("subgroup", {})
         cells = [f"<a href='#region-{rid}'>{rid}</a>", r["n_members"], html.escape(region_pairs(r, class_names)),
-                 html.escape(label)] + [f"{acc[k]:.1%}" if k in acc else "-" for k in ["before", *methods]]
+                 html.escape(label)] + [f"{acc[k]:.1%}" if k in acc else "-" for k in ["before", *methods]] + \
+            [f"{sub['n']}, {sub['before']:.1%}" if "before" in sub else (f"{sub['n']}, too few" if sub else "-")] + \
+            [f"{sub[k]:.1%}" if k in sub else "-" for k in methods]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     title = "Failure regions" if labelled else "Regions (not labelled yet; label them to find the failures)"
     return (f"<table id='failure-regions'><caption>{title}, largest first</caption><tr>"
@@ -325,6 +357,7 @@ def _summary(store: RunStore, manifest: dict) -> str:
     strategy = manifest.get("config", {}).get("strategy", {})
     return _table([("campaign", manifest.get("campaign")), ("run", store.uri),
                    ("strategy", ", ".join(f"{k}={v}" for k, v in strategy.items())),
+                   ("generator fidelity", fidelity_line(manifest.get("fidelity")).split(": ", 1)[1]),
                    ("candidates", counts.get("candidates", 0)), ("faults", f"{counts.get('faults', 0)} ({rate:.1%})"),
                    ("rows kept", counts.get("samples", 0)), ("non-finite dropped", counts.get("nonfinite_dropped", 0)),
                    ("regions", counts.get("regions", 0)),
@@ -397,9 +430,10 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     labels = {}
     if store.is_complete("labels"):
         labels = {r["region_id"]: r for r in store.read_table("labels").to_pylist() if r["region_id"] is not None}
-    per_region_acc = {}
+    per_region_acc, real = {}, {}
     if store.is_complete("correction"):
-        per_region_acc = store.read_json("correction", CORRECTION_RESULTS).get("per_region", {})
+        results = store.read_json("correction", CORRECTION_RESULTS)
+        per_region_acc, real = results.get("per_region", {}), results.get("real_members", {}).get("per_region", {})
     shown: dict[int, list[dict]] = {}
     samples = store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"])
     for s in reviewed_samples(samples, per_region).to_pylist():
@@ -413,7 +447,7 @@ def build_report(store: RunStore, per_region: int = 16) -> str:
     title = html.escape(f"genstress report: {manifest.get('campaign', '')} / {store.run_id}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style></head><body><h1>{title}</h1>"
-            f"{_failure_table(regions, labels, per_region_acc, names)}"
+            f"{_failure_table(regions, labels, per_region_acc, names, real)}"
             f"<h2>Correction</h2>{_correction_section(store)}<h2>Summary</h2>{_summary(store, manifest)}"
             f"<h2>Plots</h2><div class='plots'>{_plots(store, names, regions)}</div>"
             f"<h2>Assessment</h2>{_assessment_section(store)}<h2>Regions</h2>{''.join(sections)}</body></html>")

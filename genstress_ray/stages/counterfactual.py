@@ -6,6 +6,8 @@ ControlNet pipeline and the classifier, and turns batches of search images into 
 A row's ``params`` carries what it was made from: the source's caption, the counterfactual text, the
 edited words, the control type and the image's generator seed, with ``flipped`` (the prediction
 differs from the one on the source image) and how well it kept the layout (edge agreement, SSIM).
+Sources the classifier already gets wrong make no candidates; they are counted
+(``sources_misclassified``).
 Captions whose writer gave no valid answer are counted (``rewrites_invalid``) and the first few are
 kept with their error and last answer in the stage's counts. With ``strategy.llm_processor`` the
 captions were written before the search, through Ray Data's LLM processor (``stages.rewrites``), and
@@ -50,6 +52,7 @@ class CounterfactualStage(ModelStage):
         fault = found.scores["fault"]
         self._count({"candidates": len(found), "faults": int(fault.sum()), "generator_calls": len(found),
                      "flipped": int(found.flipped.sum()), "sources": len(ids),
+                     "sources_misclassified": found.skipped,
                      "counterfactual_texts": sum(len(r.captions) for r in rewrites if r.valid),
                      "llm_calls": sum(r.calls for r in rewrites), "rewrites_invalid": len(invalid),
                      "rewrites_invalid_first": [f"{sid}: {r.error}; last answer: {r.answer[:200]!r}"

@@ -60,6 +60,9 @@ class Strategy:
             done over the whole search set before its shards (a stage of its own, resumed whole).
         segmentation: whether it can test a segmentation model (``classifier.task: segmentation``):
             its stage scores a ``Segmenter`` against each source's mask.
+        fidelity: whether its search perturbs the generator's encodings of the search images, so the
+            classifier must recognise the generator's reconstructions for a fault to mean anything
+            (the run checks it first: ``context.generator_fidelity``).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Strategy:
     check_generator: Callable[[Any, Any], None] | None = None
     prepare: str | None = None
     segmentation: bool = False
+    fidelity: bool = False
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")

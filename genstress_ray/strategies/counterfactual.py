@@ -185,7 +185,8 @@ class Candidates:
     source image in the batch), ``draw`` (caption index x ``per_caption`` + image index), ``seed`` (its
     generator seed), ``text``/``edits`` (its counterfactual caption and the word swaps), ``latents``,
     ``images`` (floats at the data's shape), ``scores`` (``score_logits``), ``flipped`` (prediction
-    differs from the one on the source image), ``source_pred``, ``edge_agreement``, ``ssim``."""
+    differs from the one on the source image), ``source_pred``, ``edge_agreement``, ``ssim``;
+    ``skipped``: the batch's sources the classifier already gets wrong, which make no candidates."""
 
     source: np.ndarray
     draw: np.ndarray
@@ -200,6 +201,7 @@ class Candidates:
     edge_agreement: torch.Tensor
     ssim: torch.Tensor
     segmentation: list[dict] | None = None
+    skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.source)
@@ -286,21 +288,37 @@ class CounterfactualSearch:
         ``masks`` (N, H, W): the sources' segmentation masks, for a control made from them and for a
         segmentation model under test (``Segmenter``), which is scored by ``segmentation_scores`` with
         the ``miou_drop`` threshold. ``rewrites``: the sources' counterfactual captions, written
-        already (``stages.rewrites``); None: captioned and written here."""
+        already (``stages.rewrites``); None: captioned and written here.
+
+        As in the papers, a classifier's fault is a changed prediction from a correctly classified
+        source: sources it already gets wrong make no candidates (they are counted in ``skipped``)."""
         segmenting = isinstance(self.classifier, Segmenter)
         if segmenting and masks is None:
             raise ValueError("a segmentation model under test is scored against the sources' masks: give masks")
         shape = tuple(images.shape[1:])
         seeds = [source_seed(seed, s) for s in source_ids]
+        # Scored where the model under test lives (its actor's GPU); the candidates come back on the CPU.
+        dev = next(self.classifier.parameters(), torch.zeros(0)).device
+        source_x = to_shape(images, shape)
+        correct, predicted = np.ones(len(labels), bool), None
+        if not segmenting:  # a segmentation model's fault is an mIoU drop from its own source map
+            with torch.no_grad():
+                predicted = self.classifier(source_x.to(dev)).argmax(-1)
+            correct = predicted.cpu().numpy() == np.asarray(labels)
         work = to_shape(images, (3, self.size, self.size)).mul(255).round().to(torch.uint8).numpy()
         controls = self.control(work, masks)
-        rewrites = self.rewrite(images, labels, seeds) if rewrites is None else rewrites
-        jobs = [(i, j) for i, r in enumerate(rewrites) if r.valid for j in range(len(r.captions))]
+        if rewrites is None:
+            kept = np.flatnonzero(correct)
+            written = iter(self.rewrite(images[kept], np.asarray(labels)[kept], [seeds[i] for i in kept])
+                           if len(kept) else [])
+            rewrites = [next(written) if ok else Rewrite(caption="") for ok in correct]
+        jobs = [(i, j) for i, r in enumerate(rewrites) if r.valid and correct[i] for j in range(len(r.captions))]
+        skipped = int((~correct).sum())
         if not jobs:
             none = torch.zeros(0, dtype=torch.long)
             return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], [], torch.zeros(0, 0),
                               torch.zeros(0, *shape), score_logits(torch.zeros(0, len(self.class_names)), none),
-                              none.bool(), none, torch.zeros(0), torch.zeros(0)), rewrites
+                              none.bool(), none, torch.zeros(0), torch.zeros(0), skipped=skipped), rewrites
         prompts = [rewrites[i].captions[j] for i, j in jobs]
         image_seeds = [seeds[i] + j for i, j in jobs]
         made, latents = self.regenerator.generate(controls[[i for i, _ in jobs]], prompts, image_seeds,
@@ -308,12 +326,9 @@ class CounterfactualSearch:
         k = self.per_caption
         source = np.repeat(np.asarray([i for i, _ in jobs], np.int64), k)
         draw = np.repeat(np.asarray([j for _, j in jobs], np.int64), k) * k + np.tile(np.arange(k), len(jobs))
-        source_x = to_shape(images, shape)
         # The run's generator decodes the latents, so that stored images are what a latent decodes to
         # (region samples are decoded the same way).
         generated = self.decode(latents) if self.decode is not None else to_shape(made, shape)
-        # Scored where the model under test lives (its actor's GPU); the candidates come back on the CPU.
-        dev = next(self.classifier.parameters(), torch.zeros(0)).device
         index, targets = torch.from_numpy(source).to(dev), torch.as_tensor(np.asarray(labels, np.int64), device=dev)
         segmentation = None
         if segmenting:
@@ -321,8 +336,8 @@ class CounterfactualSearch:
                 self.classifier, source_x.to(dev), generated.to(dev),
                 torch.as_tensor(np.asarray(masks, np.int64), device=dev), targets, index, self.miou_drop)
         else:
+            source_pred = predicted[index]
             with torch.no_grad():
-                source_pred = self.classifier(source_x.to(dev)).argmax(-1)[index]
                 scores = score_logits(self.classifier(generated.to(dev)), targets[index])
         scores, source_pred = {k: v.cpu() for k, v in scores.items()}, source_pred.cpu()
         jobs_of = np.repeat(np.arange(len(jobs)), k)
@@ -333,7 +348,7 @@ class CounterfactualSearch:
             latents=latents.flatten(1), images=generated, scores=scores,
             flipped=scores["pred"] != source_pred, source_pred=source_pred,
             edge_agreement=edge_agreement(torch.from_numpy(edges[source]), torch.from_numpy(canny(made))),
-            ssim=ssim(source_x[index], generated), segmentation=segmentation), rewrites
+            ssim=ssim(source_x[index], generated), segmentation=segmentation, skipped=skipped), rewrites
 
 
 def llm_backend(params: dict):

@@ -35,14 +35,23 @@ def test_score_counts_per_region_and_adds_up_over_batches(planted_data, planted_
     model, _ = load_module(planted_classifier)
     x, y = planted_data["test_x"], planted_data["test_y"]
     region = np.arange(len(y)) % 3 - 1  # regions -1 (none), 0 and 1
-    whole = score(model, [(x, y, region)])
-    pieces = score(model, [(x[i: i + 50], y[i: i + 50], region[i: i + 50]) for i in range(0, len(y), 50)])
+    target = np.where(region == 0, 3, np.where(region == 1, 8, -1))  # the regions' labels: 3 and 8
+    whole = score(model, [(x, y, region, target)])
+    pieces = score(model, [(x[i: i + 50], y[i: i + 50], region[i: i + 50], target[i: i + 50])
+                           for i in range(0, len(y), 50)])
     assert whole == pieces and whole["n"] == len(y)
     assert rate(whole) == pytest.approx(accuracy(model, x, y))
-    for rid in (0, 1):
+    def count(mask):
+        return [round(accuracy(model, x[mask], y[mask]) * mask.sum()), int(mask.sum())]
+
+    for rid, label in ((0, 3), (1, 8)):
         inside = region == rid
-        assert whole["regions"][str(rid)] == [round(accuracy(model, x[inside], y[inside]) * inside.sum()), inside.sum()]
+        assert whole["regions"][str(rid)] == count(inside)
+        # Each member against its own label: those of the region's label are its subgroup, the rest collateral.
+        assert whole["subgroup"][str(rid)] == count(inside & (y == label))
+        assert whole["collateral"][str(rid)] == count(inside & (y != label))
     assert set(whole["regions"]) == {"0", "1"} and math.isnan(rate(score(model, [])))
+    assert score(model, [(x, y, None, None)])["subgroup"] == {}
 
 
 def test_selection_prefers_the_fixed_model_when_combined_and_plain_accuracy_otherwise():
@@ -54,12 +63,12 @@ def test_selection_prefers_the_fixed_model_when_combined_and_plain_accuracy_othe
 
 
 def test_real_region_selection_uses_the_real_members_and_falls_back_to_combined():
-    generated_only = {"val_acc": 0.9, "region_val_acc": 1.0, "real_region_val_acc": 0.3}
-    transfers = {"val_acc": 0.9, "region_val_acc": 0.8, "real_region_val_acc": 0.9}
+    generated_only = {"val_acc": 0.9, "region_val_acc": 1.0, "real_members_val_acc": 0.3}
+    transfers = {"val_acc": 0.9, "region_val_acc": 0.8, "real_members_val_acc": 0.9}
     assert selection_score(generated_only, "combined") > selection_score(transfers, "combined")
     assert selection_score(generated_only, "real_region") < selection_score(transfers, "real_region")
     assert selection_score(transfers, "real_region") == 0.9
-    no_real = {"val_acc": 0.9, "region_val_acc": 0.7, "real_region_val_acc": math.nan}
+    no_real = {"val_acc": 0.9, "region_val_acc": 0.7, "real_members_val_acc": math.nan}
     assert selection_score(no_real, "real_region") == selection_score(no_real, "combined") == 0.8
 
 

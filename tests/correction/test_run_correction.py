@@ -120,66 +120,113 @@ def test_correction_without_labels_is_refused(tiny_config):
         run_correction(result.run_uri)
 
 
-def test_real_region_accuracy_recomputes_from_the_runs_own_tables(labelled_run):
-    """The real-image figure, recomputed here from the stored tables: the test split encoded with the
-    run's generator, assigned to regions by radius, each model scored against the region's label."""
+def _members_run(tiny_config, split: str):
+    """The tiny campaign with centred noise (regions around real images' latents), run, with the
+    region holding the most real members of ``split`` (quantile 0.99) labelled a failure of class 3;
+    returns the store, that region and the split's membership."""
     import numpy as np
     import pyarrow.compute as pc
     import torch
 
-    from genstress_ray.config import CorrectionConfig
-    from genstress_ray.correction.real import MIN_REAL_MEMBERS
-    from genstress_ray.data import get_source, to_float
-    from genstress_ray.models import ModelRef, load_classifier, load_generator, load_module
+    from genstress_ray.context import RunContext, load_split
+    from genstress_ray.data import to_float
+    from genstress_ray.models import ModelRef, load_generator
     from genstress_ray.regions import assign_real
 
-    store = labelled_run
-    results = run_correction(store.uri, {"baseline": False, "workers": 0}).results
-    real = results["real_region"]
-    test = get_source("digits", split="test").load()  # correction.test unset: the whole search split
-    manifest = store.read_manifest()
-    generator = load_generator(ModelRef(manifest["models"]["generator"]), (1, 8, 8))
+    tiny_config["strategy"]["centred"] = True
+    tiny_config["correction"] = {"finetune_per_region": 20, "test_per_region": 10, "epochs": 1, "batch_size": 32}
+    store = RunStore.from_uri(run_campaign(tiny_config).run_uri)
+    ctx = RunContext.open(store.uri)
+    images = load_split(ctx.cfg.test_spec() if split == "test" else ctx.cfg.data.validation_spec())
+    generator = load_generator(ModelRef(store.read_manifest()["models"]["generator"]), (1, 8, 8))
     with torch.no_grad():
-        latents = generator.encode(to_float(test.images))[0].numpy()
+        latents = generator.encode(to_float(images.images))[0].numpy()
     faults = store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
     membership = assign_real(store.read_table("regions"), np.stack(faults["latent"].to_numpy(zero_copy_only=False)),
-                             latents, CorrectionConfig().member_quantile)
-    inside = membership.region == 0  # region 0 is the one failure region, labelled "3"
-    assert real["per_region"]["0"]["n"] == int(inside.sum()) == real["overall"]["n"]
+                             latents, 0.99)
+    rid = max(membership.members, key=membership.members.get)
+    assert membership.members[rid] > 0, "centred noise: real images lie inside the regions"
+    write_labels(store, labels_table([{"region_id": rid, "label": "3", "is_failure": True, "source": "human"}]),
+                 CLASSES)
+    return store, rid, images, membership.region == rid
+
+
+def test_real_members_are_scored_against_their_own_labels_recomputed_from_the_runs_own_tables(tiny_config,
+                                                                                              ray_cluster):
+    """The real-image verdict, recomputed here: the held-out test split (the half of the digits' test
+    split the search did not take) encoded with the run's generator, assigned to regions by radius,
+    each model scored against each image's own label, split into the region's subgroup (label 3, the
+    region's) and its collateral (other labels)."""
+    import torch
+
+    from genstress_ray.correction.real import MIN_REAL_MEMBERS
+    from genstress_ray.data import to_float
+    from genstress_ray.models import ModelRef, load_classifier, load_module
+
+    store, rid, test, inside = _members_run(tiny_config, "test")
+    results = run_correction(store.uri, {"baseline": False, "workers": 0, "member_quantile": 0.99}).results
+    real = results["real_members"]
+    searched = set(store.read_table("identify", columns=["source_id"])["source_id"].to_pylist())
+    assert searched and not searched & set(test.source_ids), "the verdict's images were never searched"
+    subgroup, collateral = inside & (test.labels == 3), inside & (test.labels != 3)
     assert real["test_images"] == len(test) and "quantile" in real["criterion"]
+    region = real["per_region"][str(rid)]
+    assert region["label"] == "3" and region["all"]["n"] == int(inside.sum()) == real["overall"]["all"]["n"]
+    assert region["subgroup"]["n"] == int(subgroup.sum()) and region["collateral"]["n"] == int(collateral.sum())
+    manifest = store.read_manifest()
     models = {"before": load_classifier(ModelRef(manifest["models"]["classifier"]), CLASSES, (1, 8, 8)).net,
               "defuse": load_module(results["defuse"]["checkpoint"])[0]}
-    if inside.sum() < MIN_REAL_MEMBERS:
-        assert "too few real members" in real["overall"]["message"]
-        return
     for name, model in models.items():
         with torch.no_grad():
-            pred = model.eval()(to_float(test.images[inside])).argmax(1).numpy()
-        assert real["overall"][name] == pytest.approx(float((pred == 3).mean()))
-    # Every trial scored the same real members of the test split; the chosen one's figure is the same.
-    assert results["defuse"]["real_region_test_acc"] == pytest.approx(real["overall"]["defuse"])
+            pred = model.eval()(to_float(test.images)).argmax(1).numpy()
+        right = pred == test.labels  # each image against its own label, never the region's
+        for group, mask in (("all", inside), ("subgroup", subgroup), ("collateral", collateral)):
+            if mask.sum() >= MIN_REAL_MEMBERS:
+                assert region[group][name] == pytest.approx(float(right[mask].mean()))
+            else:
+                assert "too few real members" in region[group]["message"]
+    if inside.sum() >= MIN_REAL_MEMBERS:
+        # Every trial scored the same real members of the test split; the chosen one's figure is the same.
+        assert results["defuse"]["real_members_test_acc"] == pytest.approx(real["overall"]["all"]["defuse"])
 
 
-def test_real_region_images_scored_against_the_oracle_and_lambda_chosen_by_them(tiny_config, tiny_models, request):
-    """With the classifier itself as the oracle, its own real-region accuracy before correction is 1;
-    every trial carries its real-region figures, and select_by real_region chooses by them."""
+def test_lambda_chosen_by_the_real_validation_members_own_labels(tiny_config, ray_cluster):
+    """select_by real_region: every trial carries its real-member figures (own labels) and the chosen
+    lambda is the one they rank first; the region-label option is gone."""
     from genstress_ray.correction.finetune import selection_score
 
-    tiny_config["oracle"] = {"uri": tiny_models["classifier"]}
-    tiny_config["strategy"]["centred"] = True  # regions around real images' latents: real members exist
-    store = request.getfixturevalue("labelled_run")
+    store, _, _, _ = _members_run(tiny_config, "validation")
     results = run_correction(store.uri, {"baseline": False, "workers": 0, "lambdas": [1e-10, 100.0],
-                                         "real_region_label": "oracle", "member_quantile": 0.99,
-                                         "select_by": "real_region"}).results
-    real = results["real_region"]
-    assert real["label"] == "oracle" and real["quantile"] == 0.99
-    assert real["overall"]["n"] >= 10, "the centred tiny run should have real members in its failure region"
-    assert real["overall"]["before"] == 1.0
+                                         "member_quantile": 0.99, "select_by": "real_region"}).results
+    assert results["real_members"]["quantile"] == 0.99
     trials = store.read_table("correction").to_pylist()
-    assert all(0 <= t["real_region_val_acc"] <= 1 and 0 <= t["real_region_test_acc"] <= 1 for t in trials)
+    assert all(0 <= t["real_members_val_acc"] <= 1 for t in trials)
     best = max(trials, key=lambda t: selection_score(t, "real_region"))
     assert [t["lam"] for t in trials if t["selected"]] == [best["lam"]] == [results["defuse"]["lam"]]
-    assert results["defuse"]["real_region_test_acc"] == pytest.approx(real["overall"]["defuse"])
+    with pytest.raises(ConfigError, match="real_region_label"):
+        run_correction(store.uri, {"real_region_label": "oracle"})
+
+
+def test_flagged_labels_are_left_out_of_the_correction_unless_confirmed(labelled_run, capsys):
+    """A label given to more than half of the failure regions is flagged; correction leaves those
+    regions out until the user confirms them."""
+    store = labelled_run
+    regions = store.read_table("regions")["region_id"].to_pylist()
+    assert len(regions) >= 3
+    write_labels(store, labels_table([{"region_id": r, "label": "3", "is_failure": True, "source": "human"}
+                                      for r in regions[:3]]), CLASSES)
+    flagged = store.marker("labels")["flagged"]
+    assert sorted(flagged) == ["0", "1", "2"] and all("given to 3 of the 3 failure regions" in w for w in flagged.values())
+    assert all(r["flag"] for r in store.read_table("labels").to_pylist())
+    with pytest.raises(LabelError, match="every failure region's label is flagged .* --confirm-flagged 0 1 2"):
+        run_correction(store.uri, {"baseline": False, "workers": 0, "lambdas": [1.0]})
+    assert main(["correct", store.uri, "--no-baseline", "--workers", "0", "--lambdas", "1", "--confirm-flagged", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "1 failure regions of" in out and "left out" in out and "region 1:" in out and "region 2:" in out
+    results = json.loads(store.fs.cat_file(f"{store.path}/correction/results.json"))
+    assert results["failure_regions"] == [0] and sorted(results["left_out"]) == ["1", "2"]
+    with pytest.raises(LabelError, match=r"confirm_flagged: region\(s\) \[7\] are not flagged"):
+        run_correction(store.uri, {"confirm_flagged": [7]})
 
 
 @pytest.mark.slow

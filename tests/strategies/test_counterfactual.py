@@ -16,8 +16,9 @@ from PIL import Image
 from genstress_ray.counterfactuals import CAPTIONERS, CONTROLS, LexiconWriter
 from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.data import get_source
-from genstress_ray.models import Classifier, get_model
+from genstress_ray.models import Classifier
 from genstress_ray.models.controlnet import ControlNetRegenerator
+from genstress_ray.models.training import train_classifier
 from genstress_ray.models.segmentation import miou_drop
 from genstress_ray.strategies.counterfactual import CounterfactualSearch, to_shape
 
@@ -31,9 +32,10 @@ def parts(tmp_path_factory):
     write_tiny_blip(root / "blip")
     write_tiny_stable_diffusion(root / "sd", words=("a", "photo", "of", "digit", "red", "blue", "at", "night"))
     write_tiny_controlnet(root / "sd", root / "canny")
-    torch.manual_seed(0)
-    classifier = Classifier(get_model("small_cnn", in_shape=(1, 8, 8), num_classes=10), [str(i) for i in range(10)],
-                            (1, 8, 8)).eval()
+    # A CNN that reads the digits: a fault is a changed prediction from a source it gets right.
+    net, _ = train_classifier(get_source("digits", split="train").load(), None, "small_cnn",
+                              {"width": 8, "hidden": 32}, epochs=15, lr=3e-3, seed=0)
+    classifier = Classifier(net, [str(i) for i in range(10)], (1, 8, 8)).eval()
     return {"captioner": CAPTIONERS.get("transformers")(str(root / "blip"), min_new_tokens=2, max_new_tokens=4),
             "regenerator": ControlNetRegenerator(str(root / "sd"), str(root / "canny"), steps=2),
             "classifier": classifier}
@@ -55,6 +57,9 @@ class OneInvalid:
 
 def test_a_batch_of_digits_becomes_scored_counterfactual_candidates(parts):
     digits = get_source("digits", split="test", limit=3).load()
+    with torch.no_grad():
+        assert (parts["classifier"](torch.from_numpy(digits.images).float() / 255).argmax(1).numpy()
+                == digits.labels).all(), "the sources are read right"
     search = CounterfactualSearch(parts["captioner"], OneInvalid(), CONTROLS.get("canny"), parts["regenerator"],
                                   parts["classifier"], digits.class_names, size=16, per_caption=2)
     found, rewrites = search.search(digits.images, digits.labels, digits.source_ids, seed=5)
@@ -81,6 +86,24 @@ def test_a_batch_of_digits_becomes_scored_counterfactual_candidates(parts):
     alone, _ = search.search(digits.images[2:], digits.labels[2:], digits.source_ids[2:], seed=5)
     assert alone.text == found.text[4:] and torch.allclose(alone.images, found.images[4:], atol=2 / 255)
     assert torch.allclose(alone.latents, found.latents[4:], atol=1e-4)
+
+
+def test_sources_the_classifier_already_gets_wrong_are_skipped_and_counted(parts):
+    """As in the papers, a fault is a changed prediction from a correct source: a source the
+    classifier misreads makes no candidate (and costs no writer call)."""
+    digits = get_source("digits", split="test", limit=3).load()
+    labels = digits.labels.copy()
+    labels[1] = (labels[1] + 1) % 10  # the classifier reads source 1 as its digit: wrong for this label
+    writer = OneInvalid()
+    writer.calls = 5  # never the invalid answer
+    search = CounterfactualSearch(None, writer, CONTROLS.get("canny"), parts["regenerator"], parts["classifier"],
+                                  digits.class_names, size=16)
+    found, rewrites = search.search(digits.images, labels, digits.source_ids, seed=5)
+    assert found.skipped == 1 and writer.calls == 5 + 2
+    assert set(found.source.tolist()) == {0, 2} and rewrites[1].captions == []
+    # Every candidate comes from a correct source, so a fault is exactly a changed prediction.
+    assert torch.equal(found.scores["fault"], found.flipped)
+    assert (found.source_pred.numpy() == labels[found.source]).all()
 
 
 def test_without_a_captioner_the_caption_is_the_class_template(parts):
