@@ -20,6 +20,7 @@ import logging
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 SCAN = ROOT / "jobs" / "digits_scan.yaml"
 NIGHTS = ("2026-12-01", "2026-12-02", "2026-12-03")
 # Flaws v3 may get, (true class, label given to half its training images), first usable one taken.
@@ -59,8 +61,10 @@ def main() -> int:
     parser.add_argument("--output", default=tempfile.mkdtemp(prefix="genstress-nightly-"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="genstress: %(message)s")
-    from genstress_ray.correction import run_correction
+    from mnist_defuse import correct_confirming
+
     from genstress_ray.scan import load_scan_config, run_scan
+    from genstress_ray.storage import RunStore
     from genstress_ray.scan.report import trend, trend_png
 
     out = Path(args.output)
@@ -82,7 +86,7 @@ def main() -> int:
 
     t0 = time.time()
     run = scans[-1].record["strategies"][campaign.campaign]["run"]
-    correction = run_correction(run)
+    correction, confirmed = correct_confirming(run, RunStore.from_uri(run))
     print(correction.summary(), flush=True)
     (registry / "v2").mkdir()
     shutil.copy(correction.results["defuse"]["checkpoint"], registry / "v2" / "model.safetensors")
@@ -105,12 +109,15 @@ def main() -> int:
     summary = {
         "command": "python benchmarks/nightly_scan.py", "machine": f"{platform.machine()}, {platform.node()}",
         "flaw_v3": {"class": flaw[0], "labelled_as": flaw[1], "share": 0.5},
-        "correction_v2": {k: correction.results.get(k) for k in ("before", "defuse", "n_failure_regions")},
+        "correction_v2": {**{k: correction.results.get(k) for k in ("before", "defuse", "n_failure_regions",
+                                                                     "real_members", "left_out")},
+                          "confirmed_flagged": confirmed},
         "scans": [{"date": s.record["date"], "version": s.record["version"]["version"], "seconds": s.record["seconds"],
                    "strategies": s.record["strategies"], "alerts": s.alerts} for s in scans],
         "regions": [{"id": r["id"], "label": r["label"], "found_as": r["pairs"],
-                     "history": [{k: h.get(k) for k in ("date", "version", "status", "accuracy", "real_accuracy",
-                                                      "real_n", "matched", "closest")} for h in r["history"]]}
+                     "history": [{k: h.get(k) for k in ("date", "version", "status", "accuracy", "real_subgroup",
+                                                      "real_subgroup_n", "real_collateral", "real_collateral_n",
+                                                      "matched", "closest")} for h in r["history"]]}
                     for r in scans[-1].record["regions"]],
         "trend": trend(history),
         "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "planted_bug.json"
 SHARE, TRUE, WRONG = 0.3, 1, 7  # the most slanted 30% of the 1s are labelled 7
@@ -109,22 +110,26 @@ def scores(uri: str, test, subgroup: np.ndarray) -> dict:
 
 def correct(run_uri: str, overrides: dict, test, subgroup) -> dict:
     """One correction; the chosen models' subgroup / rest accuracy and the run's own figures."""
-    from genstress_ray.correction import run_correction
+    from genstress_ray.storage import RunStore
+    from mnist_defuse import correct_confirming
 
     started = time.time()
-    done = run_correction(run_uri, overrides)
+    done, confirmed = correct_confirming(run_uri, RunStore.from_uri(run_uri), overrides)
     print(done.summary(), flush=True)
     r = done.results
-    real = r.get("real_region", {}).get("overall", {})
+    real = r.get("real_members", {}).get("overall", {})
     out = {}
     for method in ("defuse", "baseline"):
         if method in r:
             out[method] = {**scores(r[method]["checkpoint"], test, subgroup), "lam": r[method]["lam"],
                            "test_acc": r[method]["test_acc"], "region_test_acc": r[method].get("region_test_acc"),
-                           "real_region_acc": real.get(method)}
-    out["real_region_before"] = real.get("before")
-    out["real_region_members"] = real.get("n")
+                           "real_subgroup_acc": real.get("subgroup", {}).get(method),
+                           "real_collateral_acc": real.get("collateral", {}).get(method)}
+    # The product's own real-image verdict: held-out images inside the failure regions, own labels.
+    out["real_members_before"] = {g: real.get(g, {}).get("before") for g in ("subgroup", "collateral")}
+    out["real_members_n"] = {g: real.get(g, {}).get("n") for g in ("subgroup", "collateral")}
     out["relabels"] = r.get("relabels", {}).get("applied")
+    out["left_out"], out["confirmed_flagged"] = r.get("left_out", {}), confirmed
     out["seconds"] = round(time.time() - started, 1)
     return out
 

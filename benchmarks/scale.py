@@ -1,6 +1,6 @@
 """Memory and speed at scale: Defuse over an image folder of 224x224 RGB JPEGs, at N and 10N images.
 
-The folder is made here from GTSRB (each image upscaled to 224x224, JPEG quality 90, classes cycled).
+The folder is made here from GTSRB (half of it is searched, by a seeded hash of each path) (each image upscaled to 224x224, JPEG quality 90, classes cycled).
 The models are the real GTSRB classifier and beta-VAE of benchmarks/gtsrb_defuse.py (35x35): the actor
 resizes each 224x224 image to the VAE's 35x35, and its decodes back, and the classifier's input spec
 makes the run's images into its own. So every candidate pays what a run at another resolution pays.
@@ -55,8 +55,9 @@ def make_folder(root: Path, n: int) -> Path:
 
 def config(folder: Path, draws: int, output: str) -> dict:
     return {"campaign": "scale", "output": output, "shard_rows": 128,
+            # Half the folder is searched (a seeded hash of each path); the other half stays held out.
             "data": {"search": {"kind": "image_folder", "uri": str(folder), "split": "test", "test_fraction": 1.0,
-                                "validation_fraction": 0.0, "options": {"mode": "RGB"}}},
+                                "validation_fraction": 0.0, "share": [0.0, 0.5], "options": {"mode": "RGB"}}},
             "classifier": {"uri": str(MODELS / "gtsrb-classifier.safetensors")},
             "generator": {"uri": str(MODELS / "gtsrb-vae.safetensors")},
             "strategy": {"name": "defuse", "a": 75, "b": 75, "draws": draws, "centred": True},
