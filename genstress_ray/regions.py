@@ -133,6 +133,7 @@ class Footprint:
     row: dict
     points: np.ndarray
     radius: float
+    classes: frozenset = frozenset()  # the classes its faults come from or were predicted as
 
     def contains(self, latents: np.ndarray) -> np.ndarray:
         """Mask of the latents (N, d) within this region's membership radius."""
@@ -141,8 +142,10 @@ class Footprint:
         return _whitened(self.row, np.asarray(latents, np.float64))[0] <= self.radius
 
 
-def footprints(regions: pa.Table, fault_latents: np.ndarray, quantile: float = 0.9) -> dict[int, Footprint]:
-    """Every region's ``Footprint`` (by region id), from the faults it was fitted on."""
+def footprints(regions: pa.Table, fault_latents: np.ndarray, quantile: float = 0.9,
+               fault_classes: np.ndarray | None = None) -> dict[int, Footprint]:
+    """Every region's ``Footprint`` (by region id), from the faults it was fitted on; ``fault_classes``
+    (N, 2): each fault's source and predicted class, which give each footprint its ``classes``."""
     rows = regions.to_pylist()
     fault_latents = np.asarray(fault_latents, np.float64)
     home = region_log_density(regions, fault_latents).argmax(1) if len(fault_latents) and rows else np.zeros(0, int)
@@ -150,7 +153,10 @@ def footprints(regions: pa.Table, fault_latents: np.ndarray, quantile: float = 0
     for j, row in enumerate(rows):
         points = fault_latents[home == j]
         own = _whitened(row, points)[0] if len(points) else np.zeros(0)
-        out[row["region_id"]] = Footprint(row, points, float(np.quantile(own, quantile)) if len(own) else 0.0)
+        classes = frozenset() if fault_classes is None else frozenset(
+            int(c) for c in np.asarray(fault_classes)[home == j].ravel() if c >= 0)
+        out[row["region_id"]] = Footprint(row, points, float(np.quantile(own, quantile)) if len(own) else 0.0,
+                                          classes)
     return out
 
 

@@ -247,10 +247,13 @@ class CampaignScan:
         """Every region of a run with where its faults lie (``regions.footprints``), read once per scan."""
         if run_uri not in self._footprints:
             store = RunStore.from_uri(run_uri, self.cfg.storage_options)
-            faults = store.read_table("identify", columns=["latent"], filter=pc.field("fault"))
+            faults = store.read_table("identify", columns=["latent", "source_label", "pred"],
+                                      filter=pc.field("fault"))
             latents = faults["latent"].combine_chunks().flatten().to_numpy().reshape(faults.num_rows, -1) \
                 if faults.num_rows else np.zeros((0, 0))
-            self._footprints[run_uri] = footprints(store.read_table("regions"), latents, MATCH_QUANTILE)
+            classes = np.stack([faults["source_label"].to_numpy(), faults["pred"].to_numpy()], 1) \
+                if faults.num_rows else np.zeros((0, 2), np.int64)
+            self._footprints[run_uri] = footprints(store.read_table("regions"), latents, MATCH_QUANTILE, classes)
         return self._footprints[run_uri]
 
     def _origin(self, tracked: dict) -> Footprint:
@@ -280,15 +283,17 @@ class CampaignScan:
         generator = ctx.models["generator"].uri
         flags = flagged_regions(store.read_table("labels"))
         found = self.footprints(store.uri)
-        current = {rid: (ctx.class_names[label], found[rid]) for rid, label in self.failure_labels.items()}
-        comparable = [(t["id"], t["label"], self._origin(t)) for t in previous if t["origin"]["generator"] == generator]
+        current = {rid: (label, found[rid]) for rid, label in self.failure_labels.items()}
+        comparable = [(t["id"], ctx.class_names.index(t["label"]), self._origin(t)) for t in previous
+                      if t["origin"]["generator"] == generator]
         matched, nearest = match_regions(current, comparable, cfg.match_containment)
         c = ctx.cfg.correction
         draws = [c.finetune_per_region, c.finetune_per_region + c.test_per_region]
         new = [{"id": f"{name}/{self.day}/r{rid}", "campaign": name,
                 "origin": {"date": self.day, "run": store.uri, "region_id": rid, "test_draws": draws,
                            "generator": generator},
-                "label": label, "pairs": region_pairs(fp.row, ctx.class_names), "faults": fp.row["n_members"],
+                "label": ctx.class_names[label], "pairs": region_pairs(fp.row, ctx.class_names),
+                "faults": fp.row["n_members"],
                 "history": [], **({"flag": flags[rid]} if rid in flags else {})}
                for rid, (label, fp) in sorted(current.items()) if rid not in matched]
         closest = {t["id"]: nearest[t["origin"]["region_id"]] for t in new if t["origin"]["region_id"] in nearest}

@@ -1,8 +1,8 @@
 """Failure regions across model versions, without Ray: which regions are the same region, and what
 became of each (new, persisting, fixed, fixed on generated samples only, regressed).
 
-Two regions are one region when they carry the same label and the faults of one lie within the reach
-of the other: the **containment** of ``regions.containment`` (the larger of the share of one region's
+Two regions are one region when their labels are compatible (the same, or each among the classes of
+the other's faults: ``compatible``) and the faults of one lie within the reach of the other: the **containment** of ``regions.containment`` (the larger of the share of one region's
 faults within the other's extent, the farthest of its own faults, and the other way round) is at
 least ``match_containment``. The
 earlier rule, the Bhattacharyya overlap of the two fitted Gaussians, never matched: a Gaussian fitted
@@ -36,21 +36,29 @@ MIN_REAL_MEMBERS = 10  # real subgroup members a verdict on real images needs
 MATCH_QUANTILE = 1.0
 
 
-def match_regions(current: dict[int, tuple[str, Footprint]], tracked: list[tuple[str, str, Footprint]],
+def compatible(label: int, here: Footprint, other_label: int, there: Footprint) -> bool:
+    """Whether two regions' labels can name one flaw: the same label, or each label among the classes
+    the other region's faults come from or were taken for (an oracle may name a region on the 3/5
+    boundary "3" one night and "5" the next). Flaws whose faults share no class never are."""
+    return label == other_label or (label in there.classes and other_label in here.classes)
+
+
+def match_regions(current: dict[int, tuple[int, Footprint]], tracked: list[tuple[str, int, Footprint]],
                   threshold: float) -> tuple[dict[int, tuple[str, float]], dict[int, tuple[str, float]]]:
-    """Each current failure region (``{region_id: (label, footprint)}``) with the tracked region of
-    the same label it shares most with, ``{region_id: (tracked id, containment)}`` when that
-    containment is at least ``threshold``; and, for every current region, the nearest tracked one
-    of its label whatever its score (how far from a match it was). ``tracked`` holds (id, label,
-    footprint) triples. Of two tracked regions with equal containment (a small one within a large
-    one), the one that also lies more within the current region wins."""
+    """Each current failure region (``{region_id: (label index, footprint)}``) with the tracked region
+    of a compatible label (``compatible``) it shares most with, ``{region_id: (tracked id,
+    containment)}`` when that containment is at least ``threshold``; and, for every current region,
+    the nearest such tracked region whatever its score (how far from a match it was). ``tracked``
+    holds (id, label index, footprint) triples. Of two tracked regions with equal containment (a
+    small one within a large one), the one that also lies more within the current region wins, then
+    one of the same label."""
     matched, nearest = {}, {}
     for rid, (label, here) in current.items():
-        scored = [(max(both), min(both), tid) for tid, their_label, there in tracked if their_label == label
-                  for both in [containments(here, there)]]
+        scored = [(max(both), min(both), label == their_label, tid) for tid, their_label, there in tracked
+                  if compatible(label, here, their_label, there) for both in [containments(here, there)]]
         if not scored:
             continue
-        score, _, tid = max(scored)
+        score, _, _, tid = max(scored)
         nearest[rid] = (tid, score)
         if score >= threshold:
             matched[rid] = (tid, score)
