@@ -144,7 +144,7 @@ def finetune(model: nn.Module, d_epoch: Callable[[int], Iterable[Batch]], fine_x
     f_order, f_at = rng.permutation(len(fine_y)), 0
     model.train()
     for epoch in range(settings.epochs):
-        for dx, dy, *_ in d_epoch(epoch):
+        for dx, dy, _, _ in d_epoch(epoch):
             n = len(dy)
             fi = f_order[np.arange(f_at, f_at + settings.batch_size) % len(f_order)]
             f_at += settings.batch_size

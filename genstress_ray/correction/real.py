@@ -94,7 +94,7 @@ def _rates(tallies: dict[str, list[int]]) -> dict:
 
 
 def real_member_lines(real: dict, methods=("before", "baseline", "defuse")) -> list[str]:
-    """The real-member figures as text lines (the correction summary and the scan's)."""
+    """The real-member figures, overall, as lines of the correction summary."""
     overall = real.get("overall")
     if not overall:
         return [f"real held-out members {real['message']}"] if real.get("message") else []
