@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from genstress_ray.cli import build_parser, main
+from genstress_ray.data import get_source
 from genstress_ray.models import load_module
 
 
@@ -44,13 +45,18 @@ def test_the_readmes_first_command_as_a_user_types_it(tmp_path):
     assert run_dir.parent == work / "genstress-runs" / "demo"
     candidates, faults = map(int, re.search(r"candidates (\d+), faults (\d+)", out).groups())
     skipped = json.loads((run_dir / "identify" / "_COMPLETE").read_text())["seeds_skipped"]
+    # The search takes half of the test split; the other half is held out for every verdict.
+    searched = len(get_source("digits", split="test", share=(0.0, 0.5)).load())
+    assert searched == 180
     # Images whose reconstruction is already misclassified make no candidates.
-    assert candidates == (359 - skipped) * 100 and skipped < 359 and 0 < faults < candidates
+    assert candidates == (searched - skipped) * 100 and skipped < searched and 0 < faults < candidates
+    fidelity = float(re.search(r"generator fidelity: ([\d.]+)% of 180 search images", out).group(1))
+    assert fidelity == pytest.approx(100 * (180 - skipped) / 180, abs=0.06)  # the same check, the same images
     n_regions = int(re.search(r"regions: (\d+)", out).group(1))
     assert n_regions >= 1 and len(re.findall(r"region \d+: weight", out)) == n_regions
     stages = ("identify", "regions", "region_samples", "labels", "region_sets", "correction")
     assert all((run_dir / s / "_COMPLETE").exists() for s in stages)
-    assert "train classifier: epoch" in err and "identify: 359/359 rows (100%)" in err
+    assert "train classifier: epoch" in err and "identify: 180/180 rows (100%)" in err
     assert "Traceback" not in err and "core_worker" not in err and "Dataset" not in err and "INFO" not in err
     assert "(raylet)" not in out and "Trial" not in out  # Ray's notices and Tune's tables stay in Ray's logs
     for noise in ("Exception ignored", "PlacementGroupCleaner", "not writable", "Warning"):
@@ -60,6 +66,9 @@ def test_the_readmes_first_command_as_a_user_types_it(tmp_path):
     before = float(re.search(r"before +[\d.]+ +([\d.]+)", out).group(1))
     after = float(re.search(r"defuse +[\d.]+ +([\d.]+)", out).group(1))
     assert after > before
+    # The verdict on real held-out images, each against its own label, in two groups with their n.
+    assert "real held-out test images inside the failure regions, against their own labels:" in out
+    assert re.search(r"subgroup +n=\d+", out) and re.search(r"collateral +n=\d+", out)
     assert f"report: {run_dir}/report/index.html" in out and (run_dir / "report" / "index.html").exists()
 
     again = subprocess.run(["genstress", "demo", "--run-id", run_dir.name], cwd=work, capture_output=True,
