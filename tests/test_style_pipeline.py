@@ -10,6 +10,7 @@ import torch
 
 from genstress_ray.config import ConfigError
 from genstress_ray.data import decode_images, to_float
+from genstress_ray.labeling import LabelError, flagged_regions
 from conftest import TINY_STYLEGAN
 from genstress_ray.models import ModelError, ModelRef, get_model, load_classifier, load_generator, save_checkpoint
 from genstress_ray.pipeline import run_campaign
@@ -169,7 +170,15 @@ def test_mixing_output_flows_through_labels_correction_and_report(style_config, 
         p.data.normal_()
     labels = label_run(store, oracle, rho=0.0, per_region=4, fault_labels=0)
     write_labels(store, labels, NAMES)
-    summary = run_correction(store.uri)
+    # A random oracle gives one label to most regions: flagged as unsupported, left out of correction,
+    # and when every failure label is flagged, correction refuses until the user confirms them.
+    labels = store.read_table("labels")
+    flagged = sorted(flagged_regions(labels))
+    assert flagged
+    if len(flagged) == sum(r["is_failure"] for r in labels.to_pylist() if r["region_id"] is not None):
+        with pytest.raises(LabelError, match="flagged as unsupported"):
+            run_correction(store.uri)
+    summary = run_correction(store.uri, {"confirm_flagged": flagged})
     results = json.loads(store.fs.cat_file(f"{store.path}/correction/results.json"))
     assert results["n_failure_regions"] >= 1 and "defuse" in results and summary
     assert store.count_rows("region_sets") == results["n_failure_regions"] * 20

@@ -53,7 +53,7 @@ class CounterfactualStage(ModelStage):
         self._count({"candidates": len(found), "faults": int(fault.sum()), "generator_calls": len(found),
                      "flipped": int(found.flipped.sum()), "sources": len(ids),
                      "sources_misclassified": found.skipped,
-                     "counterfactual_texts": sum(len(r.captions) for r in rewrites if r.valid),
+                     "counterfactual_texts": found.texts,
                      "llm_calls": sum(r.calls for r in rewrites), "rewrites_invalid": len(invalid),
                      "rewrites_invalid_first": [f"{sid}: {r.error}; last answer: {r.answer[:200]!r}"
                                                 for sid, r in invalid]})

@@ -186,7 +186,8 @@ class Candidates:
     generator seed), ``text``/``edits`` (its counterfactual caption and the word swaps), ``latents``,
     ``images`` (floats at the data's shape), ``scores`` (``score_logits``), ``flipped`` (prediction
     differs from the one on the source image), ``source_pred``, ``edge_agreement``, ``ssim``;
-    ``skipped``: the batch's sources the classifier already gets wrong, which make no candidates."""
+    ``skipped``: the batch's sources the classifier already gets wrong, which make no candidates;
+    ``texts``: the counterfactual captions the images were made from (a skipped source's are unused)."""
 
     source: np.ndarray
     draw: np.ndarray
@@ -202,6 +203,7 @@ class Candidates:
     ssim: torch.Tensor
     segmentation: list[dict] | None = None
     skipped: int = 0
+    texts: int = 0
 
     def __len__(self) -> int:
         return len(self.source)
@@ -348,7 +350,8 @@ class CounterfactualSearch:
             latents=latents.flatten(1), images=generated, scores=scores,
             flipped=scores["pred"] != source_pred, source_pred=source_pred,
             edge_agreement=edge_agreement(torch.from_numpy(edges[source]), torch.from_numpy(canny(made))),
-            ssim=ssim(source_x[index], generated), segmentation=segmentation, skipped=skipped), rewrites
+            ssim=ssim(source_x[index], generated), segmentation=segmentation, skipped=skipped,
+            texts=len(jobs)), rewrites
 
 
 def llm_backend(params: dict):
