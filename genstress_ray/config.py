@@ -19,12 +19,28 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from genstress_ray.data import SPLITS, list_sources, source_options
 from genstress_ray.models import FORMATS, MODEL_KINDS, list_models, model_kind
-from genstress_ray.storage import default_cache, resolve_uri
+from genstress_ray.storage import StorageError, check_name, default_cache, resolve_uri
 from genstress_ray.strategies import STRATEGIES
 
 # A path or URI: a local path is made absolute when the config is loaded (see ``resolve_uri``), so
 # Ray workers, whose working directories differ from the driver's, read and write the same place.
-Location = Annotated[str, AfterValidator(resolve_uri)]
+def _location(value: str) -> str:
+    try:
+        return resolve_uri(value)
+    except StorageError as exc:  # "" would name the current folder
+        raise ValueError(str(exc)) from None
+
+
+def _name(value: str) -> str:
+    try:
+        return check_name("", value)
+    except StorageError as exc:  # "." and ".." would name the output or a folder above it
+        raise ValueError(str(exc)) from None
+
+
+Location = Annotated[str, AfterValidator(_location)]
+# A campaign, run or scan name: one folder name inside the output.
+Name = Annotated[str, AfterValidator(_name)]
 
 
 class ConfigError(ValueError):
@@ -336,7 +352,7 @@ class RayConfig(_Strict):
 class CampaignConfig(_Strict):
     """A whole campaign: what to search, with which models and strategy, where to write, on what resources."""
 
-    campaign: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "campaign"
+    campaign: Name = "campaign"
     seed: int = 0
     # Torch threads for the driver's own work (training built-ins, calibration, labelling, evaluation).
     # Set, not left to torch's default, because trained weights depend on the thread count.
@@ -344,7 +360,7 @@ class CampaignConfig(_Strict):
     # Source rows per shard: the unit a stage writes, counts and resumes by (fixed for a run).
     shard_rows: Annotated[int, Field(gt=0)] = 256
     output: Location = Field(default="genstress-runs", validate_default=True)
-    run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    run_id: Name | None = None
     cache: Location = Field(default_factory=default_cache, validate_default=True)
     storage_options: dict[str, Any] = {}
     data: DataConfig = DataConfig()

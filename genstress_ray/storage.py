@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import posixpath
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -148,6 +149,22 @@ class StorageError(OSError):
     """An output or input location could not be used. The message names the URI."""
 
 
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(field: str, value: str) -> str:
+    """A campaign, run or scan name: one folder name of letters, digits, ``.``, ``_`` and ``-``.
+    ``.`` and ``..`` match that but name the output itself or a folder above it, so they are refused.
+
+    >>> check_name("run_id", "nightly-01")
+    'nightly-01'
+    """
+    if not isinstance(value, str) or not NAME.fullmatch(value) or value in (".", ".."):
+        raise StorageError((f"{field} " if field else "") +
+                           f"{value!r} is not a name: letters, digits, '.', '_' and '-', and not '.' or '..'")
+    return value
+
+
 class StageError(RuntimeError):
     """A stage of a run failed; nothing of it was marked complete, and rerunning the same command resumes."""
 
@@ -214,6 +231,8 @@ def resolve_uri(uri: str) -> str:
     >>> resolve_uri("/tmp/x/../runs")
     '/tmp/runs'
     """
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"{uri!r} is not a location: give a folder or a URI")
     if fsspec.utils.get_protocol(uri) == "file" and not uri.startswith("file://"):
         return os.path.abspath(os.path.expanduser(uri))
     return uri
@@ -291,8 +310,8 @@ class RunStore:
 
     def __init__(self, output: str, campaign: str, run_id: str, storage_options: dict | None = None):
         self.output = resolve_uri(output).rstrip("/")
-        self.campaign = campaign
-        self.run_id = run_id
+        self.campaign = check_name("campaign", campaign)
+        self.run_id = check_name("run_id", run_id)
         self.storage_options = storage_options or {}
         self.uri = f"{self.output}/{campaign}/{run_id}"
         self.fs, self.path = filesystem_for(self.uri, self.storage_options)
@@ -333,6 +352,13 @@ class RunStore:
         """The same filesystem as a pyarrow one, for Ray Data's Parquet writer and pyarrow readers."""
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
+    def remove(self, path: str) -> None:
+        """Delete ``path`` (recursively) after checking that it lies inside this run's folder."""
+        inside = posixpath.normpath(path)
+        if not inside.startswith(posixpath.normpath(self.path) + "/"):
+            raise StorageError(f"refusing to delete {path!r}: it is not inside the run folder {self.uri!r}")
+        self.fs.rm(path, recursive=True)
+
     def check_writable(self) -> None:
         """Fail early, before any work, when the output cannot be written."""
         probe = f"{self.path}/.write-probe-{uuid.uuid4().hex}"
@@ -363,7 +389,7 @@ class RunStore:
         """Clear whatever an interrupted attempt left and return the stage's path."""
         path = self.stage_path(stage)
         if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+            self.remove(path)
         self.fs.makedirs(path, exist_ok=True)
         return path
 
@@ -377,7 +403,7 @@ class RunStore:
         for entry in self.fs.ls(path, detail=False) if self.fs.exists(path) else []:  # S3 has no empty folders
             name = posixpath.basename(entry.rstrip("/"))
             if not (name.startswith(SHARD_PREFIX) and name.endswith(".parquet")):
-                self.fs.rm(entry, recursive=True)
+                self.remove(entry)
         return self.shard_files(stage)
 
     def shard_files(self, stage: str) -> dict[str, str]:

@@ -63,3 +63,41 @@ def test_unwritable_output_fails_early_with_the_uri(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(StorageError, match="is not writable"):
         RunStore(str(blocker), "c", "r").check_writable()
+
+
+@pytest.mark.parametrize("campaign, run_id", [("..", "r1"), ("camp", ".."), (".", "."), ("a/b", "r1"), ("", "r1")])
+def test_dot_folders_and_paths_are_not_names(tmp_path, campaign, run_id):
+    """'..' matched the old name pattern: campaign '..' and run id '..' wrote a run two folders above the
+    output, and its regions stage deleted a 'regions' folder found there."""
+    (tmp_path / "regions").mkdir()
+    (tmp_path / "regions" / "keep.txt").write_text("a user's file")
+    output = tmp_path / "a" / "out"
+    with pytest.raises(StorageError, match="is not a name"):
+        RunStore(str(output), campaign, run_id)
+    from genstress_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="(campaign|run_id): .* is not a name"):
+        load_config({"campaign": campaign, "run_id": run_id, "output": str(output)})
+    assert (tmp_path / "regions" / "keep.txt").read_text() == "a user's file"
+
+
+def test_a_delete_outside_the_run_folder_is_refused(tmp_path):
+    store = RunStore(str(tmp_path / "out"), "camp", "r1")
+    (tmp_path / "out" / "camp" / "r1").mkdir(parents=True)
+    (tmp_path / "keep").mkdir()
+    for outside in (str(tmp_path / "keep"), f"{store.path}/../../../keep", store.path, f"{store.path}/.."):
+        with pytest.raises(StorageError, match="not inside the run folder"):
+            store.remove(outside)
+    assert (tmp_path / "keep").is_dir()
+    store.begin_stage("regions")
+    store.remove(store.stage_path("regions"))
+    assert not (tmp_path / "out" / "camp" / "r1" / "regions").exists()
+
+
+def test_an_empty_output_is_refused_not_the_current_folder():
+    from genstress_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="output: '' is not a location"):
+        load_config({"output": ""})
+    with pytest.raises(StorageError, match="is not a location"):
+        RunStore("  ", "camp", "r1")

@@ -357,4 +357,4 @@ def _drop_trial_checkpoints(store: RunStore) -> None:
     """Every trial's metrics stay in the ``correction`` table; only the selected weights are kept."""
     path = f"{store.stage_path('correction')}/trials"
     if store.fs.exists(path):
-        store.fs.rm(path, recursive=True)
+        store.remove(path)

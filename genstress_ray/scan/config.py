@@ -16,7 +16,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from genstress_ray.config import CampaignConfig, ConfigError, Location, _Strict, format_validation_error, load_config
+from genstress_ray.config import (CampaignConfig, ConfigError, Location, Name, _Strict, format_validation_error,
+                                  load_config)
 
 
 class AlertConfig(_Strict):
@@ -38,7 +39,7 @@ class ScanConfig(_Strict):
     share of each region's faults inside the other's membership radius) from which two regions of
     one label are the same region."""
 
-    scan: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    scan: Name
     registry: Location
     output: Location = Field(default="genstress-scans", validate_default=True)
     storage_options: dict[str, Any] = {}
