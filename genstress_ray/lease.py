@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -42,12 +43,37 @@ class LeaseHeld(StorageError):
 
 
 def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return repr(timestamp)
 
 
 def describe(record: dict[str, Any]) -> str:
     """``holder (expires at ...)`` for messages and listings."""
     return f"{record.get('holder', '?')} (lease expires {_when(record.get('expires_at', 0))})"
+
+
+def lease_record(data: bytes, written_at: float, ttl: float = DEFAULT_TTL) -> dict[str, Any]:
+    """A lease file's record, made safe to act on. The file sits in the run folder, writable by anyone
+    who can write there, so nothing in it can lock a run for longer than ``ttl`` after it was last
+    written (``written_at``, the file's modification time): a later ``expires_at`` is cut to that, and
+    an empty, unreadable or malformed file is a lease held by nobody known that expires then.
+
+    >>> lease_record(b"", 100.0, 120.0)["expires_at"]
+    220.0
+    >>> lease_record(b'{"holder": "h:1:a", "expires_at": 1e300}', 100.0, 120.0)["expires_at"]
+    220.0
+    """
+    try:
+        record = json.loads(data)
+        holder, expires = record["holder"], float(record["expires_at"])
+        if not isinstance(holder, str) or not math.isfinite(expires):
+            raise ValueError(holder)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return {"holder": f"an unreadable lease file ({len(data)} bytes; it counts as expired {ttl:g} s after it "
+                          "was written)", "expires_at": written_at + ttl, "malformed": True}
+    return {**record, "holder": holder, "expires_at": min(expires, written_at + ttl)}
 
 
 class _LocalSwap:
@@ -57,29 +83,33 @@ class _LocalSwap:
         self.path = path
         self.lock_path = f"{path}.lock"
 
-    def read(self) -> tuple[dict | None, str | None]:
+    def read(self) -> tuple[bytes | None, str | None, float]:
+        """The file's bytes, its tag and its modification time (None, None, 0 when there is none)."""
         try:
             with open(self.path, "rb") as f:
-                data = f.read()
+                return (data := f.read()), hashlib.sha256(data).hexdigest(), os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
-            return None, None
-        return json.loads(data), hashlib.sha256(data).hexdigest()
+            return None, None, 0.0
 
     def create(self, data: bytes) -> str | None:
+        # Written whole under another name, then linked into place (fails when the lease exists): a
+        # contender never reads a lease between its creation and its write.
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, self.path)
         except FileExistsError:
             return None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            os.remove(tmp)
         return hashlib.sha256(data).hexdigest()
 
     def replace(self, tag: str, data: bytes) -> str | None:
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            _, current = self.read()
-            if current != tag:
+            if self.read()[1] != tag:
                 return None
             tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
@@ -100,14 +130,14 @@ class _ObjectSwap:
     def __init__(self, fs, path: str):
         self.fs, self.path = fs, path
 
-    def read(self) -> tuple[dict | None, str | None]:
+    def read(self) -> tuple[bytes | None, str | None, float]:
         self.fs.invalidate_cache(self.path)
         try:
             data = self.fs.cat_file(self.path)
-            etag = self.fs.info(self.path)["ETag"]
+            info = self.fs.info(self.path)
         except FileNotFoundError:
-            return None, None
-        return json.loads(data), etag
+            return None, None, 0.0
+        return data, info["ETag"], _timestamp(info.get("LastModified"))
 
     def _put(self, data: bytes, **condition) -> str | None:
         try:
@@ -127,6 +157,10 @@ class _ObjectSwap:
     def delete(self, tag: str) -> None:
         if self.read()[1] == tag:  # S3 has no conditional delete here; an expired lease is replaced, not deleted
             self.fs.rm_file(self.path)
+
+
+def _timestamp(when) -> float:
+    return when.timestamp() if isinstance(when, datetime) else time.time()
 
 
 def _swap_for(fs: fsspec.AbstractFileSystem, path: str):
@@ -178,18 +212,23 @@ class RunLease:
         return json.dumps({"holder": self.holder, "acquired_at": now, "expires_at": now + self.ttl,
                            "ttl": self.ttl}).encode()
 
+    def _current(self) -> tuple[dict | None, str | None]:
+        """The lease as it stands (``lease_record``) and its tag; (None, None) when there is none."""
+        data, tag, written_at = self.swap.read()
+        return (None, None) if data is None else (lease_record(data, written_at, self.ttl), tag)
+
     def acquire(self) -> "RunLease":
         """Take the lease, or take over an expired one; ``LeaseHeld`` names a live holder."""
         tag = self.swap.create(self._record())
         if tag is None:
-            current, current_tag = self.swap.read()
-            if current is not None and current.get("expires_at", 0) > time.time() and not holder_gone(current):
+            current, current_tag = self._current()
+            if current is not None and current["expires_at"] > time.time() and not holder_gone(current):
                 raise LeaseHeld(f"run {self.uri.rsplit('/', 1)[0]} is being written by {describe(current)}; "
                                 "wait for it to finish, or rerun after the lease expires if that driver is gone")
             tag = self.swap.replace(current_tag, self._record()) if current is not None else \
                 self.swap.create(self._record())
             if tag is None:  # another driver took it over first
-                current, _ = self.swap.read()
+                current, _ = self._current()
                 raise LeaseHeld(f"run {self.uri.rsplit('/', 1)[0]} was just taken over by "
                                 f"{describe(current or {})}")
             log.info("took over the lease of %s, %s", describe(current or {}),
@@ -217,7 +256,7 @@ class RunLease:
             except (OSError, ValueError) as exc:
                 raise StorageError(f"cannot renew the lease {self.uri}: {exc}") from exc
             if tag is None:
-                current, _ = self.swap.read()
+                current, _ = self._current()
                 self.lost = describe(current) if current else "nobody (the lease file is gone)"
             else:
                 self.tag = tag
@@ -250,10 +289,8 @@ class RunLease:
 
 def read_lease(fs: fsspec.AbstractFileSystem, run_path: str) -> dict[str, Any] | None:
     """The lease record of a run folder, or None when nobody holds it (or it expired)."""
-    path = f"{run_path}/{LEASE}"
-    fs.invalidate_cache(run_path)
-    try:
-        record = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
+    data, _, written_at = _swap_for(fs, f"{run_path}/{LEASE}").read()
+    if data is None:
         return None
-    return record if record.get("expires_at", 0) > time.time() else None
+    record = lease_record(data, written_at)
+    return record if record["expires_at"] > time.time() else None

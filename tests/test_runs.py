@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow.compute as pc
@@ -15,7 +16,7 @@ import yaml
 
 from genstress_ray.cli import main
 from genstress_ray.config import ConfigError
-from genstress_ray.lease import LeaseHeld, RunLease, read_lease
+from genstress_ray.lease import DEFAULT_TTL, LeaseHeld, RunLease, read_lease
 from genstress_ray.pipeline import run_campaign
 from genstress_ray.runs import config_differences, list_runs, run_status
 from genstress_ray.storage import RunStore
@@ -103,6 +104,55 @@ def test_a_lease_on_s3_is_taken_over_only_once(s3_bucket):
         old.check()
     first.release()
     assert read_lease(store.fs, store.path) is None
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("content", [b"", b"{not json", b'{"holder": 7}', b'{"holder": "x:1:a", "expires_at": "soon"}',
+                                     b'{"holder": "elsewhere:1:a", "expires_at": 9.0e12}',
+                                     b'{"holder": "elsewhere:1:a", "expires_at": 1e400}'],
+                         ids=["empty", "garbled", "no-expiry", "text-expiry", "year-287168", "infinite"])
+def test_a_damaged_or_far_future_lease_locks_a_run_for_one_ttl_at_most(where, content, tmp_path, request):
+    """The lease file is in the run folder: whoever can write there can leave it empty, garbled or
+    expiring in year 287168. Each counts as held for one ttl after it was written, then expired; no
+    contender crashes, and listings name it."""
+    output = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket") + "/runs"
+    store = RunStore(output, "c", "r")
+    store.fs.makedirs(store.path, exist_ok=True)
+    store.fs.pipe_file(f"{store.path}/_LEASE", content)
+    with pytest.raises(LeaseHeld, match="unreadable lease file|elsewhere:1:a"):
+        RunLease.for_store(store, ttl=1.5).acquire()
+    listed = read_lease(store.fs, store.path)
+    assert listed is not None and listed["expires_at"] <= time.time() + DEFAULT_TTL + 5
+    time.sleep(1.7)
+    with RunLease.for_store(store, ttl=1.5) as taker:
+        taker.check()
+        assert read_lease(store.fs, store.path)["holder"] == taker.holder
+
+
+def test_contenders_for_a_lease_never_crash_and_exactly_one_wins(tmp_path):
+    """Contenders used to read the lease between its creation and its write (JSONDecodeError)."""
+    for round_ in range(15):
+        store = RunStore(str(tmp_path), "c", f"r{round_}")
+        store.fs.makedirs(store.path, exist_ok=True)
+        outcomes, leases = [], [RunLease.for_store(store) for _ in range(8)]
+
+        def contend(lease):
+            try:
+                lease.acquire()
+                outcomes.append("won")
+            except LeaseHeld:
+                outcomes.append("refused")
+            except Exception as exc:  # what must not happen
+                outcomes.append(repr(exc))
+
+        threads = [threading.Thread(target=contend, args=(lease,)) for lease in leases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for lease in leases:
+            lease.release()
+        assert outcomes.count("won") == 1 and outcomes.count("refused") == 7, outcomes
 
 
 # ---- a run id means one config ---------------------------------------------------------------
