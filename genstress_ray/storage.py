@@ -441,20 +441,45 @@ class RunStore:
         A stage that wrote no rows reads as an empty table with its schema's columns.
         """
         files = self.parquet_files(stage)
+        schema = _layout(stage).schema
         if not files:
-            schema = _layout(stage).schema
             empty = schema.empty_table() if schema is not None else pa.table({})
             return empty.select(columns) if columns else empty
-        dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem())
+        # Read as the declared schema (a file is as writable as the bucket: a column rewritten as text
+        # must not reach a page or a computation), a file that does not fit refused by name.
+        dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem(), schema=schema)
         key = _layout(stage).row_order
+        wanted = columns if key is None or columns is None or key in columns else [*columns, key]
+        try:
+            table = dataset.to_table(columns=wanted, filter=filter)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as exc:
+            raise self._misfit(stage, files, exc) from None
         if key is None:
-            return dataset.to_table(columns=columns, filter=filter)
+            return table
         # Ray writes a stage's files and rows in whatever order its tasks finish. Sorted rows make
         # everything read downstream (region fits, samples drawn for labels and correction, metrics)
         # the same for the same config, however the stage was run.
-        wanted = columns if columns is None or key in columns else [*columns, key]
-        table = dataset.to_table(columns=wanted, filter=filter).sort_by(key)
+        table = table.sort_by(key)
         return table if wanted is columns else table.drop_columns([key])
+
+    def _misfit(self, stage: str, files: list[str], exc: BaseException) -> StorageError:
+        """Which of a stage's files could not be read as its schema, and why (``exc``: what the read raised)."""
+        schema, fs = _layout(stage).schema, self.arrow_filesystem()
+        for path in files:
+            try:
+                found = pq.read_schema(path, filesystem=fs)
+            except (pa.ArrowInvalid, OSError) as bad:
+                return StorageError(f"{path}: not a readable Parquet file ({bad}); the {stage} stage is damaged: "
+                                    f"rerun the command that made it ({_layout(stage).made_by})")
+            for field in schema or []:
+                if field.name in found.names and not found.field(field.name).type.equals(field.type):
+                    try:
+                        pq.read_table(path, columns=[field.name], filesystem=fs).column(0).cast(field.type)
+                    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                        return StorageError(f"{path}: column {field.name!r} is {found.field(field.name).type}, not "
+                                            f"{field.type} as a {stage} table's is; the file was not written by "
+                                            "genstress or was changed since")
+        return StorageError(f"cannot read the {stage} stage of {self.uri}: {exc}")
 
     def count_rows(self, stage: str, filter=None) -> int:
         files = self.parquet_files(stage)

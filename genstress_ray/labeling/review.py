@@ -63,7 +63,25 @@ async function relabel(card, sampleId, accept) {
   document.querySelectorAll('#' + card + ' button').forEach(
     b => b.classList.toggle('chosen', (b.dataset.accept === 'true') === answer.accepted));
 }
+// No inline handlers: the page's Content-Security-Policy runs only this script (its nonce).
+document.addEventListener('click', event => {
+  const b = event.target.closest('button');
+  if (!b) return;
+  if (b.dataset.region !== undefined) label(Number(b.dataset.region), b.dataset.label);
+  else if (b.dataset.card !== undefined) relabel(b.dataset.card, b.dataset.sample, b.dataset.accept === 'true');
+});
 """
+
+
+def _text(value) -> str:
+    """Any value read from the run, as HTML text: tables in the run folder are as writable as the bucket."""
+    return html.escape(str(value), quote=True)
+
+
+def content_security_policy(nonce: str) -> str:
+    """Only the page's own script and style (by nonce) run; images are inline data; requests go to the page's origin."""
+    return (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class ReviewStore:
@@ -120,24 +138,24 @@ class ReviewStore:
         decided = self.decisions()
         cards = []
         for i, p in enumerate(read_proposals(self.store).to_pylist()):
-            card, sid = f"proposal-{i}", html.escape(p["sample_id"], quote=True)
+            card, sid = f"proposal-{i}", _text(p["sample_id"])
             choice = decided.get(p["sample_id"])
             buttons = "".join(
-                f"<button type='button' data-accept='{str(accept).lower()}'"
-                f"{' class=chosen' if choice is accept else ''} onclick='relabel({json.dumps(card)}, "
-                f"{html.escape(json.dumps(p['sample_id']), quote=True)}, {str(accept).lower()})'>{html.escape(text)}</button>"
+                f"<button type='button' data-card='{card}' data-sample='{sid}' data-accept='{str(accept).lower()}'"
+                f"{' class=chosen' if choice is accept else ''}>{_text(text)}</button>"
                 for accept, text in ((True, f"relabel as {p['proposed_label']}"),
                                      (False, f"keep {p['dataset_label']}")))
             status = "not decided" if choice is None else f"saved: {'relabel' if choice else 'keep'}"
             cards.append(f"<div class='cell proposal' id='{card}'><img src='{png_uri(p['image'])}' alt='{sid}'>"
-                         f"{sid}<br>dataset: {html.escape(p['dataset_label'])}, region {p['region_id']}: "
-                         f"{html.escape(p['proposed_label'])}<br>{buttons}<span class='status' id='status-{card}'>"
+                         f"{sid}<br>dataset: {_text(p['dataset_label'])}, region {_text(p['region_id'])}: "
+                         f"{_text(p['proposed_label'])}<br>{buttons}<span class='status' id='status-{card}'>"
                          f"{status}</span></div>")
         return (f"<section id='proposals'><h2>Relabelling proposals</h2><p>Training images inside a failure "
                 f"region whose dataset label differs from the region's ({len(cards)}). Relabel the image, or keep "
                 f"its dataset label.</p><div class='grid'>{''.join(cards)}</div></section>")
 
-    def page(self, token: str) -> str:
+    def page(self, token: str, nonce: str) -> str:
+        """The page's HTML; its script and style carry ``nonce`` (``content_security_policy``)."""
         regions = {r["region_id"]: r for r in self.store.read_table("regions").to_pylist()}
         samples: dict[int, list[dict]] = {}
         table = self.store.read_table("region_samples", columns=["region_id", "draw", "image", "pred"])
@@ -148,25 +166,25 @@ class ReviewStore:
         sections = []
         for rid in self.region_ids:
             r = regions[rid]
-            cells = "".join(f"<div class='cell'><img src='{png_uri(s['image'])}' alt='region {rid} sample {s['draw']}'>"
-                            f"pred {html.escape(names[s['pred']])}</div>" for s in samples.get(rid, []))
+            cells = "".join(f"<div class='cell'><img src='{png_uri(s['image'])}' alt='region {rid} sample "
+                            f"{_text(s['draw'])}'>pred {_text(class_name(names, s['pred']))}</div>"
+                            for s in samples.get(rid, []))
             buttons = "".join(
-                f"<button type='button' data-label='{html.escape(c, quote=True)}'"
-                f"{' class=chosen' if current.get(rid) == c else ''} onclick='label({rid}, this.dataset.label)'>"
-                f"{html.escape(c)}</button>" for c in [*names, NOT_A_FAILURE])
-            status = f"saved: {html.escape(current[rid])}" if rid in current else "not labelled"
+                f"<button type='button' data-region='{rid}' data-label='{_text(c)}'"
+                f"{' class=chosen' if current.get(rid) == c else ''}>{_text(c)}</button>" for c in [*names, NOT_A_FAILURE])
+            status = f"saved: {_text(current[rid])}" if rid in current else "not labelled"
             sections.append(
-                f"<section id='region-{rid}'><h3>Region {rid}</h3><p>{r['n_members']} faults: true "
-                f"{html.escape(class_name(names, r['dominant_source_label']))} predicted as {html.escape(names[r['dominant_pred']])}."
-                f" What are these images?</p><div class='grid'>{cells}</div><div>{buttons}"
-                f"<span class='status' id='status-{rid}'>{status}</span></div></section>")
+                f"<section id='region-{rid}'><h3>Region {rid}</h3><p>{_text(r['n_members'])} faults: true "
+                f"{_text(class_name(names, r['dominant_source_label']))} predicted as "
+                f"{_text(class_name(names, r['dominant_pred']))}. What are these images?</p><div class='grid'>{cells}"
+                f"</div><div>{buttons}<span class='status' id='status-{rid}'>{status}</span></div></section>")
         title = html.escape(f"label regions: {self.store.campaign} / {self.store.run_id}")
         # The empty icon keeps the browser from asking for /favicon.ico, which has no token.
         return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
-                f"<link rel='icon' href='data:,'><style>{STYLE}</style></head><body><h1>{title}</h1><p>One label per region: the class these "
+                f"<link rel='icon' href='data:,'><style nonce='{nonce}'>{STYLE}</style></head><body><h1>{title}</h1><p>One label per region: the class these "
                 f"images show, or &quot;{NOT_A_FAILURE}&quot; when the classifier's predictions are right. "
                 f"Each click is saved.</p>{''.join(sections)}{self._proposal_cards()}"
-                f"<script>const TOKEN = {json.dumps(token)};{SCRIPT}</script></body></html>")
+                f"<script nonce='{nonce}'>const TOKEN = {json.dumps(token)};{SCRIPT}</script></body></html>")
 
 
 class ReviewServer:
@@ -246,10 +264,12 @@ class _ReviewHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # keep the terminal for the URL and errors
         pass
 
-    def _send(self, status: int, body: str, content_type: str) -> None:
+    def _send(self, status: int, body: str, content_type: str, nonce: str | None = None) -> None:
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        self.send_header("Content-Security-Policy", content_security_policy(nonce or secrets.token_urlsafe(16)))
+        self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
@@ -270,7 +290,12 @@ class _ReviewHandler(BaseHTTPRequestHandler):
         if not ok:
             return
         if path == "/":
-            self._send(HTTPStatus.OK, self.owner.review.page(self.owner.token), "text/html; charset=utf-8")
+            nonce = secrets.token_urlsafe(16)  # a new one per page: a script injected into it cannot know it
+            try:
+                page = self.owner.review.page(self.owner.token, nonce)
+            except StorageError as exc:  # a table of the run that does not fit its schema, named
+                return self._send(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot show the run: {exc}", "text/plain")
+            self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", nonce)
         elif path == "/api/labels":
             self._json(HTTPStatus.OK, {str(k): v for k, v in self.owner.review.current().items()})
         else:

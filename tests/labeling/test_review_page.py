@@ -116,3 +116,46 @@ def test_a_click_while_another_driver_writes_the_run_is_refused_not_lost_silentl
     assert status == 409 and "is being written by" in body["error"]
     status, _ = _request(post, json.dumps({"region_id": 0, "label": "3"}).encode())
     assert status == 200 and _labels(server)[0]["label"] == "3"
+
+
+# A script that, run by the page, labels region 1 "not a failure" as the reviewer would.
+PAYLOAD = ("<img src=x onerror=\"fetch('/api/label?token='+TOKEN,{method:'POST',headers:{'Content-Type':"
+           "'application/json'},body:JSON.stringify({region_id:1,label:'not a failure'})})\">")
+
+
+@needs_browser
+def test_values_from_the_run_folder_are_shown_as_text_never_run(served_run, page):
+    """Stored XSS: whoever can write to the bucket rewrote tables of the run with markup that posts
+    labels. Shown as text, under a Content-Security-Policy that runs only the page's own script."""
+    import pyarrow as pa
+
+    from genstress_ray.labeling import labels_table
+    from genstress_ray.storage import REGIONS_SCHEMA
+
+    server, store = served_run, served_run.review.store
+    store.begin_stage("labels")
+    store.write_table("labels", labels_table([{"region_id": 0, "label": PAYLOAD, "is_failure": True,
+                                               "source": "human", "annotator": "x"}]))
+    store.complete_stage("labels", {})
+    response = page.goto(server.url)
+    csp = response.headers["content-security-policy"]
+    nonce = csp.split("'nonce-", 1)[1].split("'", 1)[0]
+    assert "script-src 'nonce-" in csp and "default-src 'none'" in csp
+    body = response.text()  # (browsers hide a nonce from the DOM)
+    assert body.count(f"<script nonce='{nonce}'>") == 1 and body.count("<script") == 1 and "onclick" not in body
+    assert PAYLOAD in page.locator("#status-0").inner_text()  # the markup, as text
+    page.wait_for_timeout(1000)
+    assert set(_labels(server)) == {0}  # nothing posted a label for region 1
+    # A number column rewritten as text: the page refuses the run, naming the file, and labels nothing.
+    regions = store.read_table("regions")
+    members = pa.array([PAYLOAD] * regions.num_rows)
+    tampered = regions.set_column(regions.schema.get_field_index("n_members"), "n_members", members)
+    assert not tampered.schema.equals(REGIONS_SCHEMA)
+    store.write_table("regions", tampered)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(server.url)
+    text = refused.value.read().decode()
+    assert refused.value.code == 500 and "column 'n_members' is string, not int64" in text and ".parquet" in text
+    assert "onerror" not in text  # the message never quotes what the file holds
+    assert refused.value.headers["Content-Type"].startswith("text/plain")
+    assert set(_labels(server)) == {0}
