@@ -1,7 +1,7 @@
 """The Defuse paper's traffic-sign setting on GTSRB, scaled to 2 cores: train the classifier, the beta-VAE
 and an oracle with ``genstress train``, then identify -> regions -> oracle labels -> correction -> report.
 
-    python benchmarks/gtsrb_defuse.py [--output DIR] [--run-id ID] [--models DIR]
+    python benchmarks/gtsrb_defuse.py [--output DIR] [--run-id ID] [--accept-low-fidelity]
 
 Runs from the repository root on ../shared/data/gtsrb (7,949 RGB 35x35 images, 43 classes; the split is
 a function of each image's path: 70% train, 10% validation, 20% test). The models are trained by the
@@ -40,6 +40,9 @@ def main() -> int:
     parser.add_argument("--output", default=tempfile.mkdtemp(prefix="genstress-gtsrb-"))
     parser.add_argument("--run-id", default="benchmark")
     parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--accept-low-fidelity", action="store_true",
+                        help="search although the VAE's reconstructions fall below checks.min_fidelity (the "
+                             "results then say so)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="genstress: %(message)s")
     trained = {}
@@ -54,7 +57,10 @@ def main() -> int:
         cfg[role]["uri"] = str(ROOT / cfg[role]["uri"])
     for spec in cfg["data"].values():
         spec["uri"] = str((ROOT / spec["uri"]).resolve())
-    run_defuse(cfg, args.output, args.run_id, args.rho, "gtsrb_defuse", "python benchmarks/gtsrb_defuse.py",
+    if args.accept_low_fidelity:
+        cfg.setdefault("checks", {})["accept_low_fidelity"] = True
+    command = "python benchmarks/gtsrb_defuse.py" + (" --accept-low-fidelity" if args.accept_low_fidelity else "")
+    run_defuse(cfg, args.output, args.run_id, args.rho, "gtsrb_defuse", command,
                {"models": trained, "split": "image path hash, seed 0: 70% train, 10% validation, 20% test"})
     return 0
 

@@ -47,6 +47,25 @@ class ConfigError(ValueError):
     """The campaign config is invalid. Each line names a field."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str):
+    """A YAML document, safely loaded, duplicate keys refused (``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _one_of(value: str, allowed, what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
@@ -455,7 +474,7 @@ def load_config(source: str | Path | dict | CampaignConfig, **overrides: Any) ->
     else:
         path = Path(source)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = read_yaml(path.read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
         except yaml.YAMLError as exc:

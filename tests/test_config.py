@@ -24,7 +24,7 @@ def test_defaults_validate_and_resources_become_ray_arguments():
     ({"classifier": {"architecture": "vit"}}, "classifier.architecture", "allowed: beta_vae, small_cnn"),
     ({"classifier": {"uri": "x.pt", "format": "onnx"}}, "classifier.format", "allowed: auto, torchscript"),
     ({"resources": {"search": {"batch_size": 0}}}, "resources.search.batch_size", "greater than 0"),
-    ({"campaign": "has space"}, "campaign", "pattern"),
+    ({"campaign": "has space"}, "campaign", "is not a name: letters, digits"),
     ({"surprise": 1}, "surprise", "Extra inputs"),
 ])
 def test_each_bad_value_is_named_with_what_is_allowed(raw, field, allowed):
@@ -44,6 +44,19 @@ def test_invalid_yaml_and_missing_files_name_the_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    """Plain YAML keeps the last of two equal keys: ``draws: 100`` then ``draws: 5`` ran with 5."""
+    path = tmp_path / "c.yaml"
+    path.write_text("campaign: c\nstrategy:\n  name: defuse\n  draws: 100\n  draws: 5\n")
+    with pytest.raises(ConfigError, match=r"(?s)c.yaml' is not valid YAML: key 'draws' is given twice.*line 5"):
+        load_config(path)
+    from genstress_ray.scan.config import load_scan_config
+
+    path.write_text("scan: s\nscan: t\nregistry: r\ncampaigns: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="key 'scan' is given twice"):
+        load_scan_config(path)
 
 
 def test_overrides_replace_output_and_run_id():

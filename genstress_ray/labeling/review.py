@@ -236,8 +236,8 @@ def _label_request(body: bytes) -> tuple[int, str]:
     """The (region id, label) of a POST to /api/label; a ValueError (or KeyError) says what is wrong."""
     data = json.loads(body or b"{}")
     region, label = data["region_id"], data["label"]
-    if isinstance(region, bool) or not isinstance(region, int):
-        raise ValueError(f"region_id must be a whole number, got {region!r}")
+    if isinstance(region, bool) or not isinstance(region, int) or not 0 <= region < 2**63:
+        raise ValueError(f"region_id must be a region's number, got {str(region)[:40]!r}")
     if not isinstance(label, str):
         raise ValueError(f"label must be a string, got {label!r}")
     return region, label
@@ -311,6 +311,9 @@ class _ReviewHandler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", 0))
         except ValueError:
             return self._json(HTTPStatus.BAD_REQUEST, {"error": "Content-Length is not a number"})
+        if length < 0:  # read(-1) would read to the end of the stream, past any limit
+            self.close_connection = True
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": f"Content-Length {length} is negative"})
         if length > MAX_BODY:  # never read a body of any size into memory
             self.close_connection = True
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -325,8 +328,10 @@ class _ReviewHandler(BaseHTTPRequestHandler):
                 region, label = _label_request(body)
                 self.owner.review.save(region, label)
                 answer = {"region_id": region, "label": label}
+        except RecursionError:  # JSON nested deeper than the parser goes
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "the request body is nested too deeply"})
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # LabelError is a ValueError
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)[:500]})
         except StorageError as exc:  # e.g. a campaign or correction holds the run's lease
             return self._json(HTTPStatus.CONFLICT, {"error": str(exc)})
         self._json(HTTPStatus.OK, answer)

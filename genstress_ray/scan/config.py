@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from genstress_ray.config import (CampaignConfig, ConfigError, Location, Name, _Strict, format_validation_error,
-                                  load_config)
+                                  load_config, read_yaml)
 
 
 class AlertConfig(_Strict):
@@ -74,7 +74,7 @@ def load_scan_config(path: str | Path | dict, output: str | None = None,
     else:
         base = Path(path).parent
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            raw = read_yaml(Path(path).read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read scan config {str(path)!r}: {exc}") from None
         except yaml.YAMLError as exc:

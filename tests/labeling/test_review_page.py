@@ -100,9 +100,23 @@ def test_the_page_caps_request_bodies_and_type_checks_fields(served_run):
     status, body = _request(post, b"x" * (MAX_BODY + 1))
     assert status == 413 and "at most" in body["error"]
     for bad in ({"region_id": 1.9, "label": "3"}, {"region_id": True, "label": "3"}, {"region_id": "1", "label": "3"},
-                {"region_id": 1, "label": 3}, [1, 2]):
+                {"region_id": 1, "label": 3}, [1, 2], {"region_id": 10**23, "label": "3"},
+                {"region_id": -1, "label": "3"}):
         status, body = _request(post, json.dumps(bad).encode())
         assert status == 400, (bad, body)
+    status, body = _request(post, b"[" * 5000 + b"]" * 5000)  # deeper than the JSON parser goes
+    assert status == 400 and "nested too deeply" in body["error"]
+    # A negative length read the body to the end of the stream, past the cap.
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest("POST", f"/api/label?token={server.token}")
+    connection.putheader("Content-Length", "-1")
+    connection.endheaders()
+    connection.send(b"x" * (MAX_BODY * 4))
+    answer = connection.getresponse()
+    assert answer.status == 400 and "negative" in json.loads(answer.read())["error"]
+    connection.close()
     assert not server.review.store.is_complete("labels")
 
 
