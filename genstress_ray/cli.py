@@ -203,6 +203,8 @@ def _status(args) -> int:
     for stage, info in status["stages"].items():
         rows = ", ".join(f"{k} {v}" for k, v in info.get("rows", {}).items())
         print(f"  {stage:<15} {'done' if info['done'] else 'not done':<9} rerun: {info['next']:<26} {rows}")
+        for path, why in info.get("damaged", {}).items():
+            print(f"    damaged: {path}: {why}")
     return 0
 
 

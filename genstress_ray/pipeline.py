@@ -33,7 +33,7 @@ from genstress_ray.models import ModelError
 from genstress_ray.progress import Progress
 from genstress_ray.regions import fit_regions, region_pairs, sample_regions
 from genstress_ray.registry import resolve
-from genstress_ray.runs import manifest_config, refuse_differences
+from genstress_ray.runs import config_fingerprint, manifest_config, refuse_differences
 from genstress_ray.stages import RegionDecode, run_sharded
 from genstress_ray.storage import STAGES, RunStore, StageError, StorageError, library_versions
 
@@ -281,10 +281,16 @@ def run_campaign(config, output: str | None = None, run_id: str | None = None,
 def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], lease: RunLease,
                started: float, progress) -> CampaignResult:
     manifest = store.read_manifest()
+    current = cfg.model_dump(mode="json")
     if manifest:
-        refuse_differences(manifest_config(store, manifest), cfg.model_dump(mode="json"),
-                           f"run {store.uri} was made with another config",
+        refuse_differences(manifest_config(store, manifest), current, f"run {store.uri} was made with another config",
                            ". Use a new run id (README: 'Runs and resuming')")
+    # The configs whose finished stages this run may keep: this one, and the one the manifest recorded
+    # (it may differ by fields added since, with their defaults).
+    made_by = Made(config_fingerprint(current),
+                   {config_fingerprint(current), *([config_fingerprint(manifest_config(store, manifest))]
+                                                   if manifest else [])}, bool(manifest))
+    _refuse_foreign_stages(store, stages, made_by)  # before anything is written, the manifest included
     ctx = RunContext.from_config(cfg, store, manifest)
     # Load once on the driver: a shape, class-count or checkpoint mismatch fails here, before Ray work.
     ctx.classifier()
@@ -298,7 +304,7 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
     runners = {"identify": lambda: run_identify(ctx, generator, constructor, progress),
                "regions": lambda: run_regions(cfg, store),
                "region_samples": lambda: run_region_samples(ctx, constructor, progress)}
-    skipped = [stage for stage in stages if not _run_stage(store, stage, runners[stage], lease)]
+    skipped = [stage for stage in stages if not _run_stage(store, stage, runners[stage], lease, made_by)]
     return _finish(ctx, stages, skipped, started)
 
 
@@ -319,12 +325,43 @@ def _start_manifest(ctx: RunContext, boundary: dict | None, fidelity: dict) -> N
     store.update_manifest(status="running", fidelity=fidelity)
 
 
-def _run_stage(store: RunStore, stage: str, runner: Callable[[], dict], lease: RunLease) -> bool:
+FINGERPRINT = "config_fingerprint"  # the key of a completion marker that names the config that made the stage
+
+
+@dataclass(frozen=True)
+class Made:
+    """Which configs a run's finished stages may come from: ``fingerprint`` (this config's, written
+    into each marker), ``accepted`` (this one's and the manifest's), ``manifest`` (the run has one)."""
+
+    fingerprint: str
+    accepted: set[str]
+    manifest: bool
+
+
+def _refuse_foreign_stages(store: RunStore, stages: tuple[str, ...], made: Made) -> None:
+    """A ConfigError when a finished stage was made by another config (its marker's fingerprint)."""
+    for stage in stages:
+        recorded = store.marker(stage).get(FINGERPRINT) if store.is_complete(stage) else None
+        if recorded is not None and recorded not in made.accepted:  # None: a marker older than fingerprints
+            raise ConfigError(f"stage {stage} of run {store.uri} was made by another config (fingerprint {recorded}, "
+                              f"this config's is {made.fingerprint})"
+                              + ("" if made.manifest else " and the run's manifest is missing") +
+                              ": its tables are not this config's. Use a new run id")
+
+
+def _run_stage(store: RunStore, stage: str, runner: Callable[[], dict], lease: RunLease, made: Made) -> bool:
     """Run one stage unless it is complete; commit it only while this driver holds the run. Returns
     whether it ran."""
     if store.is_complete(stage):
-        log.info("stage %s: already complete, skipped", stage)
-        return False
+        damaged = store.damaged_files(stage)
+        if not damaged:
+            log.info("stage %s: already complete, skipped", stage)
+            return False
+        # Rows are deterministic: the damaged files are computed again, the same as they were written.
+        log.warning("stage %s: %d damaged file(s) (%s), computing them again", stage, len(damaged),
+                    "; ".join(f"{p}: {why}" for p, why in list(damaged.items())[:3]))
+        lease.check()
+        store.reopen_stage(stage, list(damaged))
     log.info("stage %s: running", stage)
     t0 = time.time()
     lease.check()  # begin_stage clears the stage's folder: only its owner may
@@ -334,7 +371,7 @@ def _run_stage(store: RunStore, stage: str, runner: Callable[[], dict], lease: R
         raise
     except Exception as exc:
         raise StageError(stage, store.uri, exc) from exc
-    info["seconds"] = round(time.time() - t0, 3)
+    info["seconds"], info[FINGERPRINT] = round(time.time() - t0, 3), made.fingerprint
     lease.check()  # a driver that lost the run commits nothing
     store.complete_stage(stage, info)
     store.update_manifest(stages={stage: info}, timings={stage: info["seconds"]})
@@ -363,4 +400,4 @@ def _finish(ctx: RunContext, stages: tuple[str, ...], skipped: list[str], starte
 
 def _counts_text(info: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in info.items()
-                     if k != "seconds" and v not in ("", None) and not isinstance(v, (dict, list)))
+                     if k not in ("seconds", FINGERPRINT) and v not in ("", None) and not isinstance(v, (dict, list)))

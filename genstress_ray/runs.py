@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any
 
@@ -42,6 +44,17 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
             out.append(f"{prefix}{key} ({a!r} -> {b!r})" if not (isinstance(a, dict) or isinstance(b, dict))
                        else f"{prefix}{key}")
     return out
+
+
+def config_fingerprint(raw: dict[str, Any]) -> str:
+    """A short hash of what a config computes (``RELOCATABLE`` fields left out), kept in each stage's
+    completion marker: a rerun adopts only stages its own config made, even when the manifest is gone.
+
+    >>> config_fingerprint({"seed": 0, "output": "/a"}) == config_fingerprint({"seed": 0, "output": "/b"})
+    True
+    """
+    kept = {k: v for k, v in raw.items() if k not in RELOCATABLE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def manifest_config(store: RunStore, manifest: dict) -> dict[str, Any]:
@@ -127,16 +140,20 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def run_status(store: RunStore, manifest: dict | None = None) -> dict[str, Any]:
+def run_status(store: RunStore, manifest: dict | None = None, check_files: bool = True) -> dict[str, Any]:
     """One run's state: status, stages done (with their row counts), lease holder, and what a rerun
-    of ``genstress run`` would do for each stage."""
+    of ``genstress run`` would do for each stage. ``check_files``: read every table file's footer to
+    find damaged ones (a listing of many runs leaves it out)."""
     manifest = store.read_manifest() if manifest is None else manifest
     stages = {}
     for stage, command, optional in ((s.name, s.made_by, s.optional) for s in LAYOUT.values() if s.marked):
         if store.is_complete(stage):
             marker = store.marker(stage)
             rows = {k: v for k, v in marker.items() if isinstance(v, int) and not isinstance(v, bool)}
-            stages[stage] = {"done": True, "rows": rows, "next": "kept (finished)"}
+            damaged = store.damaged_files(stage) if check_files else {}
+            redo = "computed again by a rerun" if command == "genstress run" else f"rerun {command}"
+            stages[stage] = {"done": True, "rows": rows, "damaged": damaged,
+                             "next": f"{len(damaged)} damaged file(s), {redo}" if damaged else "kept (finished)"}
         elif not optional:
             stages[stage] = {"done": False, "next": f"made by {command}"}
     lease = read_lease(store.fs, store.path)
@@ -169,5 +186,5 @@ def list_runs(output: str, storage_options: dict | None = None) -> list[dict[str
             runs.append({"uri": store.uri, "campaign": campaign, "run_id": run_id, "status": f"unreadable: {exc}",
                          "stages": {}, "lease": None, "age": "?", "row_counts": {}, "created_at": 0})
             continue
-        runs.append({**run_status(store, manifest), "created_at": manifest.get("created_at", 0)})
+        runs.append({**run_status(store, manifest, check_files=False), "created_at": manifest.get("created_at", 0)})
     return sorted(runs, key=lambda r: -r["created_at"])

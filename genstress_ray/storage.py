@@ -32,6 +32,9 @@ MANIFEST = "manifest.json"
 SHARD_PREFIX = "shard-"
 SHARD_COUNTS = b"genstress_counts"
 SHARD_MADE_BY = b"genstress_made_by"
+# Every Parquet file genstress writes records its row count, so a file rewritten with fewer rows
+# (or truncated) is found on read instead of silently losing rows.
+FILE_ROWS = b"genstress_rows"
 
 # The tables of DESIGN.md. A stage that produced no rows writes no file; reading it still gives
 # these columns, so no reader has to special-case an empty stage.
@@ -260,7 +263,7 @@ def write_shard(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, count
     the file's metadata, written atomically: a shard is there whole or not at all, and writing it
     again (a retried task) replaces it."""
     meta = {**(table.schema.metadata or {}), SHARD_COUNTS: json.dumps(counts).encode(),
-            SHARD_MADE_BY: json.dumps(made_by or {}).encode()}
+            SHARD_MADE_BY: json.dumps(made_by or {}).encode(), FILE_ROWS: str(table.num_rows).encode()}
     buf = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata(meta), buf)
     write_bytes_atomic(fs, path, buf.getvalue().to_pybytes())
@@ -297,6 +300,19 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
     return versions
+
+
+def _row_damage(metadata: pq.FileMetaData) -> str | None:
+    """Why a Parquet file does not hold the rows recorded when it was written; None when it does (or
+    when it was written before row counts were recorded)."""
+    recorded = (metadata.metadata or {}).get(FILE_ROWS)
+    if recorded is None:
+        return None
+    try:
+        written = int(recorded)
+    except ValueError:
+        return "its recorded row count is unreadable"
+    return None if written == metadata.num_rows else f"holds {metadata.num_rows} rows, written with {written}"
 
 
 class RunStore:
@@ -406,6 +422,13 @@ class RunStore:
                 self.remove(entry)
         return self.shard_files(stage)
 
+    def reopen_stage(self, stage: str, files: list[str]) -> None:
+        """Mark a finished stage unfinished again, deleting ``files`` (damaged ones), so that a rerun
+        computes them again and keeps the rest."""
+        self.remove(f"{self.stage_path(stage)}/{MARKER}")
+        for path in files:
+            self.remove(path)
+
     def shard_files(self, stage: str) -> dict[str, str]:
         """``{shard name: path}`` of the shard files a stage holds."""
         return {posixpath.basename(p)[len(SHARD_PREFIX): -len(".parquet")]: p for p in self.parquet_files(stage)
@@ -432,7 +455,8 @@ class RunStore:
     def write_table(self, stage: str, table: pa.Table) -> None:
         """Write a small driver-side table as the stage's single Parquet file."""
         buf = pa.BufferOutputStream()
-        pq.write_table(table, buf)
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                      FILE_ROWS: str(table.num_rows).encode()}), buf)
         write_bytes_atomic(self.fs, f"{self.stage_path(stage)}/part-00000.parquet", buf.getvalue().to_pybytes())
 
     def read_table(self, stage: str, columns: list[str] | None = None, filter=None) -> pa.Table:
@@ -448,6 +472,12 @@ class RunStore:
         # Read as the declared schema (a file is as writable as the bucket: a column rewritten as text
         # must not reach a page or a computation), a file that does not fit refused by name.
         dataset = pads.dataset(files, format="parquet", filesystem=self.arrow_filesystem(), schema=schema)
+        try:  # the footers, read once and kept for the scan
+            damaged = {f.path: why for f in dataset.get_fragments() if (why := _row_damage(f.metadata))}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise self._misfit(stage, files, exc) from None
+        if damaged:
+            raise self._damage_error(stage, damaged)
         key = _layout(stage).row_order
         wanted = columns if key is None or columns is None or key in columns else [*columns, key]
         try:
@@ -461,6 +491,27 @@ class RunStore:
         # the same for the same config, however the stage was run.
         table = table.sort_by(key)
         return table if wanted is columns else table.drop_columns([key])
+
+    def damaged_files(self, stage: str) -> dict[str, str]:
+        """The stage's Parquet files that do not hold what was written (path -> why): unreadable, or
+        fewer or more rows than recorded when written. Files written before row counts were recorded
+        are trusted as they are."""
+        damaged, fs = {}, self.arrow_filesystem()
+        for path in self.parquet_files(stage):
+            try:
+                why = _row_damage(pq.read_metadata(path, filesystem=fs))
+            except (pa.ArrowInvalid, OSError):
+                why = "not a readable Parquet file"
+            if why:
+                damaged[path] = why
+        return damaged
+
+    def _damage_error(self, stage: str, damaged: dict[str, str]) -> StorageError:
+        listed = "; ".join(f"{path}: {why}" for path, why in list(damaged.items())[:3])
+        more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+        redo = ("rerun `genstress run` with the run's config to recompute them" if _layout(stage).made_by ==
+                "genstress run" else f"rerun {_layout(stage).made_by}")
+        return StorageError(f"the {stage} stage of {self.uri} is damaged: {listed}{more}; {redo}")
 
     def _misfit(self, stage: str, files: list[str], exc: BaseException) -> StorageError:
         """Which of a stage's files could not be read as its schema, and why (``exc``: what the read raised)."""
