@@ -344,8 +344,12 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (genstress stop, Kubernetes, a scheduler's time limit): ends a command as Ctrl-C does."""
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,10 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "resume", None):
             print(f"nothing of that stage was kept; to resume, run: {args.resume}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = f"; to resume, run: {args.resume}" if getattr(args, "resume", None) else ""
-        print(f"interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, Terminated)
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        return 143 if terminated else 130
     finally:
         _shutdown_ray()
         sys.stdout = stdout

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+
 from genstress_ray.labeling import LabelError
+from genstress_ray.labeling.table import removed_decisions
 
 RUN_HELP = "the run URI: <output>/<campaign>/<run_id>"
 CONFIG_HELP = ("the campaign's own config file; needed when the run's config names code to import (a "
@@ -32,14 +35,40 @@ def _label(args) -> int:
     if method is None:
         return _serve_review_page(store, args)
     options = {"rho": args.rho, "per_region": args.per_region, "fault_labels": args.fault_labels, "config": args.config}
-    labeling.write_labels(store, labeling.LABELLERS.get(method).label(store, getattr(args, method), options),
-                          class_names)
+    table = labeling.LABELLERS.get(method).label(store, getattr(args, method), options)
+    if table.num_rows == 0:
+        raise LabelError(f"no labels came from {method.replace('_', ' ')}: nothing written, the run's labels kept")
+    labeling.validate_labels(table, labeling.region_ids(store), class_names)  # what is wrong with them first
+    removed = removed_decisions(store, table)
+    if removed and not args.replace:
+        raise LabelError(f"these labels would remove {len(removed)} of the run's labels ({', '.join(removed[:5])}"
+                         f"{', ...' if len(removed) > 5 else ''}): nothing written; to replace the run's labels with "
+                         "these, add --replace")
+    labeling.write_labels(store, table, class_names)
     info = store.marker("labels")
     faults = info["labels"] - info["regions"]
     print(f"labels: {info['regions']} regions labelled, {info['failure_regions']} failure regions"
           + (f", {faults} faults labelled one by one" if faults else "") + f" -> {store.uri}/labels")
     print_flags(info.get("flagged", {}), store.uri)
     return 0
+
+
+def _share(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1")
+    return value
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def print_flags(flagged: dict[str, str], run_uri: str) -> None:
@@ -125,8 +154,10 @@ def add_label(sub) -> None:
     how = _method_options(label, LABELLERS)
     how.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write Label Studio tasks (+ config .xml)")
     label.add_argument("--config", help=CONFIG_HELP)
-    label.add_argument("--rho", type=float, default=0.5, help="oracle: failure when more than rho disagree")
-    label.add_argument("--per-region", type=int, default=10, help="samples reviewed (or shown) per region")
+    label.add_argument("--rho", type=_share, default=0.5, help="oracle: failure when more than rho disagree (0-1)")
+    label.add_argument("--per-region", type=_positive, default=10, help="samples reviewed (or shown) per region")
+    label.add_argument("--replace", action="store_true",
+                       help="let these labels remove labels the run has (by default that is refused)")
     label.add_argument("--port", type=int, default=0, help="review page: port on 127.0.0.1 (default: any free one)")
     label.add_argument("--fault-labels", type=int, default=5000, metavar="N",
                        help="oracle: also label N random faults one by one, for the correction baseline (0: none)")

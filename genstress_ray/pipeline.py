@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -96,9 +98,14 @@ def init_ray(cfg: CampaignConfig) -> None:
         for handler in logging.getLogger("ray.data").handlers:
             if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
                 handler.setLevel(logging.CRITICAL)
+    # Ray installs its own SIGTERM handler on the driver (it prints and exits 15); the command's own
+    # (end like Ctrl-C: lease released, resume command printed) is put back.
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     with contextlib.nullcontext() if loud else _stderr_silenced():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, log_to_driver=loud, logging_level=level)
+    if on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     for name in ("ray", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(level)
     ray.data.DataContext.get_current().enable_progress_bars = loud

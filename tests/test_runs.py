@@ -347,9 +347,12 @@ def _session_processes(sid: int) -> list[str]:
     return found
 
 
-def test_ctrl_c_ends_within_seconds_with_one_line_and_the_resume_command(config_file, tiny_config, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-stage: one line that names
-    the exact resuming command, within seconds, and no process of the run outlives it."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_within_seconds_with_one_line_and_the_resume_command(how, config_file, tiny_config, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to the driver (what
+    genstress stop, Kubernetes and schedulers send; Ray's own handler used to print and exit 15)
+    mid-stage: one line that names the exact resuming command, within seconds, the lease released,
+    and no process of the run outlives it."""
     cfg = {**tiny_config, "run_id": None, "strategy": {**tiny_config["strategy"], "draws": 4000}}
     config_file.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "genstress_ray.cli", "run", str(config_file)], cwd=tmp_path,
@@ -359,14 +362,20 @@ def test_ctrl_c_ends_within_seconds_with_one_line_and_the_resume_command(config_
         time.sleep(0.2)
     time.sleep(2)
     t0 = time.time()
-    os.killpg(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     took = time.time() - t0
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == (130 if how == "ctrl-c" else 143), err[-2000:]
     assert took < 15, took
-    assert "Traceback" not in err, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
     run_id = next((tmp_path / "runs" / "test").iterdir()).name
-    assert f"interrupted; to resume, run: genstress run {config_file} --run-id {run_id}" in err
+    said = "interrupted" if how == "ctrl-c" else "terminated (SIGTERM)"
+    assert f"{said}; to resume, run: genstress run {config_file} --run-id {run_id}" in err
+    store = RunStore(str(tmp_path / "runs"), "test", run_id)
+    assert read_lease(store.fs, store.path) is None  # released: a rerun need not wait for it
     time.sleep(3)
     assert not _session_processes(proc.pid), _session_processes(proc.pid)
 

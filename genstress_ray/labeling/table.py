@@ -83,6 +83,16 @@ def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> No
                                      "flagged": {str(r["region_id"]): r["flag"] for r in regions if r["flag"]}})
 
 
+def removed_decisions(store: RunStore, table: pa.Table) -> list[str]:
+    """The run's current labels (regions, or faults by sample id) that writing ``table`` would remove."""
+    if not store.is_complete(STAGE):
+        return []
+    key = (lambda r: f"region {r['region_id']}" if r["region_id"] is not None else f"fault {r['sample_id']}")
+    kept = {key(r) for r in table.select(["region_id", "sample_id"]).to_pylist()}
+    return [k for r in store.read_table(STAGE, columns=["region_id", "sample_id"]).to_pylist()
+            if (k := key(r)) not in kept]
+
+
 def read_labels(store: RunStore) -> pa.Table:
     if not store.is_complete(STAGE):
         raise LabelError(f"run {store.uri} has no labels yet")

@@ -34,6 +34,26 @@ def test_oracle_then_label_studio_export_and_a_bad_file(tiny_config, tiny_models
     assert main(["label", result.run_uri, "--file", str(bad)]) == 2
     assert "unknown region_id 999" in capsys.readouterr().err
     assert store.read_table("labels").to_pylist() == labels  # untouched
+    # A file with one region's label would remove every other label: refused unless --replace.
+    one = tmp_path / "one.csv"
+    one.write_text("region_id,label\n0,3\n")
+    assert main(["label", result.run_uri, "--file", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert f"would remove {len(labels) - 1} of the run's labels (region 1" in err and "--replace" in err
+    assert store.read_table("labels").to_pylist() == labels
+    # An import that labels nothing (a Label Studio export without annotations) writes nothing.
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main(["label", result.run_uri, "--import-label-studio", str(empty)]) == 2
+    assert "no labels came from import label studio" in capsys.readouterr().err
+    for option, value, why in (("--per-region", "0", "'0' is not a whole number of at least 1"),
+                               ("--rho", "2", "'2' is not a number from 0 to 1")):
+        with pytest.raises(SystemExit) as stopped:  # argparse's usage error
+            main(["label", result.run_uri, "--oracle", tiny_models["classifier"], option, value])
+        assert stopped.value.code == 2 and why in capsys.readouterr().err
+    assert store.read_table("labels").to_pylist() == labels
+    assert main(["label", result.run_uri, "--file", str(one), "--replace"]) == 0
+    assert [r["region_id"] for r in store.read_table("labels").to_pylist()] == [0]
 
 
 def test_label_needs_a_run_uri(tmp_path, capsys):
