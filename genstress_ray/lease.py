@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -285,6 +286,26 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def holding(store, wait: float = 0.0):
+    """Hold the run's lease for a short write, waiting up to ``wait`` seconds for another short writer
+    (a second review page) to finish; ``LeaseHeld`` after that (a campaign writing the run)."""
+    deadline = time.time() + wait
+    while True:
+        lease = RunLease.for_store(store)
+        try:
+            lease.acquire()
+            break
+        except LeaseHeld:
+            if time.time() >= deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def read_lease(fs: fsspec.AbstractFileSystem, run_path: str) -> dict[str, Any] | None:

@@ -24,9 +24,8 @@ import pyarrow as pa
 
 from genstress_ray.data import class_name, png_uri
 from genstress_ray.labeling.oracle import reviewed_samples
-from genstress_ray.labeling.table import (NOT_A_FAILURE, STAGE, labels_table, region_ids, validate_labels,
-                                          write_labels)
-from genstress_ray.repair import read_proposals, read_relabels, relabels_table, write_relabels
+from genstress_ray.labeling.table import NOT_A_FAILURE, STAGE, labels_table, region_ids, update_labels, validate_labels
+from genstress_ray.repair import read_proposals, read_relabels, relabels_table, update_relabels
 from genstress_ray.storage import RunStore, StorageError
 
 LOOPBACK = "127.0.0.1"
@@ -94,7 +93,6 @@ class ReviewStore:
         self.region_ids = region_ids(store)
         self.per_region = per_region
         self.annotator = annotator or getpass.getuser()
-        self._lock = threading.Lock()
 
     def labels(self) -> pa.Table:
         return self.store.read_table(STAGE) if self.store.is_complete(STAGE) else labels_table([])
@@ -107,9 +105,8 @@ class ReviewStore:
         row = labels_table([{"region_id": region_id, "label": label, "is_failure": label != NOT_A_FAILURE,
                              "source": "human", "annotator": self.annotator}])
         validate_labels(row, self.region_ids, self.class_names)
-        with self._lock:
-            kept = [r for r in self.labels().to_pylist() if r["region_id"] != region_id]
-            write_labels(self.store, pa.concat_tables([labels_table(kept), row]), self.class_names)
+        update_labels(self.store, lambda rows: [*(r for r in rows if r["region_id"] != region_id), *row.to_pylist()],
+                      self.class_names)
 
     def relabels(self) -> pa.Table:
         return read_relabels(self.store) if self.store.is_complete("relabels") else relabels_table([])
@@ -127,9 +124,8 @@ class ReviewStore:
             raise ValueError(f"{sample_id!r} is not a relabelling proposal of this run")
         row = {"sample_id": sample_id, "label": proposed[sample_id] if accept else None, "accepted": accept,
                "source": "human", "annotator": self.annotator}
-        with self._lock:
-            kept = [r for r in self.relabels().to_pylist() if r["sample_id"] != sample_id]
-            write_relabels(self.store, relabels_table([*kept, row]), self.class_names)
+        update_relabels(self.store, lambda rows: [*(r for r in rows if r["sample_id"] != sample_id), row],
+                        self.class_names)
 
     def _proposal_cards(self) -> str:
         """The third kind of card: one per relabelling proposal of ``genstress repair``."""

@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 
 from genstress_ray.labeling.support import with_flags
-from genstress_ray.lease import RunLease
+from genstress_ray.lease import RunLease, holding
 from genstress_ray.storage import LABELS_SCHEMA, RunStore
 
 STAGE = "labels"
@@ -71,16 +71,32 @@ def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> No
     replace the run's ``labels`` table in one atomic step: earlier labels stay readable until the new
     file is in place, and bad labels touch nothing."""
     validate_labels(table, region_ids(store), class_names)
+    with RunLease.for_store(store):  # one writer per run: not while a campaign or correction writes it
+        _write(store, table, class_names)
+
+
+def update_labels(store: RunStore, change, class_names: list[str], wait: float = 3.0) -> None:
+    """Apply ``change`` (the run's label rows -> the new rows) under the run's lease, reading the
+    labels again there: two review pages on one run never overwrite each other's answers. Waits up to
+    ``wait`` seconds for another short writer; ``LeaseHeld`` when a campaign holds the run."""
+    with holding(store, wait):
+        current = store.read_table(STAGE).to_pylist() if store.is_complete(STAGE) else []
+        table = labels_table(change(current))
+        validate_labels(table, region_ids(store), class_names)
+        _write(store, table, class_names)
+
+
+def _write(store: RunStore, table: pa.Table, class_names: list[str]) -> None:
+    """Flag and write a validated labels table (the caller holds the run's lease)."""
     table = with_flags(labels_table(table.to_pylist()), store, class_names)
     rows = table.to_pylist()
     regions = [r for r in rows if r["region_id"] is not None]
-    sources = sorted({r["source"] for r in rows})
-    with RunLease.for_store(store):  # one writer per run: not while a campaign or correction writes it
-        store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
-        store.write_table(STAGE, table)
-        store.complete_stage(STAGE, {"labels": table.num_rows, "regions": len(regions), "sources": sources,
-                                     "failure_regions": sum(bool(r["is_failure"]) for r in regions),
-                                     "flagged": {str(r["region_id"]): r["flag"] for r in regions if r["flag"]}})
+    store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
+    store.write_table(STAGE, table)
+    store.complete_stage(STAGE, {"labels": table.num_rows, "regions": len(regions),
+                                 "sources": sorted({r["source"] for r in rows}),
+                                 "failure_regions": sum(bool(r["is_failure"]) for r in regions),
+                                 "flagged": {str(r["region_id"]): r["flag"] for r in regions if r["flag"]}})
 
 
 def removed_decisions(store: RunStore, table: pa.Table) -> list[str]:

@@ -2,9 +2,10 @@
 on them (oracle, file, Label Studio, review page), and applying accepted relabels to D."""
 
 from genstress_ray.repair.decisions import (DECIDERS, apply_relabels, read_relabels, relabels_table,
-                                            validate_relabels, write_relabels)
+                                            update_relabels, validate_relabels, write_relabels)
 from genstress_ray.repair.proposals import (KEEP, RepairError, label_studio_tasks, proposal_table, propose,
                                             read_proposals, write_proposals)
 
 __all__ = ["DECIDERS", "KEEP", "RepairError", "apply_relabels", "label_studio_tasks", "proposal_table", "propose", "read_proposals",
-           "read_relabels", "relabels_table", "validate_relabels", "write_proposals", "write_relabels"]
+           "read_relabels", "relabels_table", "update_relabels", "validate_relabels", "write_proposals",
+           "write_relabels"]

@@ -25,7 +25,7 @@ from genstress_ray.labeling.files import truthy
 from genstress_ray.labeling.label_studio import annotation_choice
 from genstress_ray.labeling.methods import CONFIG_ORACLE, Labeller
 from genstress_ray.labeling.table import SOURCES
-from genstress_ray.lease import RunLease
+from genstress_ray.lease import RunLease, holding
 from genstress_ray.models import ModelRef
 from genstress_ray.models.training import images_predictions
 from genstress_ray.registry import Registry
@@ -65,11 +65,25 @@ def write_relabels(store: RunStore, table: pa.Table, class_names: list[str]) -> 
     """Validate against the run's proposals, then replace the ``relabels`` table in one atomic step."""
     validate_relabels(table, read_proposals(store), class_names)
     with RunLease.for_store(store):
-        store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
-        store.write_table(STAGE, table)
-        store.complete_stage(STAGE, {"decisions": table.num_rows,
-                                     "accepted": sum(bool(a) for a in table["accepted"].to_pylist()),
-                                     "sources": sorted(set(table["source"].to_pylist()))})
+        _write(store, table)
+
+
+def update_relabels(store: RunStore, change, class_names: list[str], wait: float = 3.0) -> None:
+    """Apply ``change`` (the run's decision rows -> the new rows) under the run's lease, reading the
+    decisions again there (see ``labeling.update_labels``)."""
+    with holding(store, wait):
+        current = store.read_table(STAGE).to_pylist() if store.is_complete(STAGE) else []
+        table = relabels_table(change(current))
+        validate_relabels(table, read_proposals(store), class_names)
+        _write(store, table)
+
+
+def _write(store: RunStore, table: pa.Table) -> None:
+    store.fs.makedirs(store.stage_path(STAGE), exist_ok=True)
+    store.write_table(STAGE, table)
+    store.complete_stage(STAGE, {"decisions": table.num_rows,
+                                 "accepted": sum(bool(a) for a in table["accepted"].to_pylist()),
+                                 "sources": sorted(set(table["source"].to_pylist()))})
 
 
 def read_relabels(store: RunStore) -> pa.Table:

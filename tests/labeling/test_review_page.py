@@ -173,3 +173,32 @@ def test_values_from_the_run_folder_are_shown_as_text_never_run(served_run, page
     assert "onerror" not in text  # the message never quotes what the file holds
     assert refused.value.headers["Content-Type"].startswith("text/plain")
     assert set(_labels(server)) == {0}
+
+
+def test_two_review_pages_on_one_run_never_overwrite_each_others_answers(served_run):
+    """Two `genstress label` servers on one run: a decision answered 200 was later overwritten by the
+    other page's write, made from labels it had read before."""
+    import threading
+
+    from genstress_ray.labeling.review import ReviewStore
+
+    store = served_run.review.store
+    pages = [ReviewStore(store, annotator="a"), ReviewStore(store, annotator="b")]
+    errors = []
+
+    def click(page, region):
+        try:
+            for label in ["1", "2", "3", "4", "5", "6", "7", "8"]:
+                page.save(region, label)
+        except Exception as exc:  # pragma: no cover - what must not happen
+            errors.append(exc)
+
+    threads = [threading.Thread(target=click, args=(page, region)) for page, region in zip(pages, (0, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    labels = _labels(served_run)
+    assert labels[0]["label"] == "8" and labels[0]["annotator"] == "a"
+    assert labels[1]["label"] == "8" and labels[1]["annotator"] == "b"
