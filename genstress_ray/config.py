@@ -73,7 +73,12 @@ def _one_of(value: str, allowed, what: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN are never a setting; they would only fail inside a Ray task.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Every seed feeds numpy's and torch's generators: a negative one, or one past 64 bits, fails there.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class DataSpec(_Strict):
@@ -83,7 +88,7 @@ class DataSpec(_Strict):
     uri: Location | None = None
     split: str = "test"
     limit: Annotated[int, Field(gt=0)] | None = None
-    seed: int = 0
+    seed: Seed = 0
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     test_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2  # 1: every image is test (a search-only folder)
     resize: Annotated[int, Field(gt=0)] | None = None
@@ -372,7 +377,7 @@ class CampaignConfig(_Strict):
     """A whole campaign: what to search, with which models and strategy, where to write, on what resources."""
 
     campaign: Name = "campaign"
-    seed: int = 0
+    seed: Seed = 0
     # Torch threads for the driver's own work (training built-ins, calibration, labelling, evaluation).
     # Set, not left to torch's default, because trained weights depend on the thread count.
     threads: Annotated[int, Field(gt=0)] = 1

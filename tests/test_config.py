@@ -26,6 +26,13 @@ def test_defaults_validate_and_resources_become_ray_arguments():
     ({"resources": {"search": {"batch_size": 0}}}, "resources.search.batch_size", "greater than 0"),
     ({"campaign": "has space"}, "campaign", "is not a name: letters, digits"),
     ({"surprise": 1}, "surprise", "Extra inputs"),
+    # Values that used to fail only inside a Ray task ("UDF failed to process a data block").
+    ({"seed": -1}, "seed", "greater than or equal to 0"),
+    ({"seed": 2**70}, "seed", "less than"),
+    ({"data": {"search": {"seed": -3}}}, "data.search.seed", "greater than or equal to 0"),
+    ({"strategy": {"name": "defuse", "draws": 10**12}}, "strategy.defuse.draws", "less than or equal to 1000000"),
+    ({"strategy": {"name": "defuse", "a": float("inf")}}, "strategy.defuse.a", "finite number"),
+    ({"strategy": {"name": "defuse", "b": float("nan")}}, "strategy.defuse.b", "finite number"),
 ])
 def test_each_bad_value_is_named_with_what_is_allowed(raw, field, allowed):
     with pytest.raises(ConfigError) as err:

@@ -19,9 +19,9 @@ from genstress_ray.registry import Registry
 
 
 class StrategyParams(BaseModel):
-    """Base of every strategy's parameters: unknown fields are refused."""
+    """Base of every strategy's parameters: unknown fields, infinity and NaN are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
 
     @property

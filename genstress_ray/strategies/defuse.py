@@ -36,7 +36,8 @@ class DefuseParams(StrategyParams):
     preset: Literal["reference"] | None = None
     a: Annotated[float, Field(gt=0)] = 40.0
     b: Annotated[float, Field(gt=0)] = 40.0
-    draws: Annotated[int, Field(gt=0)] = 50
+    # Per search image; past a million the noise for one batch no longer fits in memory.
+    draws: Annotated[int, Field(gt=0, le=1_000_000)] = 50
     centred: bool = True
     keep: Literal["faults", "all"] = "faults"
     max_faults_per_image: Annotated[int, Field(gt=0)] = 5
