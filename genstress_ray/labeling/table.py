@@ -40,11 +40,14 @@ def labels_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(filled, schema=LABELS_SCHEMA)
 
 
-def validate_labels(table: pa.Table, known_regions: list[int], class_names: list[str]) -> None:
-    """Refuse unknown region ids, labels outside the class list, duplicates and unknown sources."""
+def validate_labels(table: pa.Table, known_regions: list[int], class_names: list[str] | None,
+                    refused: str = "labels rejected, nothing written") -> None:
+    """Refuse unknown region ids, labels outside the class list (unchecked when ``class_names`` is
+    None), failures without a label, duplicates and unknown sources (a LabelError that starts with
+    ``refused`` and lists every problem)."""
     problems = []
     known = set(known_regions)
-    allowed = set(class_names) | {NOT_A_FAILURE}
+    allowed = None if class_names is None else set(class_names) | {NOT_A_FAILURE}
     seen = set()
     for i, row in enumerate(table.to_pylist()):
         where = f"row {i + 1}"
@@ -53,9 +56,11 @@ def validate_labels(table: pa.Table, known_regions: list[int], class_names: list
             problems.append(f"{where}: needs a region_id or a sample_id")
         if rid is not None and rid not in known:
             problems.append(f"{where}: unknown region_id {rid} (the run has {sorted(known)})")
-        if row["label"] is not None and row["label"] not in allowed:
+        if allowed is not None and row["label"] is not None and row["label"] not in allowed:
             problems.append(f"{where}: label {row['label']!r} is not a class (allowed: {', '.join(class_names)}, "
                             f"{NOT_A_FAILURE!r})")
+        if row["is_failure"] and row["label"] is None:
+            problems.append(f"{where}: a failure needs a label")
         if row["source"] not in SOURCES:
             problems.append(f"{where}: source {row['source']!r} is not one of {', '.join(SOURCES)}")
         key = (rid, row["sample_id"])
@@ -63,7 +68,7 @@ def validate_labels(table: pa.Table, known_regions: list[int], class_names: list
             problems.append(f"{where}: duplicate label for {'region ' + str(rid) if rid is not None else row['sample_id']}")
         seen.add(key)
     if problems:
-        raise LabelError("labels rejected, nothing written:\n  " + "\n  ".join(problems))
+        raise LabelError(f"{refused}:\n  " + "\n  ".join(problems))
 
 
 def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> None:
@@ -110,6 +115,10 @@ def removed_decisions(store: RunStore, table: pa.Table) -> list[str]:
 
 
 def read_labels(store: RunStore) -> pa.Table:
+    """The run's labels, checked as when they were written: the table is as writable as the bucket."""
     if not store.is_complete(STAGE):
         raise LabelError(f"run {store.uri} has no labels yet")
-    return store.read_table(STAGE)
+    table = store.read_table(STAGE)
+    validate_labels(table, region_ids(store), store.read_manifest().get("class_names"),
+                    f"the labels of run {store.uri} were changed since they were written; relabel the run")
+    return table

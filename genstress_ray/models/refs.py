@@ -80,8 +80,6 @@ def load_generator(ref: ModelRef, image_shape, kind: str = "latent_generator", n
 def load_segmenter(module, meta: dict, class_names: list[str], image_shape):
     """A loaded segmentation network behind the ``Segmenter`` protocol; a checkpoint that names its
     classes must name the masks' classes, in their order (a pixel's class index is its mask value)."""
-    from genstress_ray.models.segmentation import Segmenter
-
     named = meta.get("class_names")
     if named and list(named) != list(class_names):
         raise ModelError(f"classifier: the segmentation model's classes {list(named)} differ from the masks' "

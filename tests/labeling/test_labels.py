@@ -6,12 +6,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from genstress_ray.labeling import (NOT_A_FAILURE, LabelError, oracle_labels, read_label_file, read_labels,
-                                    write_labels)
+from genstress_ray.labeling import (NOT_A_FAILURE, LabelError, labels_table, oracle_labels, read_label_file,
+                                    read_labels, write_labels)
 from genstress_ray.models import Classifier
 from genstress_ray.regions import REGIONS_SCHEMA
 from genstress_ray.data import png_bytes
-from genstress_ray.storage import RunStore
+from genstress_ray.storage import LABELS_SCHEMA, RunStore
 
 CLASSES = ["dark", "bright"]
 
@@ -165,3 +165,18 @@ def test_malformed_label_studio_exports_are_named_not_tracebacks(run_with_region
     with pytest.raises(LabelError, match=f"export.json', {re.escape(message)}.*nothing imported"):
         import_export(str(path), run_with_regions.uri)
     assert not run_with_regions.is_complete("labels")
+
+
+def test_labels_changed_in_the_run_folder_are_refused_when_read(run_with_regions, tmp_path):
+    """A labels table rewritten with a label outside the classes, or a failure without a label, went
+    into correction unchecked."""
+    run_with_regions.write_manifest({"class_names": CLASSES})
+    write_labels(run_with_regions, labels_table([{"region_id": 0, "label": "dark", "is_failure": True,
+                                                  "source": "human"}]), CLASSES)
+    assert read_labels(run_with_regions).num_rows == 1
+    rows = [{**r, "label": "99"} for r in run_with_regions.read_table("labels").to_pylist()]
+    rows.append({**rows[0], "region_id": 1, "label": None})
+    run_with_regions.write_table("labels", pa.Table.from_pylist(rows, schema=LABELS_SCHEMA))
+    with pytest.raises(LabelError, match=r"labels of run .* were changed since they were written; relabel the run:"
+                                         r"\n  row 1: label '99' is not a class.*\n  row 2: a failure needs a label"):
+        read_labels(run_with_regions)
