@@ -289,14 +289,15 @@ def _run_owned(cfg: CampaignConfig, store: RunStore, stages: tuple[str, ...], le
                started: float, progress) -> CampaignResult:
     manifest = store.read_manifest()
     current = cfg.model_dump(mode="json")
-    if manifest:
-        refuse_differences(manifest_config(store, manifest), current, f"run {store.uri} was made with another config",
+    stored = manifest_config(store, manifest) if manifest else None
+    if stored is not None:
+        refuse_differences(stored, current, f"run {store.uri} was made with another config",
                            ". Use a new run id (README: 'Runs and resuming')")
     # The configs whose finished stages this run may keep: this one, and the one the manifest recorded
     # (it may differ by fields added since, with their defaults).
-    made_by = Made(config_fingerprint(current),
-                   {config_fingerprint(current), *([config_fingerprint(manifest_config(store, manifest))]
-                                                   if manifest else [])}, bool(manifest))
+    fingerprint = config_fingerprint(current)
+    made_by = Made(fingerprint, {fingerprint, *([config_fingerprint(stored)] if stored is not None else [])},
+                   stored is not None)
     _refuse_foreign_stages(store, stages, made_by)  # before anything is written, the manifest included
     ctx = RunContext.from_config(cfg, store, manifest)
     # Load once on the driver: a shape, class-count or checkpoint mismatch fails here, before Ray work.

@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 
 from genstress_ray.labeling.support import with_flags
-from genstress_ray.lease import RunLease, holding
+from genstress_ray.lease import holding
 from genstress_ray.storage import LABELS_SCHEMA, RunStore
 
 STAGE = "labels"
@@ -76,7 +76,7 @@ def write_labels(store: RunStore, table: pa.Table, class_names: list[str]) -> No
     replace the run's ``labels`` table in one atomic step: earlier labels stay readable until the new
     file is in place, and bad labels touch nothing."""
     validate_labels(table, region_ids(store), class_names)
-    with RunLease.for_store(store):  # one writer per run: not while a campaign or correction writes it
+    with holding(store):  # one writer per run: not while a campaign or correction writes it
         _write(store, table, class_names)
 
 

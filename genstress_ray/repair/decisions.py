@@ -25,7 +25,7 @@ from genstress_ray.labeling.files import truthy
 from genstress_ray.labeling.label_studio import annotation_choice
 from genstress_ray.labeling.methods import CONFIG_ORACLE, Labeller
 from genstress_ray.labeling.table import SOURCES
-from genstress_ray.lease import RunLease, holding
+from genstress_ray.lease import holding
 from genstress_ray.models import ModelRef
 from genstress_ray.models.training import images_predictions
 from genstress_ray.registry import Registry
@@ -64,7 +64,7 @@ def validate_relabels(table: pa.Table, proposals: pa.Table, class_names: list[st
 def write_relabels(store: RunStore, table: pa.Table, class_names: list[str]) -> None:
     """Validate against the run's proposals, then replace the ``relabels`` table in one atomic step."""
     validate_relabels(table, read_proposals(store), class_names)
-    with RunLease.for_store(store):
+    with holding(store):
         _write(store, table)
 
 
