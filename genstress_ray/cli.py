@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
+import traceback
 
 from genstress_ray.config import ConfigError
 from genstress_ray.console import HideRayNotices, configure_output
@@ -81,6 +83,7 @@ def _correct(args) -> int:
                                    "relabel": args.relabel or None, "region_data": args.region_data,
                                    "confirm_flagged": args.confirm_flagged}.items()
                  if v is not None}
+    args.resume = shlex.join(["genstress", *args.argv])  # a failed trial's sweep is run again whole
     print(run_correction(args.run, overrides, config=args.config).summary())
     return 0
 
@@ -354,6 +357,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if argv is None:
         # SIGTERM (genstress stop, a scheduler's timeout) ends a command as Ctrl-C does: Ray shut down,
         # the run's lease released, the resume command printed.
@@ -368,9 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except StageError as exc:
+        if args.verbose:  # the worker's whole traceback, as Ray gives it
+            traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
-        if getattr(args, "resume", None):
+        if exc.fault.resumable and getattr(args, "resume", None):
             print(f"nothing of that stage was kept; to resume, run: {args.resume}", file=sys.stderr)
+        else:
+            print("nothing of that stage was kept", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         hint = f"; to resume, run: {args.resume}" if getattr(args, "resume", None) else ""

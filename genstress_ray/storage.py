@@ -26,6 +26,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from genstress_ray.faults import root_cause
+
 MARKER = "_COMPLETE"
 MANIFEST = "manifest.json"
 # Stages written shard by shard: <stage>/shard-<name>.parquet, counts under this key of its metadata.
@@ -169,28 +171,13 @@ def check_name(field: str, value: str) -> str:
 
 
 class StageError(RuntimeError):
-    """A stage of a run failed; nothing of it was marked complete, and rerunning the same command resumes."""
+    """A stage of a run failed; nothing of it was marked complete. ``fault`` is its root cause; when it
+    is ``resumable`` (a full disk, an unreachable endpoint, a lost node), the same command resumes once
+    the cause is gone."""
 
     def __init__(self, stage: str, run_uri: str, cause: BaseException):
-        self.stage, self.run_uri = stage, run_uri
-        super().__init__(f"stage {stage} of run {run_uri} failed: {short_cause(cause)}")
-
-
-def short_cause(exc: BaseException) -> str:
-    """One line for an exception, from the innermost cause of a chain (Ray wraps a worker's error,
-    traceback and all, in its own exceptions)."""
-    while True:
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException) or inner is exc:
-            break
-        exc = inner
-    if isinstance(exc, OSError) and exc.strerror:  # Ray's wrapper keeps errno and path, not the message
-        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    else:
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        text = lines[0] if lines else ""
-    name = type(exc).__name__.removeprefix("RayTaskError(").rstrip(")")
-    return f"{name}: {text}"[:400]
+        self.stage, self.run_uri, self.fault = stage, run_uri, root_cause(cause)
+        super().__init__(f"stage {stage} of run {run_uri} failed: {self.fault}")
 
 
 def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -39,7 +39,7 @@ from genstress_ray.lease import RunLease
 from genstress_ray.pipeline import decode_region_samples, init_ray
 from genstress_ray.real_regions import FailureRegions, failure_region_labels
 from genstress_ray.repair import apply_relabels, read_relabels
-from genstress_ray.storage import CORRECTION_RESULTS, RunStore, read_bytes, write_bytes_atomic
+from genstress_ray.storage import CORRECTION_RESULTS, RunStore, StageError, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 RESULT_KEYS = ("test_acc", "region_test_acc", "val_acc", "region_val_acc", "real_members_val_acc",
@@ -345,8 +345,11 @@ def _sweep(ctx: RunContext, datasets: dict, methods: dict[str, str]) -> list[dic
                                 augment=c.region_data == "augmented", shuffle_rows=c.shuffle_rows)
     log.info("correction: %d trials (%s x %d lambdas)", len(methods) * len(c.lambdas), "/".join(methods) or "none",
              len(c.lambdas))
-    rows = run_trials(datasets, ctx.models["classifier"], ctx.class_names, ctx.image_shape, methods, c.lambdas,
-                      settings, resources, ctx.store.stage_uri("correction", "trials"))
+    try:
+        rows = run_trials(datasets, ctx.models["classifier"], ctx.class_names, ctx.image_shape, methods, c.lambdas,
+                          settings, resources, ctx.store.stage_uri("correction", "trials"))
+    except Exception as exc:  # a trial's error arrives wrapped in Ray's, its cause as text
+        raise StageError("correction", ctx.store.uri, exc) from exc
     for t in rows[1:]:
         log.info("correction: %-8s lambda %-8g val %.4f region val %.4f test %.4f region test %.4f", t["method"],
                  t["lam"], t["val_acc"], t["region_val_acc"], t["test_acc"], t["region_test_acc"])

@@ -206,7 +206,7 @@ def run_trials(datasets: dict[str, ray.data.Dataset], model: ModelRef, class_nam
             # A trial Tune never started has no config.
             trial = (result.config or {}).get("trial")
             if result.error is not None:
-                raise RuntimeError(f"correction trial {trial} failed: {result.error}")
+                raise RuntimeError(f"correction trial {trial} failed") from result.error
             if "method" not in (result.metrics or {}):
                 # Tune takes Ctrl-C itself and returns the trials it stopped, unreported: an interrupt.
                 raise KeyboardInterrupt(f"correction trial {trial} was stopped before it reported")

@@ -33,7 +33,8 @@ from genstress_ray.counterfactuals.chat import (DONE, STEPS, ChatEndpoint, Endpo
                                                 to_rewrite)
 from genstress_ray.counterfactuals.text import Rewrite
 from genstress_ray.stages.shards import bytes_table, read_shards, table_bytes
-from genstress_ray.storage import REWRITES_SCHEMA, RunStore, short_cause
+from genstress_ray.faults import short_cause
+from genstress_ray.storage import REWRITES_SCHEMA, RunStore
 
 log = logging.getLogger(__name__)
 PASSES_PER_ATTEMPT = len(STEPS)
