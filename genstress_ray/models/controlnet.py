@@ -16,7 +16,7 @@ import torch
 
 from genstress_ray.models.diffusion_generators import StableDiffusionComponents, load_stable_diffusion
 from genstress_ray.models.folders import local_folder
-from genstress_ray.models.protocols import ModelError
+from genstress_ray.models.protocols import LOAD_ERRORS, ModelError, load_failure
 
 # The reference code's negative prompt for regeneration.
 NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry, deformed, watermark, text"
@@ -55,8 +55,8 @@ class ControlNetRegenerator:
             try:
                 controlnet = ControlNetModel.from_pretrained(local_folder(controlnet, "controlnet"), torch_dtype=dtype,
                                                              local_files_only=True)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelError(f"ControlNet folder {controlnet!r} failed to load: {exc}") from None
+            except LOAD_ERRORS as exc:
+                raise ModelError(f"ControlNet folder {controlnet!r} failed to load: {load_failure(exc)}") from None
         sched = scheduler_class(scheduler).from_config(parts.scheduler_config)
         self.pipe = StableDiffusionControlNetPipeline(
             vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,

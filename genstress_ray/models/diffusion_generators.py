@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genstress_ray.models.diffusion import NOISE_SCHEDULE
-from genstress_ray.models.protocols import ModelError
+from genstress_ray.models.protocols import LOAD_ERRORS, ModelError, load_failure
 from genstress_ray.models.folders import local_folder
 
 # The sub-folders of a diffusers Stable Diffusion folder this project loads (the safety checker and
@@ -194,8 +194,8 @@ def load_stable_diffusion(uri: str, dtype: torch.dtype = torch.float32) -> Stabl
         vae = AutoencoderKL.from_pretrained(folder / "vae", **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"Stable Diffusion folder {uri!r} failed to load: {exc}") from exc
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"Stable Diffusion folder {uri!r} failed to load: {load_failure(exc)}") from None
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     return StableDiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler_config).eval()
 

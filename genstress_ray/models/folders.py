@@ -23,7 +23,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from genstress_ray.models.protocols import ModelError
+from genstress_ray.models.protocols import LOAD_ERRORS, ModelError, load_failure
 from genstress_ray.storage import StorageError, default_cache, filesystem_for
 
 
@@ -66,8 +66,8 @@ def load_transformers_folder(uri: str, what: str, kind: str, needed: tuple[str, 
     try:
         return (preprocessor.from_pretrained(folder, local_files_only=True),
                 model.from_pretrained(folder, local_files_only=True).to(device).eval())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{what} folder {uri!r} cannot be loaded: {exc}") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"{what} folder {uri!r} cannot be loaded: {load_failure(exc)}") from None
 
 
 def folder_format(uri: str) -> str | None:
@@ -125,8 +125,8 @@ def load_transformers_classifier(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     folder = local_folder(uri, "transformers")
     try:
         model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"transformers classifier {uri!r} failed to load: {str(exc).splitlines()[0]}") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"transformers classifier {uri!r} failed to load: {load_failure(exc)}") from None
     config = model.config
     names = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
     meta = {"class_names": names, "input": transformers_input(folder, config, uri)}
@@ -205,8 +205,8 @@ def load_autoencoder_kl(uri: str, folder: Path, resolution: int | None = None) -
     diffusers_logging.disable_progress_bar()
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"AutoencoderKL folder {uri!r} failed to load: {str(exc).splitlines()[0]}") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"AutoencoderKL folder {uri!r} failed to load: {load_failure(exc)}") from None
     return KLAutoencoder(vae.eval(), resolution).eval()
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from genstress_ray.models.folders import folder_format, load_diffusers, load_transformers_classifier
-from genstress_ray.models.protocols import ModelError
+from genstress_ray.models.protocols import ModelError, load_failure
 from genstress_ray.models.registry import get_model
 from genstress_ray.storage import StorageError, filesystem_for, read_bytes, write_bytes_atomic
 
@@ -129,7 +129,7 @@ def load_module(uri: str, fmt: str = "auto", architecture: str | None = None, fa
         raise
     except Exception as exc:
         how = f"format auto: read as {fmt}" if guessed else f"format {fmt}"
-        raise ModelError(f"checkpoint {uri!r} is not a model checkpoint ({how} failed: {str(exc).splitlines()[0]}); "
+        raise ModelError(f"checkpoint {uri!r} is not a model checkpoint ({how} failed: {load_failure(exc)}); "
                          f"it is {_describe(data)}. Formats: TorchScript (.pt), safetensors, a torch.save "
                          "state dict, a diffusers or transformers model folder") from exc
     architecture = architecture or meta.get("architecture")

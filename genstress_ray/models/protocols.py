@@ -7,6 +7,7 @@ generator has ``encode`` and ``decode``); the wrappers here add what the pipelin
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,21 @@ from torch import nn
 
 class ModelError(ValueError):
     """A model could not be loaded, or does not fit the data it is asked to work on."""
+
+
+# What loading a checkpoint or a model folder raises on a bad file (transformers and diffusers let
+# torch's weights-only unpickler's errors through as they are).
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why a load failed, in one line, never quoting the file. torch's own message for a pickle of
+    Python objects advises loading it unsafely: that is not advice to pass on."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it holds pickled Python objects besides tensors, which are never unpickled (weights only)"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 # ITU-R BT.601 luma, as PIL's RGB -> L conversion.

@@ -113,3 +113,28 @@ def test_a_built_in_checkpoint_takes_data_of_another_size_resized_to_its_own(tin
     x = torch.rand(2, 1, 28, 28)
     small = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", antialias=True)
     assert torch.allclose(clf(x), clf.net(small), atol=1e-5)
+
+
+class _MakesAFolder:
+    """A pickle that, if ever unpickled, leaves a folder behind."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def test_a_transformers_folder_holding_a_pickle_of_objects_is_refused_unread(hf_resnet, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(hf_resnet, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    torch.save({"w": _MakesAFolder(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="pickled.*holds pickled Python objects besides tensors") as err:
+        load_classifier(ModelRef(str(folder)), NAMES, (3, 32, 32))
+    assert not marker.exists() and "weights_only` set to `False" not in str(err.value)

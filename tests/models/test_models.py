@@ -172,3 +172,17 @@ def test_registries_refuse_a_name_twice_and_list_what_is_registered():
         register_model("small_cnn", "classifier")(lambda **p: None)
     with pytest.raises(ValueError, match=r"dataset kind 'digits' is already registered \(registered: .*mnist"):
         register_source(DigitsSource)
+
+
+def test_a_generator_pickle_is_refused_without_advice_to_load_it_unsafely(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "generator.pkl"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ModelError, match="generator.pkl.*pickled Python objects besides tensors") as err:
+        load_module(str(path), architecture="beta_vae", params={"in_shape": [1, 8, 8], "latent_dim": 4})
+    assert "weights_only" not in str(err.value).replace("(weights only)", "")

@@ -88,3 +88,21 @@ def test_plots_stay_readable_with_many_classes():
     uri = _bar_plot([f"class {i}" for i in range(43)], values, "faults by class", "faults")
     image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
     assert image.size[1] >= 100 * (1.2 + 0.24 * 26) - 5  # a bar row of 24 px for each of 26 bars
+
+
+def test_a_report_of_a_tampered_regions_table_is_refused_naming_the_file(tiny_config, capsys):
+    """`n_members` rewritten as markup text: `genstress report` names the file and column, quotes
+    nothing of it and writes no page (before: a traceback)."""
+    import pyarrow as pa
+
+    result = run_campaign(tiny_config)
+    store = RunStore.from_uri(result.run_uri)
+    regions = store.read_table("regions")
+    markup = pa.array(["<img src=x onerror=alert(1)>"] * regions.num_rows)
+    store.write_table("regions", regions.set_column(regions.schema.get_field_index("n_members"), "n_members",
+                                                    markup))
+    assert main(["report", result.run_uri]) == 2
+    err = capsys.readouterr().err
+    assert "column 'n_members' is string, not int64" in err and ".parquet" in err
+    assert "onerror" not in err and "Traceback" not in err
+    assert not store.fs.exists(f"{store.path}/report/index.html")
