@@ -1,7 +1,14 @@
 """A user's own model, built through a ``package.module:function`` factory in tests."""
 
+import os
+import time
+import traceback
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from genstress_ray.models.architectures import BetaVAE
 
 
 def tiny_mlp(in_features: int = 64, num_classes: int = 10) -> nn.Module:
@@ -183,3 +190,47 @@ def write_tiny_chat_lm(folder, chat_template: str | None = CHAT_TEMPLATE) -> Non
     LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                                  pad_token_id=0, bos_token_id=2, eos_token_id=3)).save_pretrained(folder)
+
+
+class GatedVAE(BetaVAE):
+    """The built-in beta-VAE, whose ``decode`` inside a search stage's Ray actor holds at a gate the test
+    closes (``gate``: a folder). Each actor that reaches it, mid-batch with its shard not yet written,
+    says so in a file naming its node, so a test removes a node known to hold work in flight."""
+
+    def __init__(self, gate: str = "", **params):
+        super().__init__(**params)
+        self.gate = Path(gate) if gate else None
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            _hold_at_gate(self.gate)
+        return super().decode(z)
+
+
+_HELD: set[str] = set()  # gate generations this process has already held at
+
+
+def _hold_at_gate(gate: Path) -> None:
+    import ray
+
+    if not ray.is_initialized():  # the driver's checks before Ray starts (asking would start it)
+        return
+    context = ray.get_runtime_context()
+    in_batch = any(frame.name == "process_batch" for frame in traceback.extract_stack())
+    if context.get_actor_id() is None or not in_batch:  # the driver's checks and actor set-up pass
+        return
+    try:
+        generation = (gate / "closed").read_text()
+    except FileNotFoundError:
+        return
+    if generation in _HELD:
+        return
+    _HELD.add(generation)
+    (gate / f"busy-{generation}-{context.get_node_id()}-{os.getpid()}").write_text("")
+    deadline = time.monotonic() + 300
+    while not (gate / f"open-{generation}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def gated_vae(**params) -> GatedVAE:
+    return GatedVAE(**params)
