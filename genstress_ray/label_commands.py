@@ -127,8 +127,9 @@ def _repair(args) -> int:
           "(proposals.csv; label_studio_tasks.json with label_studio_config.xml)")
     if method is not None:
         decide = repair.DECIDERS.get(method)
-        repair.write_relabels(store, decide.label(store, getattr(args, method), {"config": args.config}),
-                              ctx.class_names)
+        # Added to the run's decisions: an image decided again takes its new decision, none is lost.
+        repair.add_relabels(store, decide.label(store, getattr(args, method), {"config": args.config}),
+                            ctx.class_names)
         done = store.marker("relabels")
         print(f"relabels: {done['accepted']} of {done['decisions']} decided proposals accepted -> "
               f"{store.stage_uri('relabels')}; apply them with: genstress correct {store.uri} --relabel")

@@ -23,11 +23,13 @@ from genstress_ray.regions import assign_real, membership_criterion
 
 @dataclass
 class RegionMembers:
-    """One split's images, each with its failure region (-1: none) and that region's label (-1: none)."""
+    """One split's images, each with its failure region (-1: none), that region's label (-1: none) and
+    its log density under the region's Gaussian (``score``: higher is more typical of the region)."""
 
     split: ImageSet
     region: np.ndarray
     target: np.ndarray
+    score: np.ndarray
 
     @property
     def inside(self) -> np.ndarray:
@@ -78,15 +80,17 @@ class FailureRegions:
         with torch.no_grad():
             return torch.cat([self.generator.encode(chunk)[0] for chunk in x.split(512)]).numpy()
 
-    def place(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each image's failure region (-1: none) and that region's label (-1: none)."""
+    def place(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each image's failure region (-1: none), that region's label (-1: none) and its log density
+        there (-inf outside)."""
         if not len(images):
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         latents = self.latents(images)
         known = self.fault_latents if len(self.fault_latents) else np.zeros((0, latents.shape[1]))
         membership = assign_real(self.regions, known, latents, self.quantile)
         target = np.array([self.failure_labels.get(int(r), -1) for r in membership.region], np.int64)
-        return np.where(target >= 0, membership.region, -1), target
+        inside = target >= 0
+        return np.where(inside, membership.region, -1), target, np.where(inside, membership.log_density, -np.inf)
 
     def members(self, split: ImageSet) -> RegionMembers:
         """Which of ``split``'s images lie inside which failure region."""

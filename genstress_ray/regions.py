@@ -105,13 +105,15 @@ class RealMembership:
     ``region``: the region id of each image, or -1 for the rest of the data (the mixture was fitted on
     failures only, so most real images belong to no region). ``radius``: per region, the squared
     Mahalanobis distance within which it claims an image (the ``quantile`` of its own members'
-    distances); ``members``: real images per region.
+    distances); ``members``: real images per region; ``log_density``: each image's log density under
+    its region's Gaussian (-inf outside every region), how typical of the region it is.
     """
 
     region: np.ndarray
     radius: dict[int, float]
     members: dict[int, int]
     quantile: float
+    log_density: np.ndarray | None = None
 
     def criterion(self) -> str:
         return membership_criterion(self.quantile)
@@ -197,13 +199,13 @@ def assign_real(regions: pa.Table, fault_latents: np.ndarray, latents: np.ndarra
     latents = np.asarray(latents, np.float64)
     ids = regions["region_id"].to_pylist()
     if not ids or not len(latents):
-        return RealMembership(np.full(len(latents), -1, np.int64), {}, {}, quantile)
+        return RealMembership(np.full(len(latents), -1, np.int64), {}, {}, quantile, np.full(len(latents), -np.inf))
     own = footprints(regions, fault_latents, quantile)
     radius = {rid: own[rid].radius for rid in ids}
     inside = np.stack([own[rid].contains(latents) for rid in ids], 1)
     density = np.where(inside, region_log_density(regions, latents), -np.inf)
     region = np.where(inside.any(1), np.asarray(ids)[density.argmax(1)], -1)
-    return RealMembership(region, radius, {i: int((region == i).sum()) for i in ids}, quantile)
+    return RealMembership(region, radius, {i: int((region == i).sum()) for i in ids}, quantile, density.max(1))
 
 
 def fit_regions(latents: np.ndarray, source_labels: np.ndarray, preds: np.ndarray, max_components: int = 100,

@@ -73,10 +73,14 @@ LABELS_SCHEMA = pa.schema([
 PROPOSALS_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("row", pa.int64()), ("region_id", pa.int64()), ("dataset_label", pa.string()),
     ("proposed_label", pa.string()), ("image", pa.binary()),
+    # The image's log density under its region's Gaussian: proposals are listed most typical first.
+    ("score", pa.float64()),
 ])
 RELABELS_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("label", pa.string()), ("accepted", pa.bool_()), ("source", pa.string()),
     ("annotator", pa.string()), ("time", pa.float64()),
+    # Decided by its region's row (one decision for all the region's proposals), not one by one.
+    ("by_region", pa.bool_()),
 ])
 
 

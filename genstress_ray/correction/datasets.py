@@ -143,7 +143,7 @@ class PlaceInRegions:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
-        region, target = self.regions.place(images)
+        region, target, _ = self.regions.place(images)
         inside = target >= 0
         label = target[inside] if self.relabel else batch["label"][inside]
         return _rows(images[inside], label, region[inside], target[inside])

@@ -25,7 +25,7 @@ import pyarrow as pa
 from genstress_ray.data import class_name, png_uri
 from genstress_ray.labeling.oracle import reviewed_samples
 from genstress_ray.labeling.table import NOT_A_FAILURE, STAGE, labels_table, region_ids, update_labels, validate_labels
-from genstress_ray.repair import read_proposals, read_relabels, relabels_table, update_relabels
+from genstress_ray.repair import ranked, read_proposals, read_relabels, relabels_table, update_relabels
 from genstress_ray.storage import RunStore, StorageError
 
 LOOPBACK = "127.0.0.1"
@@ -133,7 +133,7 @@ class ReviewStore:
             return ""
         decided = self.decisions()
         cards = []
-        for i, p in enumerate(read_proposals(self.store).to_pylist()):
+        for i, p in enumerate(ranked(read_proposals(self.store))):  # by region, most typical first
             card, sid = f"proposal-{i}", _text(p["sample_id"])
             choice = decided.get(p["sample_id"])
             buttons = "".join(

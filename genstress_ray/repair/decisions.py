@@ -68,6 +68,27 @@ def write_relabels(store: RunStore, table: pa.Table, class_names: list[str]) -> 
         _write(store, table)
 
 
+def merged(current: list[dict], new: list[dict]) -> list[dict]:
+    """The run's decisions with ``new`` ones added: each image takes its new decision; every earlier
+    decision on another image is kept. A region's decision that contradicts an earlier decision made on
+    one of its images by itself is refused, unless the new decisions hold that image's own row."""
+    mine = {r["sample_id"]: r for r in new}
+    clashes = [f"{sid}: decided {'accept' if old['accepted'] else 'keep'} on its own before, its region now "
+               f"says {'accept' if mine[sid]['accepted'] else 'keep'}"
+               for old in current if (sid := old["sample_id"]) in mine and mine[sid].get("by_region")
+               and not old.get("by_region") and bool(old["accepted"]) != bool(mine[sid]["accepted"])]
+    if clashes:
+        raise RepairError(f"{len(clashes)} region decision(s) contradict earlier per-image decisions; nothing "
+                          "written (add a row for each such image to the decisions, as an exception):\n  "
+                          + "\n  ".join(clashes[:20]))
+    return [r for r in current if r["sample_id"] not in mine] + list(mine.values())
+
+
+def add_relabels(store: RunStore, table: pa.Table, class_names: list[str]) -> None:
+    """Add decisions to the run's (``merged``), under the run's lease: no earlier decision is lost."""
+    update_relabels(store, lambda current: merged(current, table.to_pylist()), class_names)
+
+
 def update_relabels(store: RunStore, change, class_names: list[str], wait: float = 3.0) -> None:
     """Apply ``change`` (the run's decision rows -> the new rows) under the run's lease, reading the
     decisions again there (see ``labeling.update_labels``)."""
@@ -142,22 +163,51 @@ def _records(uri: str) -> list[dict]:
 
 def _file(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
     """Rows ``sample_id, accept[, label]`` (the proposals CSV, filled in); rows left blank are undecided.
-    ``label`` defaults to the proposed label."""
-    proposed = dict(zip(*(read_proposals(store)[c].to_pylist() for c in ("sample_id", "proposed_label"))))
-    rows = []
+    ``label`` defaults to the proposed label. A row with a ``region_id`` and no ``sample_id`` decides every
+    proposal of that region; an image's own row is an exception to it."""
+    proposals = read_proposals(store).select(["sample_id", "region_id", "proposed_label"]).to_pylist()
+    proposed = {r["sample_id"]: r["proposed_label"] for r in proposals}
+    regions: dict[int, list[str]] = {}
+    for r in proposals:
+        regions.setdefault(r["region_id"], []).append(r["sample_id"])
+    images, whole = {}, {}
     for i, rec in enumerate(_records(value)):
+        where = f"decisions file {value!r} row {i + 1}"
         if "sample_id" not in rec or "accept" not in rec:
-            raise RepairError(f"decisions file {value!r} row {i + 1}: needs 'sample_id' and 'accept' (has {sorted(rec)})")
+            raise RepairError(f"{where}: needs 'sample_id' and 'accept' (has {sorted(rec)})")
         try:
             accept = truthy(rec["accept"], "accept")
         except LabelError as exc:
-            raise RepairError(f"decisions file {value!r} row {i + 1}: {exc}") from None
+            raise RepairError(f"{where}: {exc}") from None
         if accept is None:
             continue
-        label = str(rec.get("label") or proposed.get(rec["sample_id"], "")).strip()
-        rows.append({"sample_id": rec["sample_id"], "label": label, "accepted": accept, "source": "file",
-                     "annotator": str(rec.get("annotator") or "file")})
-    return relabels_table(rows)
+        annotator = str(rec.get("annotator") or "file")
+        sid = str(rec["sample_id"] or "").strip()
+        if not sid:
+            region = _region_of(rec, where, regions)
+            if region in whole:
+                raise RepairError(f"{where}: a second decision for region {region}")
+            whole[region] = {"accepted": accept, "annotator": annotator, "label": rec.get("label")}
+            continue
+        label = str(rec.get("label") or proposed.get(sid, "")).strip()
+        images[sid] = {"sample_id": sid, "label": label, "accepted": accept, "source": "file",
+                       "annotator": annotator, "by_region": False}
+    rows = [{"sample_id": sid, "label": str(d["label"] or proposed[sid]).strip(), "accepted": d["accepted"],
+             "source": "file", "annotator": d["annotator"], "by_region": True}
+            for region, d in whole.items() for sid in regions[region] if sid not in images]
+    return relabels_table(rows + list(images.values()))
+
+
+def _region_of(rec: dict, where: str, regions: dict[int, list[str]]) -> int:
+    try:
+        region = int(str(rec.get("region_id", "")).strip())
+    except ValueError:
+        raise RepairError(f"{where}: a row without a sample_id decides a region and needs its region_id "
+                          f"(has {rec.get('region_id')!r})") from None
+    if region not in regions:
+        raise RepairError(f"{where}: region {region} has no proposals (regions with proposals: "
+                          f"{', '.join(map(str, sorted(regions))) or 'none'})")
+    return region
 
 
 def _label_studio(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:

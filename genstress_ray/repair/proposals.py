@@ -6,7 +6,10 @@ is taught again by every pass over D, and fine-tuning on generated samples of th
 it. The proposals name those rows so that a person (or an oracle) can correct D itself.
 
 ``genstress repair RUN`` writes them to ``repair/proposals`` (a table), ``repair/proposals/proposals.csv``
-(one row each, an empty ``accept`` column to fill in) and Label Studio tasks with their labeling config.
+and Label Studio tasks with their labeling config. Within a region they are ranked, most typical of the
+region first, so a reviewer's budget goes to the likeliest rows. The CSV opens each region with one row
+for the region as a whole (no ``sample_id``): one ``accept`` there decides all its proposals, and a
+filled-in image row below it is an exception.
 """
 
 from __future__ import annotations
@@ -66,7 +69,27 @@ def proposal_table(members: RegionMembers, class_names: list[str]) -> pa.Table:
     return pa.Table.from_pylist([
         {"sample_id": split.source_ids[i], "row": int(i), "region_id": int(members.region[i]),
          "dataset_label": class_names[split.labels[i]], "proposed_label": class_names[members.target[i]],
-         "image": png_bytes(split.images[i])} for i in rows], schema=PROPOSALS_SCHEMA)
+         "image": png_bytes(split.images[i]), "score": float(members.score[i])} for i in rows],
+        schema=PROPOSALS_SCHEMA)
+
+
+def ranked(proposals: pa.Table) -> list[dict]:
+    """The proposals by region, most typical of their region first (``score``, then sample id)."""
+    return sorted(proposals.to_pylist(), key=lambda r: (r["region_id"], -(r["score"] or 0.0), r["sample_id"]))
+
+
+def proposals_csv(proposals: pa.Table) -> str:
+    """The reviewer's sheet: per region, one row deciding it whole (no sample_id), then its images, ranked."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["sample_id", "region_id", "dataset_label", "proposed_label", "accept"])
+    rows = ranked(proposals)
+    for region in sorted({r["region_id"] for r in rows}):
+        mine = [r for r in rows if r["region_id"] == region]
+        writer.writerow(["", region, f"{len(mine)} images", mine[0]["proposed_label"], ""])
+        for r in mine:
+            writer.writerow([r["sample_id"], region, r["dataset_label"], r["proposed_label"], ""])
+    return buf.getvalue()
 
 
 def write_proposals(store: RunStore, table: pa.Table, info: dict, class_names: list[str]) -> None:
@@ -74,12 +97,7 @@ def write_proposals(store: RunStore, table: pa.Table, info: dict, class_names: l
     with RunLease.for_store(store):
         store.begin_stage(STAGE)
         store.write_table(STAGE, table)
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["sample_id", "region_id", "dataset_label", "proposed_label", "accept"])
-        for r in table.select(["sample_id", "region_id", "dataset_label", "proposed_label"]).to_pylist():
-            writer.writerow([r["sample_id"], r["region_id"], r["dataset_label"], r["proposed_label"], ""])
-        store.fs.pipe_file(f"{store.stage_path(STAGE)}/{PROPOSALS_CSV}", buf.getvalue().encode())
+        store.fs.pipe_file(f"{store.stage_path(STAGE)}/{PROPOSALS_CSV}", proposals_csv(table).encode())
         tasks = label_studio_tasks(table, store.uri)
         store.fs.pipe_file(f"{store.stage_path(STAGE)}/{LABEL_STUDIO_TASKS}", json.dumps(tasks).encode())
         store.fs.pipe_file(f"{store.stage_path(STAGE)}/{LABEL_STUDIO_CONFIG}", labeling_config(class_names).encode())
@@ -99,7 +117,7 @@ def label_studio_tasks(proposals: pa.Table, run_uri: str) -> list[dict]:
                       "question": f"the dataset says {r['dataset_label']}; its failure region says "
                                   f"{r['proposed_label']}. What is this image?",
                       "sample_id": r["sample_id"], "region_id": r["region_id"], "genstress_run": run_uri}}
-            for r in proposals.to_pylist()]
+            for r in ranked(proposals)]
 
 
 def labeling_config(class_names: list[str]) -> str:

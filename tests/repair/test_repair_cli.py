@@ -17,7 +17,7 @@ from genstress_ray.labeling import labels_table, write_labels
 from genstress_ray.labeling.review import ReviewServer
 from genstress_ray.models import ModelRef, load_generator
 from genstress_ray.regions import assign_real
-from genstress_ray.repair import DECIDERS, KEEP, read_proposals, read_relabels, validate_relabels
+from genstress_ray.repair import DECIDERS, KEEP, ranked, read_proposals, read_relabels, validate_relabels
 
 from browser import CHROMIUM
 
@@ -50,6 +50,19 @@ def repair_run(tiny_config, request):
     return store, expected
 
 
+def _sheet(store) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(store.fs.cat_file(f"{store.stage_path('proposals')}/proposals.csv")
+                                           .decode())))
+
+
+def _write_sheet(path, rows) -> str:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
 def _decide(store, capsys, *args) -> dict:
     assert main(["repair", store.uri, *args]) == 0, capsys.readouterr().err
     return {r["sample_id"]: r for r in read_relabels(store).to_pylist()}
@@ -64,17 +77,15 @@ def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, c
     ids = sorted(proposals["sample_id"].to_pylist())
     assert ids == expected
     assert set(proposals["proposed_label"].to_pylist()) == {"3"}
-    # The CSV: one row per proposal, an empty accept column. Filled in: the first rejected, one left blank.
-    rows = list(csv.DictReader(io.StringIO(store.fs.cat_file(f"{store.stage_path('proposals')}/proposals.csv").decode())))
-    assert sorted(r["sample_id"] for r in rows) == ids and all(r["accept"] == "" for r in rows)
+    # The CSV: a row for the region, then one per proposal, an empty accept column. Filled in image by
+    # image: the first rejected, one left blank.
+    rows = _sheet(store)
+    assert [r["sample_id"] for r in rows[:1]] == [""] and all(r["accept"] == "" for r in rows)
+    rows = rows[1:]
+    assert sorted(r["sample_id"] for r in rows) == ids
     for i, r in enumerate(rows):
         r["accept"] = "no" if i == 0 else ("" if i == 1 else "yes")
-    decisions = tmp_path / "decisions.csv"
-    with open(decisions, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    decided = _decide(store, capsys, "--file", str(decisions))
+    decided = _decide(store, capsys, "--file", _write_sheet(tmp_path / "decisions.csv", rows))
     assert rows[1]["sample_id"] not in decided and not decided[rows[0]["sample_id"]]["accepted"]
     accepted = sorted(r["sample_id"] for r in rows[2:])
     assert sorted(s for s, d in decided.items() if d["accepted"]) == accepted
@@ -117,7 +128,7 @@ def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, c
 def test_the_review_page_shows_proposal_cards_and_saves_decisions(repair_run, request):
     store, _ = repair_run
     assert main(["repair", store.uri]) == 0
-    first = read_proposals(store)["sample_id"].to_pylist()[0]
+    first = ranked(read_proposals(store))[0]["sample_id"]  # the page's first card: the most typical
     server = ReviewServer(store, per_region=3)
     server.start()
     try:
@@ -185,3 +196,44 @@ def test_relabel_without_decisions_is_refused_and_changes_nothing(labelled_run, 
     assert main(["correct", store.uri, "--relabel"]) == 2
     assert "no relabelling decisions" in capsys.readouterr().err
     assert {p: store.fs.cat_file(p) for p in store.fs.find(store.path)} == before
+
+
+def test_one_decision_per_region_with_exceptions_and_ranked_proposals(repair_run, tmp_path, capsys):
+    """The sheet opens each region with a row deciding it whole, its images ranked most typical first;
+    an image's own row is an exception; a later region decision that contradicts an image decided on
+    its own is refused whole, and earlier decisions are never lost."""
+    store, expected = repair_run
+    assert main(["repair", store.uri]) == 0
+    sheet = _sheet(store)
+    region_row, images = sheet[0], sheet[1:]
+    assert region_row["sample_id"] == "" and region_row["dataset_label"] == f"{len(expected)} images"
+    scores = dict(zip(*(read_proposals(store)[c].to_pylist() for c in ("sample_id", "score"))))
+    ranked = [scores[r["sample_id"]] for r in images]
+    assert ranked == sorted(ranked, reverse=True) and all(np.isfinite(ranked))
+
+    exception = images[-1]["sample_id"]
+    region_row["accept"], images[-1]["accept"] = "yes", "no"
+    decided = _decide(store, capsys, "--file", _write_sheet(tmp_path / "whole.csv", [region_row, *images]))
+    assert sorted(decided) == expected
+    assert not decided[exception]["accepted"] and not decided[exception]["by_region"]
+    assert all(d["accepted"] and d["by_region"] and d["label"] == "3" for s, d in decided.items() if s != exception)
+
+    # The region rejected whole: agrees with the exception, replaces the region's own earlier answer.
+    region_row["accept"], images[-1]["accept"] = "no", ""
+    decided = _decide(store, capsys, "--file", _write_sheet(tmp_path / "reject.csv", [region_row, *images]))
+    assert not any(d["accepted"] for d in decided.values())
+    # An image accepted on its own, then the region rejected again without that exception: refused.
+    only = {**images[0], "accept": "yes"}
+    decided = _decide(store, capsys, "--file", _write_sheet(tmp_path / "one.csv", [only]))
+    assert decided[only["sample_id"]]["accepted"] and len(decided) == len(expected)  # the others kept
+    assert main(["repair", store.uri, "--file", str(tmp_path / "reject.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "contradict earlier per-image decisions" in err and only["sample_id"] in err
+    assert _decide(store, capsys) == decided
+
+    # A region row naming a region without proposals, or none: named, nothing written.
+    for bad in ("99", "x"):
+        path = _write_sheet(tmp_path / f"bad-{bad}.csv", [{**region_row, "region_id": bad, "accept": "yes"}])
+        assert main(["repair", store.uri, "--file", path]) == 2
+        assert "row 1" in capsys.readouterr().err
+    assert _decide(store, capsys) == decided
