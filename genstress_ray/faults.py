@@ -6,6 +6,7 @@ block") and keeps the worker's real error only as traceback text, so the root ca
 
 from __future__ import annotations
 
+import builtins
 import errno
 import re
 from dataclasses import dataclass
@@ -19,8 +20,7 @@ _RAY_WRAPPERS = {"UserCodeException", "RayTaskError", "RayError"}
 
 # Faults of the machine, the network or the cluster: the same command succeeds once they are gone.
 _ENVIRONMENT = {
-    "OSError", "IOError", "FileNotFoundError", "PermissionError", "ConnectionError", "ConnectionRefusedError",
-    "ConnectionResetError", "BrokenPipeError", "TimeoutError", "MemoryError", "OutOfMemoryError",
+    "MemoryError", "OutOfMemoryError",
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
     "ServerDisconnectedError", "NoCredentialsError", "ClientError",
     # Ray's own: a worker, node or object lost, memory or disk exhausted.
@@ -95,6 +95,12 @@ def _described(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__.removeprefix("RayTaskError(").rstrip(")"), message
 
 
+def _builtin_os_error(name: str) -> bool:
+    """A built-in ``OSError`` kind (NotADirectoryError, IsADirectoryError, BlockingIOError, ...)."""
+    kind = getattr(builtins, name, None)
+    return isinstance(kind, type) and issubclass(kind, OSError)
+
+
 def _classify(name: str, message: str) -> Fault:
     code = _ERRNO.search(message)
     advice = _ERRNO_ADVICE.get(int(code.group(1))) if code else None
@@ -105,7 +111,7 @@ def _classify(name: str, message: str) -> Fault:
     advice = advice or _NAMED_ADVICE.get(name)
     if advice:
         return Fault(name, message, advice, True)
-    if name in _ENVIRONMENT or name.endswith("ConnectionError"):
+    if name in _ENVIRONMENT or name.endswith("ConnectionError") or _builtin_os_error(name):
         unreachable = any(word in (name + message).lower() for word in ("connect", "timeout", "timed out"))
         advice = ("the endpoint could not be reached: check it and the network, then resume" if unreachable
                   else "a fault of the machine, storage or cluster: once it is fixed, resume")
