@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "genstress_ray"
 # Lowest first. A module may import its own layer and the ones below.
 LAYERS = [
-    ("foundation", ["registry", "storage", "lease", "progress", "cleanup", "data", "metrics"]),
+    ("foundation", ["registry", "faults", "storage", "lease", "progress", "cleanup", "data", "metrics"]),
     ("models", ["models"]),
     ("strategies", ["strategies", "regions", "counterfactuals"]),
     ("campaign config", ["config", "runs"]),
