@@ -113,7 +113,7 @@ class RealMembership:
     radius: dict[int, float]
     members: dict[int, int]
     quantile: float
-    log_density: np.ndarray | None = None
+    log_density: np.ndarray
 
     def criterion(self) -> str:
         return membership_criterion(self.quantile)
