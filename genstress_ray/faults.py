@@ -131,14 +131,10 @@ def root_cause(exc: BaseException) -> Fault:
     'the disk holding the run is full: free space there, then resume'
     """
     chain = _chain(exc)
-    errors = []
-    for wrapper in chain:  # Ray's task error holds the worker's whole chained traceback, as text only
-        if type(wrapper).__name__.startswith("RayTaskError"):
-            errors = _from_traceback(str(wrapper))
-            break
-    errors = [e for e in errors or [_described(e) for e in reversed(chain)] if e[0] not in _RAY_WRAPPERS]
-    if not errors:
-        errors = [_described(chain[-1])]
+    # Ray's task error holds the worker's whole chained traceback, as text only.
+    ray_error = next((e for e in chain if type(e).__name__.startswith("RayTaskError")), None)
+    errors = (ray_error and _from_traceback(str(ray_error))) or [_described(e) for e in reversed(chain)]
+    errors = [e for e in errors if e[0] not in _RAY_WRAPPERS] or [_described(chain[-1])]
     shown = _classify(*errors[-1])
     if shown.resumable:
         return shown

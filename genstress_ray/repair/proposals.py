@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import itertools
 import json
 from xml.sax.saxutils import quoteattr
 
@@ -83,9 +84,8 @@ def proposals_csv(proposals: pa.Table) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["sample_id", "region_id", "dataset_label", "proposed_label", "accept"])
-    rows = ranked(proposals)
-    for region in sorted({r["region_id"] for r in rows}):
-        mine = [r for r in rows if r["region_id"] == region]
+    for region, mine in itertools.groupby(ranked(proposals), key=lambda r: r["region_id"]):
+        mine = list(mine)
         writer.writerow(["", region, f"{len(mine)} images", mine[0]["proposed_label"], ""])
         for r in mine:
             writer.writerow([r["sample_id"], region, r["dataset_label"], r["proposed_label"], ""])
