@@ -11,9 +11,13 @@ is the oracle. Real held-out images are the other 5,000 test images with their t
 subgroup is their 1s above the same slant threshold, the rest is every other image.
 
 Workflow, as the README documents it: ``genstress run`` (Defuse, jobs/mnist_defuse.yaml's settings),
-oracle labels, ``genstress correct`` once per ``correction.region_data`` (generated with the
-baseline, real, both, augmented), then ``genstress repair --oracle`` and ``genstress correct --relabel``.
-Lambda is chosen with ``select_by: combined``. Writes benchmarks/results/planted_bug.json.
+oracle labels, then data repair: ``genstress repair --oracle`` with each retrieval (every proposal
+decided), the default retrieval decided as a reviewer would (``--grid 16 --exceptions 200``: one
+decision per region, then 200 images one by one), and ``genstress correct --relabel`` on those
+decisions. Beside it, on the same training split: cleanlab's ``find_label_issues`` on 3-fold
+out-of-fold probabilities of the classifier's recipe, and the clean oracle diffed over D (an upper bound
+a user rarely has). ``--region-data`` adds a correction per ``correction.region_data`` without
+relabelling. Lambda is chosen with ``select_by: combined``. Writes benchmarks/results/planted_bug.json.
 """
 
 from __future__ import annotations
@@ -144,7 +148,11 @@ def main() -> int:
     parser.add_argument("--rho", type=float, default=0.25,
                         help="oracle labels: a failure region when more than rho of its reviewed samples are "
                              "misclassified (the subgroup's region sits on the boundary: about a third are)")
-    parser.add_argument("--per-region", type=int, default=50, help="oracle labels: samples reviewed per region")
+    parser.add_argument("--per-region", type=int, default=100, help="oracle labels: samples reviewed per region")
+    parser.add_argument("--grid", type=int, default=16, help="repair: proposals the oracle looks at per region")
+    parser.add_argument("--exceptions", type=int, default=200, help="repair: per-image decisions after the regions'")
+    parser.add_argument("--region-data", nargs="*", default=[], choices=REGION_DATA,
+                        help="also correct once per correction.region_data (no relabelling), as issue 28 measured")
     parser.add_argument("--quick", action="store_true", help="a smoke test of the script: 500 search images, "
                                                              "20 draws, one lambda, one epoch; no results file")
     args = parser.parse_args()
@@ -154,7 +162,7 @@ def main() -> int:
     from genstress_ray.config import DataSpec
     from genstress_ray.context import RunContext, load_split
     from genstress_ray.labeling.methods import CONFIG_ORACLE
-    from genstress_ray.models.training import train_and_save
+    from genstress_ray.models.training import images_predictions, train_and_save
     from genstress_ray.pipeline import run_campaign
     from genstress_ray.storage import RunStore
 
@@ -188,16 +196,32 @@ def main() -> int:
               "oracle_val_acc": metrics.get("val_acc"), "rho": args.rho, "per_region": args.per_region,
               "regions": regions,
               "before": scores(ctx.models["classifier"].uri, test, subgroup), "region_data": {}}
-    for choice in REGION_DATA:
+    for choice in args.region_data:
         result["region_data"][choice] = correct(store.uri, {"region_data": choice, "baseline": choice == "generated"},
                                                 test, subgroup)
 
-    # Data repair: proposals, the oracle's decisions, and a correction on the relabelled D.
-    table, info = repair.propose(ctx, ctx.cfg.correction.member_quantile)
-    repair.write_proposals(store, table, info, ctx.class_names)
-    repair.write_relabels(store, repair.DECIDERS.get("oracle").label(store, CONFIG_ORACLE, {}), ctx.class_names)
-    decided = repair.read_relabels(store)
-    result["repair"] = _precision_recall(table, decided, planted["planted_train_rows"], ctx)
+    # Data repair: each retrieval with the oracle deciding every proposal, then the default retrieval
+    # decided as a reviewer would (one decision per region + per-image exceptions), which the
+    # correction then applies. Peers on the same training split: cleanlab and a clean oracle over D.
+    train = load_split(ctx.cfg.data.train_spec())
+    planted_ids = set(train.source_ids) & {f"mnist:train:{i}" for i in planted["planted_train_rows"]}
+    result["repair"] = {"planted_in_train_split": len(planted_ids), "grid": args.grid, "exceptions": args.exceptions}
+    oracle_decider = repair.DECIDERS.get("oracle")
+    for retrieval, options in (("radius", {}), ("kind", {}), ("kind", {"grid": args.grid, "exceptions": args.exceptions})):
+        started_repair = time.time()
+        table, info = repair.propose(ctx, ctx.cfg.correction.member_quantile, retrieval)
+        repair.write_proposals(store, table, info, ctx.class_names)
+        decided = oracle_decider.label(store, CONFIG_ORACLE, options)
+        repair.write_relabels(store, decided, ctx.class_names)
+        name = retrieval + (", one decision per region" if options else ", every image decided")
+        result["repair"][name] = _precision_recall(table, decided, planted_ids) | {
+            "seconds": round(time.time() - started_repair, 1)}
+    result["repair"]["cleanlab"] = _cleanlab(train, planted_ids, ctx.cfg, args.threads, epochs=1 if args.quick else None)
+    reference = ctx.oracle()
+    disagree = {sid for sid, p, y in zip(train.source_ids, images_predictions(reference, train.images), train.labels)
+                if p != y}
+    result["repair"]["clean oracle over D"] = _found(disagree, planted_ids) | {"decisions": len(disagree)}
+    print(json.dumps(result["repair"], indent=2), flush=True)
     result["repair"]["correction"] = correct(store.uri, {"region_data": "generated", "relabel": True,
                                                          "baseline": False}, test, subgroup)
     result.update(seconds={"search_labels": round(searched - started, 1), "total": round(time.time() - started, 1)},
@@ -227,19 +251,57 @@ def _found_regions(store, class_names: list[str]) -> list[dict]:
     return out
 
 
-def _precision_recall(proposals, decided, planted_rows: list[int], ctx) -> dict:
-    """Proposals (and the oracle-accepted relabels) against the planted rows of D's training split."""
-    from genstress_ray.context import load_split
+def _found(ids: set[str], planted_ids: set[str]) -> dict:
+    hits = len(ids & planted_ids)
+    return {"n": len(ids), "planted": hits, "precision": hits / len(ids) if ids else None,
+            "recall": hits / len(planted_ids) if planted_ids else None}
 
-    train = load_split(ctx.cfg.data.train_spec())
-    planted_ids = set(train.source_ids) & {f"mnist:train:{i}" for i in planted_rows}
-    out = {"planted_in_train_split": len(planted_ids)}
-    accepted = {r["sample_id"] for r in decided.to_pylist() if r["accepted"]}
-    for name, ids in (("proposals", set(proposals["sample_id"].to_pylist())), ("accepted", accepted)):
-        hits = len(ids & planted_ids)
-        out[name] = {"n": len(ids), "planted": hits, "precision": hits / len(ids) if ids else None,
-                     "recall": hits / len(planted_ids) if planted_ids else None}
-    return out
+
+def _precision_recall(proposals, decided, planted_ids: set[str]) -> dict:
+    """Proposals and the accepted relabels against the planted rows of D's training split; decisions
+    counts a region decided whole once."""
+    rows = decided.to_pylist()
+    regions = {r["region_id"] for r in proposals.select(["region_id"]).to_pylist()}
+    by_region = any(r["by_region"] for r in rows)
+    one_by_one = sum(not r["by_region"] for r in rows)
+    return {"proposals": _found(set(proposals["sample_id"].to_pylist()), planted_ids),
+            "accepted": _found({r["sample_id"] for r in rows if r["accepted"]}, planted_ids),
+            "decisions": (len(regions) if by_region else 0) + one_by_one,
+            "region_decisions": len(regions) if by_region else 0, "image_decisions": one_by_one}
+
+
+def _cleanlab(train, planted_ids: set[str], cfg, threads: int, folds: int = 3, epochs: int | None = None) -> dict:
+    """cleanlab's find_label_issues on out-of-fold probabilities of the classifier's own recipe
+    (``epochs`` overrides its epochs)."""
+    import torch
+    from cleanlab.filter import find_label_issues
+
+    from genstress_ray.data import ImageSet, to_float
+    from genstress_ray.models import load_module
+    from genstress_ray.models.training import train_and_save
+
+    started = time.time()
+    order = np.random.default_rng(0).permutation(len(train.labels))
+    probs = np.zeros((len(train.labels), len(train.class_names)))
+    recipe = dict(cfg.classifier.train) | ({"epochs": epochs} if epochs else {})
+
+    def part(rows):
+        return ImageSet(train.images[rows], train.labels[rows], [train.source_ids[i] for i in rows], train.class_names)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(folds):
+            held = order[k::folds]
+            rest = np.setdiff1d(order, held)
+            uri = f"{tmp}/fold{k}.safetensors"
+            train_and_save("classifier", cfg.classifier.architecture, part(rest), None, uri, {}, recipe, threads)
+            net = load_module(uri)[0].eval()
+            with torch.no_grad():
+                probs[held] = torch.cat([net(to_float(train.images[held[i:i + 1024]])).softmax(1)
+                                         for i in range(0, len(held), 1024)]).numpy()
+    issues = find_label_issues(train.labels, probs)
+    return _found({train.source_ids[i] for i in np.flatnonzero(issues)}, planted_ids) | {
+        "decisions": int(issues.sum()), "folds": folds, "seconds": round(time.time() - started, 1),
+        "version": __import__("cleanlab").__version__}
 
 
 if __name__ == "__main__":

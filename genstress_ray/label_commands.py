@@ -119,16 +119,20 @@ def _repair(args) -> int:
     ctx = RunContext.open(args.run, args.config, overrides=quantile)  # a bad quantile is named here
     store = ctx.store
     method = next((name for name in repair.DECIDERS if getattr(args, name)), None)
-    if args.again or quantile or not store.is_complete("proposals"):
-        repair.write_proposals(store, *repair.propose(ctx, ctx.cfg.correction.member_quantile), ctx.class_names)
+    made = store.marker("proposals").get("retrieval", "radius") if store.is_complete("proposals") else None
+    if args.again or quantile or made is None or args.retrieval not in (None, made):
+        retrieval = args.retrieval or made or "kind"
+        repair.write_proposals(store, *repair.propose(ctx, ctx.cfg.correction.member_quantile, retrieval),
+                               ctx.class_names)
     info = store.marker("proposals")
-    print(f"repair: {info['proposals']} of {info['train_images']} training images lie inside a failure region "
-          f"with another dataset label ({info['members']} inside one) -> {store.stage_uri('proposals')} "
-          "(proposals.csv; label_studio_tasks.json with label_studio_config.xml)")
+    print(f"repair: {info['proposals']} of {info['train_images']} training images proposed for relabelling by "
+          f"{len(info['failure_regions'])} failure regions (retrieval: {info.get('retrieval', 'radius')}) -> "
+          f"{store.stage_uri('proposals')} (proposals.csv; label_studio_tasks.json with label_studio_config.xml)")
     if method is not None:
         decide = repair.DECIDERS.get(method)
         # Added to the run's decisions: an image decided again takes its new decision, none is lost.
-        repair.add_relabels(store, decide.label(store, getattr(args, method), {"config": args.config}),
+        repair.add_relabels(store, decide.label(store, getattr(args, method), {
+            "config": args.config, "grid": args.grid, "exceptions": args.exceptions}),
                             ctx.class_names)
         done = store.marker("relabels")
         print(f"relabels: {done['accepted']} of {done['decisions']} decided proposals accepted -> "
@@ -167,13 +171,24 @@ def add_label(sub) -> None:
 
 def add_repair(sub) -> None:
     from genstress_ray.repair import DECIDERS
+    from genstress_ray.repair.retrieval import RETRIEVALS
 
     repair = sub.add_parser("repair", help="propose relabelling the training images inside failure regions whose "
                                            "dataset label differs from the region's, and decide the proposals")
     repair.add_argument("run", help=RUN_HELP)
     _method_options(repair, DECIDERS)
-    repair.add_argument("--quantile", type=float, help="membership radius: this quantile of a region's own faults' "
+    repair.add_argument("--retrieval", choices=RETRIEVALS.names(),
+                        help="how a region finds its training images: " + "; ".join(
+                            f"{r.name}: {r.help}" for r in RETRIEVALS.values()) + " (default: kind, or what made the run's proposals)")
+    repair.add_argument("--quantile", type=float, help="retrieval radius: this quantile of a region's own faults' "
                                                          "distances (default: correction.member_quantile)")
-    repair.add_argument("--again", action="store_true", help="make the proposals again (after relabelling regions)")
+    repair.add_argument("--grid", type=int, default=0, metavar="N",
+                        help="oracle: decide each region as a whole from its N most likely proposals, as a person "
+                             "looking at the region's grid would (default 0: decide each image)")
+    repair.add_argument("--exceptions", type=int, default=0, metavar="N",
+                        help="oracle with --grid: then decide N images one by one, the least likely proposals of "
+                             "accepted regions first")
+    repair.add_argument("--again", action="store_true", help="make the proposals again (after relabelling regions, "
+                                                             "or with another --retrieval)")
     repair.add_argument("--config", help=CONFIG_HELP)
     repair.set_defaults(func=_repair)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from genstress_ray.lease import holding
 from genstress_ray.models import ModelRef
 from genstress_ray.models.training import images_predictions
 from genstress_ray.registry import Registry
-from genstress_ray.repair.proposals import KEEP, RepairError, read_proposals
+from genstress_ray.repair.proposals import KEEP, RepairError, ranked, read_proposals
 from genstress_ray.storage import RELABELS_SCHEMA, RunStore, StorageError, read_bytes
 
 STAGE = "relabels"
@@ -136,18 +137,42 @@ def apply_relabels(split: ImageSet, relabels: pa.Table) -> tuple[np.ndarray, lis
 
 
 def _oracle(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
-    """The reference's label for each proposed image: accepted where it differs from the dataset's."""
+    """The reference's label for each proposed image: accepted where it differs from the dataset's.
+
+    With ``options["grid"]`` (N > 0) it decides as a person reviewing by region would: each region as a
+    whole, accepted when the reference agrees with the proposed label on most of the region's N most
+    likely proposals (the grid a reviewer looks at), then ``options["exceptions"]`` images one by one,
+    the least likely proposals of accepted regions first (where a region's decision is most often wrong).
+    """
     ctx = RunContext.open(store.uri, options.get("config"), store.storage_options)
     reference = ctx.oracle() if value == CONFIG_ORACLE else ctx.classifier(ModelRef(value))
-    proposals = read_proposals(store)
-    ids = proposals["sample_id"].to_pylist()
-    if not ids:
+    proposals = ranked(read_proposals(store))
+    if not proposals:
         return relabels_table([])
-    images = decode_images(proposals["image"].to_pylist(), ids, None)
-    truth = images_predictions(reference, images)
-    return relabels_table([{"sample_id": sid, "label": reference.class_names[t], "source": "oracle",
-                            "accepted": reference.class_names[t] != dataset, "annotator": "oracle"}
-                           for sid, t, dataset in zip(ids, truth.tolist(), proposals["dataset_label"].to_pylist())])
+
+    def verdicts(rows: list[dict]) -> list[str]:
+        ids = [r["sample_id"] for r in rows]
+        images = decode_images([r["image"] for r in rows], ids, None)
+        return [reference.class_names[t] for t in images_predictions(reference, images).tolist()]
+
+    def one(r: dict, label: str, by_region: bool) -> dict:
+        return {"sample_id": r["sample_id"], "label": label, "source": "oracle", "annotator": "oracle",
+                "accepted": label != r["dataset_label"], "by_region": by_region}
+
+    grid, budget = int(options.get("grid") or 0), int(options.get("exceptions") or 0)
+    if grid <= 0:
+        return relabels_table([one(r, t, False) for r, t in zip(proposals, verdicts(proposals))])
+    decided = {}
+    for _, rows in itertools.groupby(proposals, key=lambda r: r["region_id"]):
+        rows = list(rows)
+        shown = rows[:grid]
+        agree = sum(t == r["proposed_label"] for r, t in zip(shown, verdicts(shown)))
+        accept = agree * 2 > len(shown)
+        decided.update({r["sample_id"]: {**one(r, r["proposed_label"], True), "accepted": accept} for r in rows})
+    doubtful = sorted((r for r in proposals if decided[r["sample_id"]]["accepted"]), key=lambda r: r["score"] or 0.0)
+    doubtful = doubtful[:budget]
+    decided.update({r["sample_id"]: one(r, t, False) for r, t in zip(doubtful, verdicts(doubtful) if doubtful else [])})
+    return relabels_table(list(decided.values()))
 
 
 def _records(uri: str) -> list[dict]:

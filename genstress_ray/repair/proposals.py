@@ -28,6 +28,7 @@ from genstress_ray.context import RunContext, load_split
 from genstress_ray.data import png_bytes
 from genstress_ray.labeling import LabelError, read_labels
 from genstress_ray.lease import RunLease
+from genstress_ray.repair.retrieval import RETRIEVALS
 from genstress_ray.real_regions import FailureRegions, RegionMembers, failure_region_labels
 from genstress_ray.storage import PROPOSALS_SCHEMA, RunStore
 
@@ -43,12 +44,14 @@ class RepairError(LabelError):
     """Repair cannot go on (no failure regions, no encoder, bad decisions). Nothing is written."""
 
 
-def propose(ctx: RunContext, quantile: float) -> tuple[pa.Table, dict]:
+def propose(ctx: RunContext, quantile: float, retrieval: str = "kind") -> tuple[pa.Table, dict]:
     """The proposals table of a labelled run, and what says how they were found.
 
-    ``quantile`` sets each region's membership radius (``regions.assign_real``), as in correction's
-    real-image figures (``correction.member_quantile``).
+    ``retrieval`` names how a region finds its training images (``RETRIEVALS``); ``quantile`` sets each
+    region's membership radius for ``radius`` (``regions.assign_real``), as in correction's real-image
+    figures (``correction.member_quantile``).
     """
+    find = RETRIEVALS.get(retrieval)
     failure_labels, _ = failure_region_labels(read_labels(ctx.store), ctx.class_names)
     if not failure_labels:
         raise RepairError(f"run {ctx.store.uri} has no labelled failure regions: nothing to repair "
@@ -56,10 +59,11 @@ def propose(ctx: RunContext, quantile: float) -> tuple[pa.Table, dict]:
     regions = FailureRegions.open(ctx, failure_labels, quantile)
     if isinstance(regions, str):
         raise RepairError(f"cannot propose relabels: {regions.replace('not measured: ', '')}")
-    members = regions.members(load_split(ctx.cfg.data.train_spec(), "data.train"))
+    members = find.find(regions, load_split(ctx.cfg.data.train_spec(), "data.train"))
     table = proposal_table(members, ctx.class_names)
     info = {"proposals": table.num_rows, "train_images": len(members.split), "members": int(members.inside.sum()),
-            "failure_regions": sorted(failure_labels), "quantile": quantile, "criterion": regions.criterion}
+            "failure_regions": sorted(failure_labels), "retrieval": retrieval, "retrieval_help": find.help,
+            "quantile": quantile, "criterion": regions.criterion}
     return table, info
 
 
