@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import html
+import itertools
 import json
 import secrets
 import threading
@@ -62,11 +63,22 @@ async function relabel(card, sampleId, accept) {
   document.querySelectorAll('#' + card + ' button').forEach(
     b => b.classList.toggle('chosen', (b.dataset.accept === 'true') === answer.accepted));
 }
+async function relabelRegion(region, accept) {
+  const status = document.getElementById('status-repair-' + region);
+  status.textContent = 'saving...';
+  const response = await fetch('/api/relabel?token=' + encodeURIComponent(TOKEN), {
+    method: 'POST', headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({region_id: region, accept: accept})});
+  const answer = await response.json();
+  if (!response.ok) { status.textContent = 'not saved: ' + answer.error; return; }
+  location.reload();  // every card of the region without a decision of its own changed
+}
 // No inline handlers: the page's Content-Security-Policy runs only this script (its nonce).
 document.addEventListener('click', event => {
   const b = event.target.closest('button');
   if (!b) return;
   if (b.dataset.region !== undefined) label(Number(b.dataset.region), b.dataset.label);
+  else if (b.dataset.repair !== undefined) relabelRegion(Number(b.dataset.repair), b.dataset.accept === 'true');
   else if (b.dataset.card !== undefined) relabel(b.dataset.card, b.dataset.sample, b.dataset.accept === 'true');
 });
 """
@@ -111,44 +123,72 @@ class ReviewStore:
     def relabels(self) -> pa.Table:
         return read_relabels(self.store) if self.store.is_complete("relabels") else relabels_table([])
 
-    def decisions(self) -> dict[str, bool]:
-        """Relabelling decisions so far: sample id -> accepted."""
-        table = self.relabels()
-        return dict(zip(table["sample_id"].to_pylist(), table["accepted"].to_pylist()))
-
     def save_relabel(self, sample_id: str, accept: bool) -> None:
-        """Record this reviewer's decision on one proposal (replacing any earlier one)."""
+        """Record this reviewer's decision on one proposal (replacing any earlier one): an exception to
+        its region's decision."""
         proposals = read_proposals(self.store)
         proposed = dict(zip(proposals["sample_id"].to_pylist(), proposals["proposed_label"].to_pylist()))
         if sample_id not in proposed:
             raise ValueError(f"{sample_id!r} is not a relabelling proposal of this run")
         row = {"sample_id": sample_id, "label": proposed[sample_id] if accept else None, "accepted": accept,
-               "source": "human", "annotator": self.annotator}
+               "source": "human", "annotator": self.annotator, "by_region": False}
         update_relabels(self.store, lambda rows: [*(r for r in rows if r["sample_id"] != sample_id), row],
                         self.class_names)
 
+    def save_region_relabel(self, region_id: int, accept: bool) -> int:
+        """Decide every proposal of a region that has no decision of its own (those stay: exceptions);
+        returns how many were decided."""
+        mine = [p for p in read_proposals(self.store).to_pylist() if p["region_id"] == region_id]
+        if not mine:
+            raise ValueError(f"region {region_id} has no relabelling proposals")
+        decided = {}
+
+        def change(rows):
+            own = {r["sample_id"] for r in rows if not r.get("by_region")}
+            decided.update({p["sample_id"]: {"sample_id": p["sample_id"], "label": p["proposed_label"],
+                                             "accepted": accept, "source": "human", "annotator": self.annotator,
+                                             "by_region": True} for p in mine if p["sample_id"] not in own})
+            return [*(r for r in rows if r["sample_id"] not in decided), *decided.values()]
+
+        update_relabels(self.store, change, self.class_names)
+        return len(decided)
+
     def _proposal_cards(self) -> str:
-        """The third kind of card: one per relabelling proposal of ``genstress repair``."""
+        """The third kind of card: per region, its relabelling decision as a whole, then one card per
+        proposal of ``genstress repair`` (most likely first), each an exception to it."""
         if not self.store.is_complete("proposals"):
             return ""
-        decided = self.decisions()
-        cards = []
-        for i, p in enumerate(ranked(read_proposals(self.store))):  # by region, most typical first
-            card, sid = f"proposal-{i}", _text(p["sample_id"])
-            choice = decided.get(p["sample_id"])
-            buttons = "".join(
-                f"<button type='button' data-card='{card}' data-sample='{sid}' data-accept='{str(accept).lower()}'"
-                f"{' class=chosen' if choice is accept else ''}>{_text(text)}</button>"
-                for accept, text in ((True, f"relabel as {p['proposed_label']}"),
-                                     (False, f"keep {p['dataset_label']}")))
-            status = "not decided" if choice is None else f"saved: {'relabel' if choice else 'keep'}"
-            cards.append(f"<div class='cell proposal' id='{card}'><img src='{png_uri(p['image'])}' alt='{sid}'>"
-                         f"{sid}<br>dataset: {_text(p['dataset_label'])}, region {_text(p['region_id'])}: "
-                         f"{_text(p['proposed_label'])}<br>{buttons}<span class='status' id='status-{card}'>"
-                         f"{status}</span></div>")
-        return (f"<section id='proposals'><h2>Relabelling proposals</h2><p>Training images inside a failure "
-                f"region whose dataset label differs from the region's ({len(cards)}). Relabel the image, or keep "
-                f"its dataset label.</p><div class='grid'>{''.join(cards)}</div></section>")
+        table = self.relabels()
+        decided = dict(zip(table["sample_id"].to_pylist(), table["accepted"].to_pylist()))
+        own = {s for s, whole in zip(table["sample_id"].to_pylist(), table["by_region"].to_pylist()) if not whole}
+        sections, i = [], 0
+        for region, mine in itertools.groupby(ranked(read_proposals(self.store)), key=lambda p: p["region_id"]):
+            mine, cards = list(mine), []
+            target, rid = _text(mine[0]["proposed_label"]), _text(region)
+            for p in mine:
+                card, sid = f"proposal-{i}", _text(p["sample_id"])
+                i += 1
+                choice = decided.get(p["sample_id"])
+                buttons = "".join(
+                    f"<button type='button' data-card='{card}' data-sample='{sid}' data-accept='{str(accept).lower()}'"
+                    f"{' class=chosen' if choice is accept else ''}>{_text(text)}</button>"
+                    for accept, text in ((True, f"relabel as {p['proposed_label']}"),
+                                         (False, f"keep {p['dataset_label']}")))
+                status = "not decided" if choice is None else (
+                    f"saved: {'relabel' if choice else 'keep'}{'' if p['sample_id'] in own else ' (region)'}")
+                cards.append(f"<div class='cell proposal' id='{card}'><img src='{png_uri(p['image'])}' alt='{sid}'>"
+                             f"{sid}<br>dataset: {_text(p['dataset_label'])}<br>{buttons}<span class='status' "
+                             f"id='status-{card}'>{status}</span></div>")
+            whole = "".join(f"<button type='button' data-repair='{rid}' data-accept='{str(a).lower()}'>{t}</button>"
+                            for a, t in ((True, f"relabel all {len(mine)} as {target}"), (False, "keep them all")))
+            given = _text(", ".join(sorted({p["dataset_label"] for p in mine})))
+            sections.append(f"<div class='repair-region' id='repair-{rid}'><h3>Region {rid}: {len(mine)} training "
+                            f"images labelled {given} that look like {target}</h3><p>{whole}<span class='status' "
+                            f"id='status-repair-{rid}'></span></p><div class='grid'>{''.join(cards)}</div></div>")
+        return (f"<section id='proposals'><h2>Relabelling proposals</h2><p>Per failure region, the training images "
+                f"it proposes to relabel ({i}), most likely first. Decide the region as a whole; a click on one "
+                f"image is an exception to it, which a later region decision leaves as it is.</p>"
+                f"{''.join(sections)}</section>")
 
     def page(self, token: str, nonce: str) -> str:
         """The page's HTML; its script and style carry ``nonce`` (``content_security_policy``)."""
@@ -239,14 +279,19 @@ def _label_request(body: bytes) -> tuple[int, str]:
     return region, label
 
 
-def _relabel_request(body: bytes) -> tuple[str, bool]:
-    """The (sample id, accepted) of a POST to /api/relabel."""
+def _relabel_request(body: bytes) -> tuple[str | int, bool]:
+    """The (sample id, or region id for a region's decision, accepted) of a POST to /api/relabel."""
     data = json.loads(body or b"{}")
-    sample_id, accept = data["sample_id"], data["accept"]
-    if not isinstance(sample_id, str):
-        raise ValueError(f"sample_id must be a string, got {sample_id!r}")
+    accept = data["accept"]
     if not isinstance(accept, bool):
         raise ValueError(f"accept must be true or false, got {accept!r}")
+    if "region_id" in data:
+        if isinstance(data["region_id"], bool) or not isinstance(data["region_id"], int):
+            raise ValueError(f"region_id must be a region's number, got {str(data['region_id'])[:40]!r}")
+        return data["region_id"], accept
+    sample_id = data["sample_id"]
+    if not isinstance(sample_id, str):
+        raise ValueError(f"sample_id must be a string, got {sample_id!r}")
     return sample_id, accept
 
 
@@ -317,9 +362,13 @@ class _ReviewHandler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(length)
             if path == "/api/relabel":
-                sample_id, accept = _relabel_request(body)
-                self.owner.review.save_relabel(sample_id, accept)
-                answer = {"sample_id": sample_id, "accepted": accept}
+                which, accept = _relabel_request(body)
+                if isinstance(which, int):
+                    answer = {"region_id": which, "accepted": accept,
+                              "decided": self.owner.review.save_region_relabel(which, accept)}
+                else:
+                    self.owner.review.save_relabel(which, accept)
+                    answer = {"sample_id": which, "accepted": accept}
             else:
                 region, label = _label_request(body)
                 self.owner.review.save(region, label)

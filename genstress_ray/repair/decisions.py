@@ -186,15 +186,30 @@ def _records(uri: str) -> list[dict]:
     return records
 
 
+def _by_region(store: RunStore) -> tuple[dict[str, str], dict[int, list[str]]]:
+    """The run's proposals: sample id -> proposed label, and region -> its sample ids."""
+    proposals = read_proposals(store).select(["sample_id", "region_id", "proposed_label"]).to_pylist()
+    regions: dict[int, list[str]] = {}
+    for r in proposals:
+        regions.setdefault(r["region_id"], []).append(r["sample_id"])
+    return {r["sample_id"]: r["proposed_label"] for r in proposals}, regions
+
+
+def _expanded(images: dict[str, dict], whole: dict[int, dict], proposed: dict[str, str],
+              regions: dict[int, list[str]], source: str) -> pa.Table:
+    """Per-image decisions plus every region decided whole, expanded to its proposals that have no
+    decision of their own (the exceptions)."""
+    rows = [{"sample_id": sid, "label": d["label"] or proposed[sid], "accepted": d["accepted"], "source": source,
+             "annotator": d["annotator"], "by_region": True}
+            for region, d in whole.items() for sid in regions[region] if sid not in images]
+    return relabels_table(rows + [{**d, "source": source, "by_region": False} for d in images.values()])
+
+
 def _file(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
     """Rows ``sample_id, accept[, label]`` (the proposals CSV, filled in); rows left blank are undecided.
     ``label`` defaults to the proposed label. A row with a ``region_id`` and no ``sample_id`` decides every
     proposal of that region; an image's own row is an exception to it."""
-    proposals = read_proposals(store).select(["sample_id", "region_id", "proposed_label"]).to_pylist()
-    proposed = {r["sample_id"]: r["proposed_label"] for r in proposals}
-    regions: dict[int, list[str]] = {}
-    for r in proposals:
-        regions.setdefault(r["region_id"], []).append(r["sample_id"])
+    proposed, regions = _by_region(store)
     images, whole = {}, {}
     for i, rec in enumerate(_records(value)):
         where = f"decisions file {value!r} row {i + 1}"
@@ -207,20 +222,17 @@ def _file(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
         if accept is None:
             continue
         annotator = str(rec.get("annotator") or "file")
+        label = str(rec.get("label") or "").strip() or None
         sid = str(rec["sample_id"] or "").strip()
         if not sid:
             region = _region_of(rec, where, regions)
             if region in whole:
                 raise RepairError(f"{where}: a second decision for region {region}")
-            whole[region] = {"accepted": accept, "annotator": annotator, "label": rec.get("label")}
+            whole[region] = {"accepted": accept, "annotator": annotator, "label": label}
             continue
-        label = str(rec.get("label") or proposed.get(sid, "")).strip()
-        images[sid] = {"sample_id": sid, "label": label, "accepted": accept, "source": "file",
-                       "annotator": annotator, "by_region": False}
-    rows = [{"sample_id": sid, "label": str(d["label"] or proposed[sid]).strip(), "accepted": d["accepted"],
-             "source": "file", "annotator": d["annotator"], "by_region": True}
-            for region, d in whole.items() for sid in regions[region] if sid not in images]
-    return relabels_table(rows + list(images.values()))
+        images[sid] = {"sample_id": sid, "label": label or proposed.get(sid, ""), "accepted": accept,
+                       "annotator": annotator}
+    return _expanded(images, whole, proposed, regions, "file")
 
 
 def _region_of(rec: dict, where: str, regions: dict[int, list[str]]) -> int:
@@ -236,24 +248,29 @@ def _region_of(rec: dict, where: str, regions: dict[int, list[str]]) -> int:
 
 
 def _label_studio(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
-    """The majority choice per task of a Label Studio export of ``label_studio_tasks``; ``KEEP`` rejects."""
-    records = _records(value)
-    rows = []
-    for i, task in enumerate(records):
+    """The majority choice per task of a Label Studio export of ``label_studio_tasks``; ``KEEP`` rejects.
+    A region's task (no ``sample_id``) decides its proposals whole; an image's task is an exception."""
+    proposed, regions = _by_region(store)
+    images, whole = {}, {}
+    for i, task in enumerate(_records(value)):
         data = task.get("data")
+        where = f"{value!r}, task {i + 1}"
         if not isinstance(data, dict) or "sample_id" not in data:
-            raise RepairError(f"{value!r}, task {i + 1}: data.sample_id is missing (not a task of "
+            raise RepairError(f"{where}: data.sample_id is missing (not a task of "
                               "repair/label_studio_tasks.json); nothing imported")
         if data.get("genstress_run") != store.uri:
-            raise RepairError(f"{value!r}, task {i + 1}: made for {data.get('genstress_run')!r}, not {store.uri}; "
-                              "nothing imported")
+            raise RepairError(f"{where}: made for {data.get('genstress_run')!r}, not {store.uri}; nothing imported")
         votes = Counter(c for c in (annotation_choice(a) for a in task.get("annotations", []) if isinstance(a, dict)
                                     and not a.get("was_cancelled")) if c is not None)
-        if votes:
-            label = votes.most_common(1)[0][0]
-            rows.append({"sample_id": data["sample_id"], "label": None if label == KEEP else label,
-                         "accepted": label != KEEP, "source": "label_studio", "annotator": "label_studio"})
-    return relabels_table(rows)
+        if not votes:
+            continue
+        label = votes.most_common(1)[0][0]
+        decision = {"label": None if label == KEEP else label, "accepted": label != KEEP, "annotator": "label_studio"}
+        if data["sample_id"]:
+            images[data["sample_id"]] = {"sample_id": data["sample_id"], **decision}
+        else:
+            whole[_region_of(data, where, regions)] = decision
+    return _expanded(images, whole, proposed, regions, "label_studio")
 
 
 DECIDERS: Registry[Labeller] = Registry("relabelling method", RepairError)

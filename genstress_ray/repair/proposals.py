@@ -14,7 +14,6 @@ filled-in image row below it is an exception.
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import itertools
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from genstress_ray.context import RunContext, load_split
-from genstress_ray.data import png_bytes
+from genstress_ray.data import decode_images, png_bytes, png_uri
 from genstress_ray.labeling import LabelError, read_labels
 from genstress_ray.lease import RunLease
 from genstress_ray.repair.retrieval import RETRIEVALS
@@ -114,14 +113,44 @@ def read_proposals(store: RunStore) -> pa.Table:
     return store.read_table(STAGE)
 
 
+# Proposals shown on a region's contact sheet (its Label Studio task): the most likely first.
+SHEET_IMAGES = 16
+
+
+def contact_sheet(images: list[bytes], columns: int = 4) -> bytes:
+    """One PNG tiling encoded images (their first ``SHEET_IMAGES``), ``columns`` a row, 2 px apart: a
+    region's grid as one image, which any labelling tool displays."""
+    tiles = decode_images(images[:SHEET_IMAGES], [f"proposal {i}" for i in range(len(images))], None)
+    n, c, h, w = tiles.shape
+    rows = -(-n // columns)
+    sheet = np.full((c, rows * (h + 2) - 2, min(n, columns) * (w + 2) - 2), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        y, x = divmod(i, columns)
+        sheet[:, y * (h + 2): y * (h + 2) + h, x * (w + 2): x * (w + 2) + w] = tile
+    return png_bytes(sheet)
+
+
 def label_studio_tasks(proposals: pa.Table, run_uri: str) -> list[dict]:
-    """Image-classification tasks, one per proposal: the image, what D says and what the region says.
-    The choices are the classes and ``KEEP`` (``labeling_config``)."""
-    return [{"data": {"image": "data:image/png;base64," + base64.b64encode(r["image"]).decode(),
-                      "question": f"the dataset says {r['dataset_label']}; its failure region says "
-                                  f"{r['proposed_label']}. What is this image?",
-                      "sample_id": r["sample_id"], "region_id": r["region_id"], "genstress_run": run_uri}}
-            for r in ranked(proposals)]
+    """Image-classification tasks: per region, one task deciding it whole (its contact sheet; no
+    ``sample_id``), then one per proposal, ranked, whose annotation is an exception to it. The choices
+    are the classes and ``KEEP`` (``labeling_config``)."""
+    tasks = []
+    for region, mine in itertools.groupby(ranked(proposals), key=lambda r: r["region_id"]):
+        mine = list(mine)
+        given = ", ".join(sorted({r["dataset_label"] for r in mine}))
+        tasks.append({"data": {
+            "image": png_uri(contact_sheet([r["image"] for r in mine])),
+            "question": f"failure region {region}: {len(mine)} training images labelled {given} (the "
+                        f"{min(len(mine), SHEET_IMAGES)} most likely shown) look like {mine[0]['proposed_label']}. "
+                        f"Relabel them all as {mine[0]['proposed_label']}, or keep the dataset labels? The "
+                        "images' own tasks below are exceptions.",
+            "sample_id": "", "region_id": region, "images": len(mine), "genstress_run": run_uri}})
+        tasks += [{"data": {"image": png_uri(r["image"]),
+                            "question": f"the dataset says {r['dataset_label']}; its failure region says "
+                                        f"{r['proposed_label']}. What is this image?",
+                            "sample_id": r["sample_id"], "region_id": region, "genstress_run": run_uri}}
+                  for r in mine]
+    return tasks
 
 
 def labeling_config(class_names: list[str]) -> str:

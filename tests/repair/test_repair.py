@@ -92,3 +92,55 @@ def test_accepted_relabels_change_exactly_those_labels(members):
                                                           "accepted": True, "source": "file"}])])
     with pytest.raises(RepairError, match="planted:train:999"):
         apply_relabels(split, stray)
+
+
+def _spread_flaw(seed=0):
+    """Class 0 is bright on the left, class 1 on the right; a subgroup of class 0, bright on both halves
+    at any brightness from 90 to 250, is mostly labelled 1 (the planted rows)."""
+    rng = np.random.default_rng(seed)
+
+    def halves(left, right):
+        img = rng.integers(0, 20, (1, 8, 8))
+        img[..., :4] += left
+        img[..., 4:] += right
+        return img
+
+    images = [halves(rng.integers(150, 230), 0) for _ in range(150)] + [halves(0, rng.integers(150, 230))
+                                                                        for _ in range(150)]
+    both = rng.integers(90, 230, 50)
+    images += [halves(b, b) for b in both]
+    truth = np.array([0] * 150 + [1] * 150 + [0] * 50)
+    labels = truth.copy()
+    planted = np.sort(300 + rng.choice(50, 40, replace=False))
+    labels[planted] = 1
+    split = ImageSet(np.asarray(images, np.uint8), labels.astype(np.int64),
+                     [f"planted:train:{i}" for i in range(len(labels))], CLASSES)
+    return split, planted
+
+
+def test_kind_retrieval_reaches_a_flaw_wider_than_its_region():
+    """The search found the flaw in one narrow piece (both halves at 200-220): the radius keeps to that
+    piece, the region's kind (labelled 1, closer to class 0) reaches the planted rows at any brightness."""
+    from genstress_ray.repair.retrieval import RETRIEVALS
+
+    split, planted = _spread_flaw()
+    encoder = HalvesEncoder()
+    rng = np.random.default_rng(1)
+    piece = np.stack([np.full((1, 8, 8), v) for v in rng.integers(200, 220, 40)]).astype(np.float32)
+    faults = encoder.encode(torch.from_numpy(piece + rng.integers(0, 20, piece.shape)) / 255)[0].numpy()
+    # Search labels carry the flaw (1); the classifier says 0 on these decodes.
+    fit = fit_regions(faults, np.ones(len(faults), int), np.zeros(len(faults), int), max_components=2)
+    regions = FailureRegions(encoder, fit.table, faults, {r: 0 for r in fit.table["region_id"].to_pylist()}, 0.9)
+    found = {}
+    for name in ("radius", "kind"):
+        table = proposal_table(RETRIEVALS.get(name).find(regions, split), CLASSES)
+        rows = set(table["row"].to_pylist())
+        found[name] = (len(rows & set(planted)) / len(planted), len(rows & set(planted)) / max(len(rows), 1))
+        assert set(table["dataset_label"].to_pylist()) <= {"slanted"}
+    recall, precision = found["kind"]
+    assert recall >= 0.9 and precision >= 0.9, found
+    assert found["radius"][0] < 0.6, found
+    # Ranked most likely first: the planted rows lead the kind's proposals.
+    ranked_rows = [r["row"] for r in sorted(proposal_table(RETRIEVALS.get("kind").find(regions, split), CLASSES)
+                                            .to_pylist(), key=lambda r: -r["score"])]
+    assert set(ranked_rows[:30]) <= set(planted)

@@ -1,6 +1,7 @@
 """Data repair on a real tiny run: `genstress repair` proposals, decisions four ways (file, Label
 Studio, oracle, review page), and `genstress correct --relabel` applying them to D."""
 
+import base64
 import csv
 import io
 import json
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from genstress_ray.cli import main
-from genstress_ray.data import get_source, to_float
+from genstress_ray.data import decode_images, get_source, to_float
 from genstress_ray.labeling import labels_table, write_labels
 from genstress_ray.labeling.review import ReviewServer
 from genstress_ray.models import ModelRef, load_generator
@@ -71,8 +72,8 @@ def _decide(store, capsys, *args) -> dict:
 @pytest.mark.slow
 def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, capsys):
     store, expected = repair_run
-    assert main(["repair", store.uri]) == 0
-    assert "training images lie inside a failure region" in capsys.readouterr().out
+    assert main(["repair", store.uri, "--retrieval", "radius"]) == 0
+    assert "proposed for relabelling by 1 failure regions (retrieval: radius)" in capsys.readouterr().out
     proposals = read_proposals(store)
     ids = sorted(proposals["sample_id"].to_pylist())
     assert ids == expected
@@ -100,17 +101,39 @@ def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, c
     assert "id='relabels'" in store.fs.cat_file(f"{store.path}/report/index.html").decode()
 
     # Label Studio: the tasks exported with the proposals, annotated, imported (KEEP rejects).
+    # The region's task first (its contact sheet, no sample_id), then one per image.
     tasks = json.loads(store.fs.cat_file(f"{store.stage_path('proposals')}/label_studio_tasks.json"))
-    assert sorted(t["data"]["sample_id"] for t in tasks) == ids
+    region_task, image_tasks = tasks[0], tasks[1:]
+    assert region_task["data"]["sample_id"] == "" and region_task["data"]["images"] == len(ids)
+    sheet = decode_images([base64.b64decode(region_task["data"]["image"].split(",", 1)[1])], ["sheet"], None)[0]
+    h = w = 8  # the digits' size: 4 columns of tiles 2 px apart
+    assert sheet.shape == (1, -(-min(len(ids), 16) // 4) * (h + 2) - 2, min(len(ids), 4) * (w + 2) - 2)
+    assert sorted(t["data"]["sample_id"] for t in image_tasks) == ids
     config = store.fs.cat_file(f"{store.stage_path('proposals')}/label_studio_config.xml").decode()
     assert f'<Choice value="{KEEP}"/>' in config and '<Choice value="3"/>' in config
-    for i, t in enumerate(tasks):
+    for i, t in enumerate(image_tasks):
         t["annotations"] = [{"result": [{"value": {"choices": [KEEP if i == 0 else "3"]}}]}]
     export = tmp_path / "export.json"
-    export.write_text(json.dumps(tasks))
+    export.write_text(json.dumps(image_tasks))
     decided = _decide(store, capsys, "--import-label-studio", str(export))
     assert sum(d["accepted"] for d in decided.values()) == len(ids) - 1
-    assert decided[tasks[0]["data"]["sample_id"]]["label"] is None
+    assert decided[image_tasks[0]["data"]["sample_id"]]["label"] is None
+    # The region accepted whole in one annotation, the image kept before staying an exception (without
+    # its row the region's decision would contradict it: refused, nothing written).
+    region_task["annotations"] = [{"result": [{"value": {"choices": ["3"]}}]}]
+    export.write_text(json.dumps([region_task]))
+    assert main(["repair", store.uri, "--import-label-studio", str(export)]) == 2
+    assert image_tasks[0]["data"]["sample_id"] in capsys.readouterr().err
+    export.write_text(json.dumps([region_task, image_tasks[0]]))
+    decided = _decide(store, capsys, "--import-label-studio", str(export))
+    kept = image_tasks[0]["data"]["sample_id"]
+    assert [s for s, d in decided.items() if not d["accepted"]] == [kept] and len(decided) == len(ids)
+    assert not decided[kept]["by_region"] and sum(d["by_region"] for d in decided.values()) == len(ids) - 1
+    image_tasks[1]["annotations"] = [{"result": [{"value": {"choices": ["3"]}}]}]
+    region_task["annotations"] = [{"result": [{"value": {"choices": [KEEP]}}]}]
+    export.write_text(json.dumps([region_task, image_tasks[1]]))
+    decided = _decide(store, capsys, "--import-label-studio", str(export))
+    assert [s for s, d in decided.items() if d["accepted"]] == [image_tasks[1]["data"]["sample_id"]]
 
     # A decision on a row that was not proposed is named, and the decisions stay as they were.
     (tmp_path / "bad.csv").write_text("sample_id,accept\ndigits:train:nope,yes\n")
@@ -128,7 +151,9 @@ def test_proposals_decisions_and_a_relabelled_correction(repair_run, tmp_path, c
 def test_the_review_page_shows_proposal_cards_and_saves_decisions(repair_run, request):
     store, _ = repair_run
     assert main(["repair", store.uri]) == 0
-    first = ranked(read_proposals(store))[0]["sample_id"]  # the page's first card: the most typical
+    proposals = ranked(read_proposals(store))
+    first, region = proposals[0]["sample_id"], proposals[0]["region_id"]  # the page's first card: the most likely
+    mine = [p for p in proposals if p["region_id"] == region]
     server = ReviewServer(store, per_region=3)
     server.start()
     try:
@@ -139,6 +164,17 @@ def test_the_review_page_shows_proposal_cards_and_saves_decisions(repair_run, re
                                       {"Content-Type": "application/json"})
         assert json.loads(urllib.request.urlopen(post).read()) == {"sample_id": first, "accepted": False}
         assert {r["sample_id"]: r["accepted"] for r in read_relabels(store).to_pylist()} == {first: False}
+        # The region decided whole: every other proposal relabelled, the image decided on its own kept.
+        body = json.dumps({"region_id": region, "accept": True}).encode()
+        post = urllib.request.Request(server.url.replace("/?", "/api/relabel?"), body,
+                                      {"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(post).read())["decided"] == len(mine) - 1
+        decided = {r["sample_id"]: r for r in read_relabels(store).to_pylist()}
+        assert sorted(decided) == sorted(p["sample_id"] for p in mine)
+        assert not decided[first]["accepted"] and not decided[first]["by_region"]
+        assert all(d["accepted"] and d["by_region"] for s, d in decided.items() if s != first)
+        html = urllib.request.urlopen(server.url).read().decode()
+        assert f"data-repair='{region}'" in html and "saved: relabel (region)" in html
         bad = urllib.request.Request(server.url.replace("/?", "/api/relabel?"),
                                      json.dumps({"sample_id": first, "accept": "yes"}).encode())
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -151,6 +187,11 @@ def test_the_review_page_shows_proposal_cards_and_saves_decisions(repair_run, re
         page.locator("#proposal-0 button[data-accept='true']").click()
         page.wait_for_function("document.getElementById('status-proposal-0').textContent === 'saved: relabel'")
         assert {r["sample_id"]: r["accepted"] for r in read_relabels(store).to_pylist()}[first] is True
+        # The region's "keep them all" button: the page reloads with every other card kept.
+        page.locator(f"button[data-repair='{region}'][data-accept='false']").click()
+        page.locator("#status-proposal-1", has_text="saved: keep (region)").wait_for()  # after the reload
+        decided = {r["sample_id"]: r["accepted"] for r in read_relabels(store).to_pylist()}
+        assert decided[first] is True and not any(a for s, a in decided.items() if s != first)
         assert page.console_errors == []
     finally:
         server.shutdown()
@@ -183,7 +224,7 @@ def test_every_relabelling_method_has_a_test_input():
 @pytest.mark.parametrize("name", DECIDERS.names())
 def test_a_relabelling_method_decides_every_proposal_validly(name, repair_run, tmp_path):
     store, expected = repair_run
-    assert main(["repair", store.uri]) == 0
+    assert main(["repair", store.uri, "--retrieval", "radius"]) == 0
     table = DECIDERS.get(name).label(store, DECIDER_VALUE[name](store, tmp_path), {})
     validate_relabels(table, read_proposals(store), [str(i) for i in range(10)])
     assert sorted(table["sample_id"].to_pylist()) == expected
@@ -203,7 +244,7 @@ def test_one_decision_per_region_with_exceptions_and_ranked_proposals(repair_run
     an image's own row is an exception; a later region decision that contradicts an image decided on
     its own is refused whole, and earlier decisions are never lost."""
     store, expected = repair_run
-    assert main(["repair", store.uri]) == 0
+    assert main(["repair", store.uri, "--retrieval", "radius"]) == 0
     sheet = _sheet(store)
     region_row, images = sheet[0], sheet[1:]
     assert region_row["sample_id"] == "" and region_row["dataset_label"] == f"{len(expected)} images"
@@ -237,3 +278,38 @@ def test_one_decision_per_region_with_exceptions_and_ranked_proposals(repair_run
         assert main(["repair", store.uri, "--file", path]) == 2
         assert "row 1" in capsys.readouterr().err
     assert _decide(store, capsys) == decided
+
+
+def test_the_oracle_decides_by_region_from_a_grid_then_exceptions(repair_run, capsys):
+    """--grid N: a region is accepted whole when the reference calls most of its N most likely
+    proposals by the proposed label; --exceptions M: then the M least likely proposals of accepted
+    regions are decided one by one."""
+    from genstress_ray.data import decode_images
+    from genstress_ray.models import load_classifier
+    from genstress_ray.models.training import images_predictions
+
+    store, _ = repair_run
+    checkpoint = store.read_manifest()["models"]["classifier"]
+    assert main(["repair", store.uri]) == 0
+    proposals = ranked(read_proposals(store))
+    reference = load_classifier(ModelRef(checkpoint), [str(i) for i in range(10)], (1, 8, 8))
+    calls = images_predictions(reference, decode_images([r["image"] for r in proposals],
+                                                        [r["sample_id"] for r in proposals], None))
+    call = {r["sample_id"]: str(c) for r, c in zip(proposals, calls.tolist())}
+    by_region: dict[int, list[dict]] = {}
+    for r in proposals:
+        by_region.setdefault(r["region_id"], []).append(r)
+    accept = {rid: sum(call[r["sample_id"]] == r["proposed_label"] for r in rows[:4]) * 2 > len(rows[:4])
+              for rid, rows in by_region.items()}
+
+    decided = _decide(store, capsys, "--oracle", checkpoint, "--grid", "4", "--exceptions", "3")
+    assert sorted(decided) == sorted(call)
+    accepted_rows = sorted((r for r in proposals if accept[r["region_id"]]), key=lambda r: r["score"])
+    exceptions = {r["sample_id"] for r in accepted_rows[:3]}
+    assert {s for s, d in decided.items() if not d["by_region"]} == exceptions
+    for r in proposals:
+        d = decided[r["sample_id"]]
+        if r["sample_id"] in exceptions:
+            assert d["accepted"] == (call[r["sample_id"]] != r["dataset_label"]) and d["label"] == call[r["sample_id"]]
+        else:
+            assert d["accepted"] == accept[r["region_id"]] and d["label"] == r["proposed_label"]
