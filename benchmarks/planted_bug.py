@@ -216,7 +216,8 @@ def main() -> int:
         name = retrieval + (", one decision per region" if options else ", every image decided")
         result["repair"][name] = _precision_recall(table, decided, planted_ids) | {
             "seconds": round(time.time() - started_repair, 1)}
-    result["repair"]["cleanlab"] = _cleanlab(train, planted_ids, ctx.cfg, args.threads, epochs=1 if args.quick else None)
+    recipe = dict(ctx.cfg.classifier.train) | ({"epochs": 1} if args.quick else {})
+    result["repair"]["cleanlab"] = _cleanlab(train, planted_ids, ctx.cfg.classifier.architecture, recipe, args.threads)
     reference = ctx.oracle()
     disagree = {sid for sid, p, y in zip(train.source_ids, images_predictions(reference, train.images), train.labels)
                 if p != y}
@@ -270,9 +271,8 @@ def _precision_recall(proposals, decided, planted_ids: set[str]) -> dict:
             "region_decisions": len(regions) if by_region else 0, "image_decisions": one_by_one}
 
 
-def _cleanlab(train, planted_ids: set[str], cfg, threads: int, folds: int = 3, epochs: int | None = None) -> dict:
-    """cleanlab's find_label_issues on out-of-fold probabilities of the classifier's own recipe
-    (``epochs`` overrides its epochs)."""
+def _cleanlab(train, planted_ids: set[str], architecture: str, recipe: dict, threads: int, folds: int = 3) -> dict:
+    """cleanlab's find_label_issues on out-of-fold probabilities of the classifier's own recipe."""
     import torch
     from cleanlab.filter import find_label_issues
 
@@ -283,7 +283,6 @@ def _cleanlab(train, planted_ids: set[str], cfg, threads: int, folds: int = 3, e
     started = time.time()
     order = np.random.default_rng(0).permutation(len(train.labels))
     probs = np.zeros((len(train.labels), len(train.class_names)))
-    recipe = dict(cfg.classifier.train) | ({"epochs": epochs} if epochs else {})
 
     def part(rows):
         return ImageSet(train.images[rows], train.labels[rows], [train.source_ids[i] for i in rows], train.class_names)
@@ -293,7 +292,7 @@ def _cleanlab(train, planted_ids: set[str], cfg, threads: int, folds: int = 3, e
             held = order[k::folds]
             rest = np.setdiff1d(order, held)
             uri = f"{tmp}/fold{k}.safetensors"
-            train_and_save("classifier", cfg.classifier.architecture, part(rest), None, uri, {}, recipe, threads)
+            train_and_save("classifier", architecture, part(rest), None, uri, {}, recipe, threads)
             net = load_module(uri)[0].eval()
             with torch.no_grad():
                 probs[held] = torch.cat([net(to_float(train.images[held[i:i + 1024]])).softmax(1)

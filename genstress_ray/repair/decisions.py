@@ -30,7 +30,7 @@ from genstress_ray.lease import holding
 from genstress_ray.models import ModelRef
 from genstress_ray.models.training import images_predictions
 from genstress_ray.registry import Registry
-from genstress_ray.repair.proposals import KEEP, RepairError, ranked, read_proposals
+from genstress_ray.repair.proposals import KEEP, RepairError, check_current, ranked, read_proposals
 from genstress_ray.storage import RELABELS_SCHEMA, RunStore, StorageError, read_bytes
 
 STAGE = "relabels"
@@ -65,6 +65,7 @@ def validate_relabels(table: pa.Table, proposals: pa.Table, class_names: list[st
 def write_relabels(store: RunStore, table: pa.Table, class_names: list[str]) -> None:
     """Validate against the run's proposals, then replace the ``relabels`` table in one atomic step."""
     validate_relabels(table, read_proposals(store), class_names)
+    check_current(store, class_names)
     with holding(store):
         _write(store, table)
 
@@ -95,9 +96,15 @@ def update_relabels(store: RunStore, change, class_names: list[str], wait: float
     decisions again there (see ``labeling.update_labels``)."""
     with holding(store, wait):
         current = store.read_table(STAGE).to_pylist() if store.is_complete(STAGE) else []
-        table = relabels_table(change(current))
-        validate_relabels(table, read_proposals(store), class_names)
-        _write(store, table)
+        rows = change(current)
+        # Only new decisions must be on proposed rows: after the proposals were made again (--again),
+        # earlier decisions on images no longer proposed are kept as they were.
+        validate_relabels(relabels_table([r for r in rows if r not in current]), read_proposals(store), class_names)
+        twice = [sid for sid, n in Counter(r["sample_id"] for r in rows).items() if n > 1]
+        if twice:
+            raise RepairError(f"relabels rejected, nothing written: a second decision for {', '.join(twice[:5])}")
+        check_current(store, class_names)
+        _write(store, relabels_table(rows))
 
 
 def _write(store: RunStore, table: pa.Table) -> None:

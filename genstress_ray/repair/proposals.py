@@ -61,9 +61,27 @@ def propose(ctx: RunContext, quantile: float, retrieval: str = "kind") -> tuple[
     members = find.find(regions, load_split(ctx.cfg.data.train_spec(), "data.train"))
     table = proposal_table(members, ctx.class_names)
     info = {"proposals": table.num_rows, "train_images": len(members.split), "members": int(members.inside.sum()),
-            "failure_regions": sorted(failure_labels), "retrieval": retrieval, "retrieval_help": find.help,
+            "failure_regions": sorted(failure_labels), "failure_labels": _named(failure_labels, ctx.class_names),
+            "retrieval": retrieval, "retrieval_help": find.help,
             "quantile": quantile, "criterion": regions.criterion}
     return table, info
+
+
+def _named(failure_labels: dict[int, int], class_names: list[str]) -> dict[str, str]:
+    return {str(r): class_names[c] for r, c in sorted(failure_labels.items())}
+
+
+def check_current(store: RunStore, class_names: list[str]) -> None:
+    """Refuse decisions on proposals made from failure-region labels the run no longer has."""
+    made = store.marker(STAGE).get("failure_labels")
+    if made is None:  # proposals of an older version: nothing to compare
+        return
+    now = _named(failure_region_labels(read_labels(store), class_names)[0], class_names)
+    changed = [f"region {r}: {made.get(r, 'not a failure')} -> {now.get(r, 'not a failure')}"
+               for r in sorted(set(made) | set(now), key=int) if made.get(r) != now.get(r)]
+    if changed:
+        raise RepairError(f"the run's regions were labelled again since its proposals were made ({'; '.join(changed)}); "
+                          f"nothing decided. Make the proposals again: genstress repair {store.uri} --again")
 
 
 def proposal_table(members: RegionMembers, class_names: list[str]) -> pa.Table:

@@ -313,3 +313,26 @@ def test_the_oracle_decides_by_region_from_a_grid_then_exceptions(repair_run, ca
             assert d["accepted"] == (call[r["sample_id"]] != r["dataset_label"]) and d["label"] == call[r["sample_id"]]
         else:
             assert d["accepted"] == accept[r["region_id"]] and d["label"] == r["proposed_label"]
+
+
+def test_decisions_on_proposals_of_old_region_labels_are_refused_until_made_again(repair_run, tmp_path, capsys):
+    """Regions labelled again after the proposals were made: deciding is refused, naming the change;
+    after --again new decisions are taken and the earlier ones are kept."""
+    store, _ = repair_run
+    assert main(["repair", store.uri]) == 0
+    first = ranked(read_proposals(store))[0]
+    decided = _decide(store, capsys, "--file", _write_sheet(tmp_path / "one.csv", [{"sample_id": first["sample_id"],
+                                                                                 "accept": "no"}]))
+    region = first["region_id"]
+    write_labels(store, labels_table([{"region_id": region, "label": "5", "is_failure": True, "source": "human"}]),
+                 [str(i) for i in range(10)])
+    assert main(["repair", store.uri, "--oracle", store.read_manifest()["models"]["classifier"]]) == 2
+    err = capsys.readouterr().err
+    assert f"region {region}: 3 -> 5" in err and "--again" in err
+    assert _decide(store, capsys) == decided
+    assert main(["repair", store.uri, "--again"]) == 0
+    assert set(read_proposals(store)["proposed_label"].to_pylist()) <= {"5"}
+    again = _decide(store, capsys, "--oracle", store.read_manifest()["models"]["classifier"])
+    assert again[first["sample_id"]] == decided[first["sample_id"]] or first["sample_id"] in set(
+        read_proposals(store)["sample_id"].to_pylist())
+    assert set(read_proposals(store)["sample_id"].to_pylist()) <= set(again)
