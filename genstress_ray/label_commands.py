@@ -71,6 +71,13 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return int(text)
+
+
 def print_flags(flagged: dict[str, str], run_uri: str) -> None:
     """The failure labels their regions do not support (``labeling.support``), and what to do."""
     for rid, why in sorted(flagged.items(), key=lambda kv: int(kv[0])):
@@ -115,6 +122,11 @@ def _repair(args) -> int:
     from genstress_ray import repair
     from genstress_ray.context import RunContext
 
+    if (args.grid or args.exceptions) and not args.oracle:
+        raise repair.RepairError("--grid and --exceptions say how the oracle decides: add --oracle [CHECKPOINT]")
+    if args.exceptions and not args.grid:
+        raise repair.RepairError("--exceptions are images decided one by one after each region is decided "
+                                 "whole: add --grid N")
     quantile = {"correction": {"member_quantile": args.quantile}} if args.quantile is not None else None
     ctx = RunContext.open(args.run, args.config, overrides=quantile)  # a bad quantile is named here
     store = ctx.store
@@ -182,10 +194,10 @@ def add_repair(sub) -> None:
                             f"{r.name}: {r.help}" for r in RETRIEVALS.values()) + " (default: kind, or what made the run's proposals)")
     repair.add_argument("--quantile", type=float, help="retrieval radius: this quantile of a region's own faults' "
                                                          "distances (default: correction.member_quantile)")
-    repair.add_argument("--grid", type=int, default=0, metavar="N",
+    repair.add_argument("--grid", type=_count, default=0, metavar="N",
                         help="oracle: decide each region as a whole from its N most likely proposals, as a person "
                              "looking at the region's grid would (default 0: decide each image)")
-    repair.add_argument("--exceptions", type=int, default=0, metavar="N",
+    repair.add_argument("--exceptions", type=_count, default=0, metavar="N",
                         help="oracle with --grid: then decide N images one by one, the least likely proposals of "
                              "accepted regions first")
     repair.add_argument("--again", action="store_true", help="make the proposals again (after relabelling regions, "

@@ -2,6 +2,7 @@
 Studio, oracle, review page), and `genstress correct --relabel` applying them to D."""
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -336,3 +337,13 @@ def test_decisions_on_proposals_of_old_region_labels_are_refused_until_made_agai
     assert again[first["sample_id"]] == decided[first["sample_id"]] or first["sample_id"] in set(
         read_proposals(store)["sample_id"].to_pylist())
     assert set(read_proposals(store)["sample_id"].to_pylist()) <= set(again)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "3"], "add --oracle"), (["--oracle", "--exceptions", "5"], "add --grid N"),
+    (["--oracle", "--grid", "-1"], "not a whole number of 0 or more")])
+def test_oracle_review_options_are_checked_before_anything(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) if "whole number" in message else contextlib.nullcontext():
+        assert main(["repair", str(tmp_path / "no-run"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "no-run").exists()
