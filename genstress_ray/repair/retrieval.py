@@ -56,7 +56,7 @@ def _gaussian_log_density(points: np.ndarray, at: np.ndarray) -> np.ndarray:
     mean = points.mean(0)
     cov = np.cov(points.T).reshape(len(mean), len(mean))
     cov += 1e-3 * np.trace(cov) / len(mean) * np.eye(len(mean))  # ridge: classes can be small
-    sign, log_det = np.linalg.slogdet(cov)
+    _, log_det = np.linalg.slogdet(cov)
     d = at - mean
     return -0.5 * (np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T) + log_det + len(mean) * np.log(2 * np.pi))
 
@@ -86,7 +86,7 @@ def kind_scores(latents: np.ndarray, labels: np.ndarray, true: int, given: int) 
     x = score[:, None]
     two = GaussianMixture(2, random_state=0).fit(x)
     upper = int(np.argmax(two.means_.ravel()))
-    if GaussianMixture(1).fit(x).bic(x) - two.bic(x) > MIN_BIC_GAIN and two.weights_[upper] < 0.5:
+    if GaussianMixture(1, random_state=0).fit(x).bic(x) - two.bic(x) > MIN_BIC_GAIN and two.weights_[upper] < 0.5:
         proposed |= two.predict_proba(x)[:, upper] > 0.5
     return score, proposed
 
@@ -110,10 +110,11 @@ def _kind(regions: FailureRegions, split: ImageSet) -> RegionMembers:
     for (true, given), columns in sorted(pairs.items()):
         own = np.flatnonzero(split.labels == given)
         s, proposed = kind_scores(latents, split.labels, true, given)
-        take = own[proposed & (s > score[own])]
+        better = proposed & (s > score[own])  # an image two pairs propose goes to its higher score
+        take = own[better]
         nearest = np.asarray(columns)[density[np.ix_(take, columns)].argmax(1)] if len(take) else []
         region[take] = [rows[j]["region_id"] for j in nearest]
-        target[take], score[take] = true, s[proposed & (s > score[own])]
+        target[take], score[take] = true, s[better]
     return RegionMembers(split, region, target, score)
 
 
