@@ -1,15 +1,15 @@
-"""Relabelling proposals: the real training images inside a failure region whose dataset label differs
-from the region's label.
+"""Relabelling proposals: the real training images of a failure region's kind (``retrieval``) whose
+dataset label differs from the region's label.
 
 A flaw that comes from mislabelled training data (a visual subgroup of one class labelled as another)
 is taught again by every pass over D, and fine-tuning on generated samples of the region does not undo
 it. The proposals name those rows so that a person (or an oracle) can correct D itself.
 
 ``genstress repair RUN`` writes them to ``repair/proposals`` (a table), ``repair/proposals/proposals.csv``
-and Label Studio tasks with their labeling config. Within a region they are ranked, most typical of the
-region first, so a reviewer's budget goes to the likeliest rows. The CSV opens each region with one row
-for the region as a whole (no ``sample_id``): one ``accept`` there decides all its proposals, and a
-filled-in image row below it is an exception.
+and Label Studio tasks with their labeling config. Within a region they are ranked, most likely first,
+so a reviewer's budget goes to the likeliest rows. Each region is decided as a whole, its images'
+own decisions being exceptions: the CSV opens each region with a row of its own (no ``sample_id``),
+the Label Studio tasks with a task showing its contact sheet.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from genstress_ray.context import RunContext, load_split
 from genstress_ray.data import decode_images, png_bytes, png_uri
 from genstress_ray.labeling import LabelError, read_labels
 from genstress_ray.lease import RunLease
-from genstress_ray.repair.retrieval import RETRIEVALS
 from genstress_ray.real_regions import FailureRegions, RegionMembers, failure_region_labels
+from genstress_ray.repair.retrieval import RETRIEVALS
 from genstress_ray.storage import PROPOSALS_SCHEMA, RunStore
 
 STAGE = "proposals"
@@ -85,7 +85,7 @@ def check_current(store: RunStore, class_names: list[str]) -> None:
 
 
 def proposal_table(members: RegionMembers, class_names: list[str]) -> pa.Table:
-    """One proposal per image inside a failure region whose dataset label is not the region's."""
+    """One proposal per image a failure region takes in (``members``) whose dataset label is not the region's."""
     split = members.split
     rows = np.flatnonzero(members.inside & (members.target != split.labels))
     return pa.Table.from_pylist([
