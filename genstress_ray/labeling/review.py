@@ -39,39 +39,34 @@ button{margin:.15rem;padding:.3rem .6rem}button.chosen{background:#1b5e20;color:
 .status{font-weight:600;margin-left:.5rem}
 """
 SCRIPT = """
-async function label(region, value) {
-  const status = document.getElementById('status-' + region);
+// POST one decision; the server's answer, or null after showing why it was not saved.
+async function save(statusId, endpoint, body) {
+  const status = document.getElementById(statusId);
   status.textContent = 'saving...';
-  const response = await fetch('/api/label?token=' + encodeURIComponent(TOKEN), {
-    method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({region_id: region, label: value})});
+  const response = await fetch(endpoint + '?token=' + encodeURIComponent(TOKEN), {
+    method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
   const answer = await response.json();
-  if (!response.ok) { status.textContent = 'not saved: ' + answer.error; return; }
-  status.textContent = 'saved: ' + answer.label;
+  if (response.ok) return answer;
+  status.textContent = 'not saved: ' + answer.error;
+  return null;
+}
+async function label(region, value) {
+  const answer = await save('status-' + region, '/api/label', {region_id: region, label: value});
+  if (!answer) return;
+  document.getElementById('status-' + region).textContent = 'saved: ' + answer.label;
   document.querySelectorAll('#region-' + region + ' button').forEach(
     b => b.classList.toggle('chosen', b.dataset.label === answer.label));
 }
 async function relabel(card, sampleId, accept) {
-  const status = document.getElementById('status-' + card);
-  status.textContent = 'saving...';
-  const response = await fetch('/api/relabel?token=' + encodeURIComponent(TOKEN), {
-    method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({sample_id: sampleId, accept: accept})});
-  const answer = await response.json();
-  if (!response.ok) { status.textContent = 'not saved: ' + answer.error; return; }
-  status.textContent = answer.accepted ? 'saved: relabel' : 'saved: keep';
+  const answer = await save('status-' + card, '/api/relabel', {sample_id: sampleId, accept: accept});
+  if (!answer) return;
+  document.getElementById('status-' + card).textContent = answer.accepted ? 'saved: relabel' : 'saved: keep';
   document.querySelectorAll('#' + card + ' button').forEach(
     b => b.classList.toggle('chosen', (b.dataset.accept === 'true') === answer.accepted));
 }
 async function relabelRegion(region, accept) {
-  const status = document.getElementById('status-repair-' + region);
-  status.textContent = 'saving...';
-  const response = await fetch('/api/relabel?token=' + encodeURIComponent(TOKEN), {
-    method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({region_id: region, accept: accept})});
-  const answer = await response.json();
-  if (!response.ok) { status.textContent = 'not saved: ' + answer.error; return; }
-  location.reload();  // every card of the region without a decision of its own changed
+  // Every card of the region without a decision of its own changed: show the page again.
+  if (await save('status-repair-' + region, '/api/relabel', {region_id: region, accept: accept})) location.reload();
 }
 // No inline handlers: the page's Content-Security-Policy runs only this script (its nonce).
 document.addEventListener('click', event => {

@@ -186,7 +186,8 @@ def test_the_review_page_shows_proposal_cards_and_saves_decisions(repair_run, re
         page = request.getfixturevalue("page")
         page.goto(server.url)
         page.locator("#proposal-0 button[data-accept='true']").click()
-        page.wait_for_function("document.getElementById('status-proposal-0').textContent === 'saved: relabel'")
+        # A selector, not a JS string: the page's CSP forbids eval, which Playwright's polling needs.
+        page.wait_for_selector("#status-proposal-0:text-is('saved: relabel')")
         assert {r["sample_id"]: r["accepted"] for r in read_relabels(store).to_pylist()}[first] is True
         # The region's "keep them all" button: the page reloads with every other card kept.
         page.locator(f"button[data-repair='{region}'][data-accept='false']").click()
