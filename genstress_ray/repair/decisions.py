@@ -43,13 +43,16 @@ def relabels_table(rows: list[dict]) -> pa.Table:
                                 schema=RELABELS_SCHEMA)
 
 
-def validate_relabels(table: pa.Table, proposals: pa.Table, class_names: list[str]) -> None:
-    """Refuse decisions on rows that were not proposed, labels outside the classes, duplicates, unknown sources."""
-    proposed = dict(zip(proposals["sample_id"].to_pylist(), proposals["dataset_label"].to_pylist()))
+def validate_relabels(table: pa.Table, proposals: pa.Table, class_names: list[str],
+                      kept: frozenset[str] = frozenset()) -> None:
+    """Refuse decisions on rows that were not proposed, labels outside the classes, duplicates, unknown
+    sources. ``kept``: images whose earlier decision is carried over unchanged, which may have been
+    proposed by proposals made before the current ones (``--again``)."""
+    proposed = set(proposals["sample_id"].to_pylist())
     problems, seen = [], set()
     for i, row in enumerate(table.to_pylist()):
         where, sid = f"row {i + 1}", row["sample_id"]
-        if sid not in proposed:
+        if sid not in proposed and sid not in kept:
             problems.append(f"{where}: {sid!r} is not a proposed row of this run")
         if row["accepted"] and row["label"] not in class_names:
             problems.append(f"{where}: label {row['label']!r} is not a class (allowed: {', '.join(class_names)})")
@@ -96,15 +99,13 @@ def update_relabels(store: RunStore, change, class_names: list[str], wait: float
     decisions again there (see ``labeling.update_labels``)."""
     with holding(store, wait):
         current = store.read_table(STAGE).to_pylist() if store.is_complete(STAGE) else []
-        rows = change(current)
-        # Only new decisions must be on proposed rows: after the proposals were made again (--again),
-        # earlier decisions on images no longer proposed are kept as they were.
-        validate_relabels(relabels_table([r for r in rows if r not in current]), read_proposals(store), class_names)
-        twice = [sid for sid, n in Counter(r["sample_id"] for r in rows).items() if n > 1]
-        if twice:
-            raise RepairError(f"relabels rejected, nothing written: a second decision for {', '.join(twice[:5])}")
+        table = relabels_table(change(current))
+        # After the proposals were made again (--again), earlier decisions on images no longer proposed
+        # are kept as they were.
+        kept = frozenset(r["sample_id"] for r in table.to_pylist() if r in current)
+        validate_relabels(table, read_proposals(store), class_names, kept)
         check_current(store, class_names)
-        _write(store, relabels_table(rows))
+        _write(store, table)
 
 
 def _write(store: RunStore, table: pa.Table) -> None:
@@ -167,7 +168,7 @@ def _oracle(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
                 "accepted": label != r["dataset_label"], "by_region": by_region}
 
     grid, budget = int(options.get("grid") or 0), int(options.get("exceptions") or 0)
-    if grid <= 0:
+    if not grid:
         return relabels_table([one(r, t, False) for r, t in zip(proposals, verdicts(proposals))])
     decided = {}
     for _, rows in itertools.groupby(proposals, key=lambda r: r["region_id"]):
@@ -176,9 +177,10 @@ def _oracle(store: RunStore, value: str, options: dict[str, Any]) -> pa.Table:
         agree = sum(t == r["proposed_label"] for r, t in zip(shown, verdicts(shown)))
         accept = agree * 2 > len(shown)
         decided.update({r["sample_id"]: {**one(r, r["proposed_label"], True), "accepted": accept} for r in rows})
-    doubtful = sorted((r for r in proposals if decided[r["sample_id"]]["accepted"]), key=lambda r: r["score"] or 0.0)
-    doubtful = doubtful[:budget]
-    decided.update({r["sample_id"]: one(r, t, False) for r, t in zip(doubtful, verdicts(doubtful) if doubtful else [])})
+    doubtful = sorted((r for r in proposals if decided[r["sample_id"]]["accepted"]),
+                      key=lambda r: r["score"] or 0.0)[:budget]
+    if doubtful:
+        decided.update({r["sample_id"]: one(r, t, False) for r, t in zip(doubtful, verdicts(doubtful))})
     return relabels_table(list(decided.values()))
 
 
