@@ -158,11 +158,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="genstress: %(message)s")
 
-    from genstress_ray import labeling, repair
+    from genstress_ray import labeling
     from genstress_ray.config import DataSpec
     from genstress_ray.context import RunContext, load_split
-    from genstress_ray.labeling.methods import CONFIG_ORACLE
-    from genstress_ray.models.training import images_predictions, train_and_save
+    from genstress_ray.models.training import train_and_save
     from genstress_ray.pipeline import run_campaign
     from genstress_ray.storage import RunStore
 
@@ -200,28 +199,11 @@ def main() -> int:
         result["region_data"][choice] = correct(store.uri, {"region_data": choice, "baseline": choice == "generated"},
                                                 test, subgroup)
 
-    # Data repair: each retrieval with the oracle deciding every proposal, then the default retrieval
-    # decided as a reviewer would (one decision per region + per-image exceptions), which the
-    # correction then applies. Peers on the same training split: cleanlab and a clean oracle over D.
     train = load_split(ctx.cfg.data.train_spec())
     planted_ids = set(train.source_ids) & {f"mnist:train:{i}" for i in planted["planted_train_rows"]}
-    result["repair"] = {"planted_in_train_split": len(planted_ids), "grid": args.grid, "exceptions": args.exceptions}
-    oracle_decider = repair.DECIDERS.get("oracle")
-    for retrieval, options in (("radius", {}), ("kind", {}), ("kind", {"grid": args.grid, "exceptions": args.exceptions})):
-        started_repair = time.time()
-        table, info = repair.propose(ctx, ctx.cfg.correction.member_quantile, retrieval)
-        repair.write_proposals(store, table, info, ctx.class_names)
-        decided = oracle_decider.label(store, CONFIG_ORACLE, options)
-        repair.write_relabels(store, decided, ctx.class_names)
-        name = retrieval + (", one decision per region" if options else ", every image decided")
-        result["repair"][name] = _precision_recall(table, decided, planted_ids) | {
-            "seconds": round(time.time() - started_repair, 1)}
     recipe = dict(ctx.cfg.classifier.train) | ({"epochs": 1} if args.quick else {})
-    result["repair"]["cleanlab"] = _cleanlab(train, planted_ids, ctx.cfg.classifier.architecture, recipe, args.threads)
-    reference = ctx.oracle()
-    disagree = {sid for sid, p, y in zip(train.source_ids, images_predictions(reference, train.images), train.labels)
-                if p != y}
-    result["repair"]["clean oracle over D"] = _found(disagree, planted_ids) | {"decisions": len(disagree)}
+    result["repair"] = repair_study(ctx, train, planted_ids, args.grid, args.exceptions,
+                                    ctx.cfg.classifier.architecture, recipe, args.threads)
     print(json.dumps(result["repair"], indent=2), flush=True)
     result["repair"]["correction"] = correct(store.uri, {"region_data": "generated", "relabel": True,
                                                          "baseline": False}, test, subgroup)
@@ -249,6 +231,33 @@ def _found_regions(store, class_names: list[str]) -> list[dict]:
             out.append({"region_id": r["region_id"], "faults": r["n_members"], "failure": bool(label.get("is_failure")),
                         "label": label.get("label"), "share_1_called_7": round(planted_share, 3),
                         "pairs": [f"{class_names[t]} -> {class_names[p]} {share:.0%}" for t, p, share in pairs[:3]]})
+    return out
+
+
+def repair_study(ctx, train, planted_ids: set[str], grid: int, exceptions: int, architecture: str, recipe: dict,
+                 threads: int) -> dict:
+    """Data repair against the planted rows: each retrieval with the oracle deciding every proposal,
+    then the default retrieval decided as a reviewer would (one decision per region + ``exceptions``
+    images), whose decisions stay in the run for ``correct --relabel``. Peers on the same training
+    split: cleanlab (out-of-fold probabilities of the classifier's recipe) and the clean oracle over D."""
+    from genstress_ray import repair
+    from genstress_ray.labeling.methods import CONFIG_ORACLE
+    from genstress_ray.models.training import images_predictions
+
+    store = ctx.store
+    out = {"planted_in_train_split": len(planted_ids), "grid": grid, "exceptions": exceptions}
+    for retrieval, options in (("radius", {}), ("kind", {}), ("kind", {"grid": grid, "exceptions": exceptions})):
+        started = time.time()
+        table, info = repair.propose(ctx, ctx.cfg.correction.member_quantile, retrieval)
+        repair.write_proposals(store, table, info, ctx.class_names)
+        decided = repair.DECIDERS.get("oracle").label(store, CONFIG_ORACLE, options)
+        repair.write_relabels(store, decided, ctx.class_names)
+        name = retrieval + (", one decision per region" if options else ", every image decided")
+        out[name] = _precision_recall(table, decided, planted_ids) | {"seconds": round(time.time() - started, 1)}
+    out["cleanlab"] = _cleanlab(train, planted_ids, architecture, recipe, threads)
+    disagree = {sid for sid, p, y in zip(train.source_ids, images_predictions(ctx.oracle(), train.images), train.labels)
+                if p != y}
+    out["clean oracle over D"] = _found(disagree, planted_ids) | {"decisions": len(disagree)}
     return out
 
 

@@ -99,13 +99,11 @@ def main() -> int:
 
     import yaml
 
-    from genstress_ray import labeling, repair
+    from genstress_ray import labeling
     from genstress_ray.context import RunContext, load_split
-    from genstress_ray.labeling.methods import CONFIG_ORACLE
-    from genstress_ray.models.training import images_predictions
     from genstress_ray.pipeline import run_campaign
     from genstress_ray.storage import RunStore
-    from planted_bug import _cleanlab, _found, _precision_recall, correct, scores
+    from planted_bug import correct, repair_study, scores
 
     started = time.time()
     root = Path(args.data)
@@ -144,18 +142,8 @@ def main() -> int:
               "rho": args.rho, "per_region": args.per_region, "before": scores(str(classifier), test, subgroup)}
     train = load_split(ctx.cfg.data.train_spec())
     planted_ids = {sid for sid in train.source_ids if sid.split(":", 2)[2] in set(planted["planted_keys"]["train"])}
-    result["repair"] = {"planted_in_train_split": len(planted_ids), "grid": args.grid, "exceptions": args.exceptions}
-    for retrieval, options in (("radius", {}), ("kind", {}), ("kind", {"grid": args.grid, "exceptions": args.exceptions})):
-        table, info = repair.propose(ctx, ctx.cfg.correction.member_quantile, retrieval)
-        repair.write_proposals(store, table, info, ctx.class_names)
-        decided = repair.DECIDERS.get("oracle").label(store, CONFIG_ORACLE, options)
-        repair.write_relabels(store, decided, ctx.class_names)
-        name = retrieval + (", one decision per region" if options else ", every image decided")
-        result["repair"][name] = _precision_recall(table, decided, planted_ids)
-    result["repair"]["cleanlab"] = _cleanlab(train, planted_ids, "small_cnn", {"epochs": 10}, args.threads)
-    disagree = {sid for sid, p, y in zip(train.source_ids, images_predictions(ctx.oracle(), train.images),
-                                         train.labels) if p != y}
-    result["repair"]["clean oracle over D"] = _found(disagree, planted_ids) | {"decisions": len(disagree)}
+    result["repair"] = repair_study(ctx, train, planted_ids, args.grid, args.exceptions, "small_cnn", {"epochs": 10},
+                                    args.threads)
     print(json.dumps(result, indent=2), flush=True)
     result["repair"]["correction"] = correct(store.uri, {"region_data": "generated", "relabel": True,
                                                          "baseline": False}, test, subgroup)
